@@ -1,0 +1,33 @@
+# make repro: set up .venv and run the pipeline | make test: set up and run the test suite
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup params repro test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# torch first, pinned: on this CPU-only machine kind it is the CPU build already on disk;
+	@# an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+params: setup          ## recompose params.yaml from conf/ (ARGS='lora.r=4 ...' for overrides)
+	$(PY) -m lorapipe.params $(ARGS)
+
+repro: setup           ## run the pipeline: only stages whose inputs changed re-run
+	dvc repro
+
+test: setup            ## the whole test suite (a few minutes on 2 cores)
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+clean:                 ## remove the environment (pipeline outputs are DVC's: dvc gc / dvc checkout)
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""lorapipe: a data-versioned LoRA / QLoRA fine-tuning pipeline (DVC stages, Hydra config)."""

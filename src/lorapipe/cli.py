@@ -1,0 +1,93 @@
+"""The shell every stage runs in: Hydra on `params.yaml`, validation, errors for people.
+
+A stage module defines `run(params: Params) -> None` and ends with `main = stage(run)`.
+`python -m stages.train lora.r=4` then works like any Hydra app (overrides, `-m` multirun),
+while under DVC the stage reads exactly the `params.yaml` that `dvc.lock` records.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorapipe.config import ConfigError, Params, validate
+from lorapipe.params import PARAMS_FILE, StaleParamsError, check_fresh
+
+# Hydra settings that keep a stage run from writing logs or `outputs/` into the project;
+# given first, so a user's own `hydra.*` overrides still win.
+HYDRA_DEFAULTS = [
+    "hydra.output_subdir=null",
+    "hydra.run.dir=.",
+    "hydra/job_logging=stdout",
+    "hydra/hydra_logging=none",
+]
+
+
+class StageError(RuntimeError):
+    """A stage cannot do its job for a reason the user can fix; the message says which."""
+
+
+def _friendly(exc: BaseException) -> str | None:
+    """The message to show for errors a person can act on, or None for real bugs."""
+    from lorapipe.chat import FormatError
+
+    known: tuple[type[BaseException], ...] = (
+        ConfigError,
+        StaleParamsError,
+        StageError,
+        FormatError,
+        FileNotFoundError,
+    )
+    try:
+        from lorapipe.records import DataError
+
+        known = (*known, DataError)
+    except ImportError:  # pragma: no cover - records is part of the package
+        pass
+    return str(exc) if isinstance(exc, known) else None
+
+
+def stage(run: Callable[[Params], Any]) -> Callable[[], None]:
+    """Wrap `run` into a Hydra entrypoint on `./params.yaml` that reports errors without traces."""
+    name = run.__module__.rsplit(".", 1)[-1]
+
+    def main() -> None:
+        import hydra
+        from omegaconf import DictConfig, OmegaConf
+
+        root = Path.cwd()
+        try:
+            if not (root / PARAMS_FILE).exists():
+                raise StaleParamsError(
+                    f"{root / PARAMS_FILE} not found: run stages from the project root "
+                    "(where dvc.yaml is), after `make params`"
+                )
+            check_fresh(root)
+        except StaleParamsError as exc:
+            print(f"{name}: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+        @hydra.main(config_path=str(root), config_name="params", version_base=None)
+        def app(cfg: DictConfig) -> Any:
+            try:
+                raw = OmegaConf.to_container(cfg, resolve=True)
+                assert isinstance(raw, dict)
+                return run(validate(raw))  # type: ignore[arg-type]
+            except KeyboardInterrupt:
+                print(f"\n{name}: interrupted; outputs left as they were", file=sys.stderr)
+                sys.exit(130)
+            except Exception as exc:
+                message = _friendly(exc)
+                if message is None:
+                    raise
+                print(f"{name}: error: {message}", file=sys.stderr)
+                sys.exit(2)
+
+        sys.argv = [sys.argv[0], *HYDRA_DEFAULTS, *sys.argv[1:]]
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+        app()
+
+    return main

@@ -1,0 +1,157 @@
+"""The typed schema of `params.yaml`: every key the stages read, checked before any model loads.
+
+`validate(raw)` reports every problem at once, by dotted key (`lora.r: must be > 0, got 0`);
+unknown keys are errors too, so a typo never trains with a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml (or a command-line override) has invalid values; the message lists each."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Architecture(_Group):
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> Architecture:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        return self
+
+
+class ModelCfg(_Group):
+    kind: Literal["tiny", "hub", "local"]
+    name: str = Field(min_length=1)
+    revision: str | None = None
+    snapshot: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0
+    architecture: Architecture | None = None
+
+    @model_validator(mode="after")
+    def _tiny_needs_architecture(self) -> ModelCfg:
+        if self.kind == "tiny" and self.architecture is None:
+            raise ValueError("model.kind 'tiny' needs model.architecture")
+        return self
+
+
+class DataCfg(_Group):
+    path: str = Field(min_length=1)
+    splits: dict[Literal["train", "val", "test"], float]
+    on_error: Literal["fail", "skip"] = "fail"
+    max_reject_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_chars: int = Field(default=20000, gt=0)
+
+    @model_validator(mode="after")
+    def _splits_are_fractions(self) -> DataCfg:
+        if set(self.splits) != {"train", "val", "test"}:
+            raise ValueError("data.splits needs train, val and test fractions")
+        if any(v < 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-9:
+            raise ValueError(f"data.splits must be >= 0 and sum to 1, got {dict(self.splits)}")
+        return self
+
+
+class FormatCfg(_Group):
+    system_prompt: str | None = None
+
+
+class LoraCfg(_Group):
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    target_modules: str | list[str]
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class QuantCfg(_Group):
+    mode: Literal["none", "nf4", "int8"] = "none"
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    double_quant: bool = False
+
+
+class TrainCfg(_Group):
+    epochs: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    grad_accum: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    warmup_ratio: float = Field(ge=0.0, lt=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(ge=0.0)
+    max_grad_norm: float = Field(gt=0)
+    max_steps: int = -1
+    logging_steps: int = Field(gt=0)
+    seed: int = 0
+
+
+class EvalCfg(_Group):
+    batch_size: int = Field(gt=0)
+    max_new_tokens: int = Field(gt=0)
+    max_examples: int | None = Field(default=None, gt=0)
+    use_stemmer: bool = False
+    ignore_case: bool = False
+
+
+class MergeCfg(_Group):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_logit_diff: float = Field(gt=0)
+    probe_examples: int = Field(gt=0)
+
+
+class Paths(_Group):
+    prepared: str
+    formatted: str
+    base: str
+    adapter: str
+    merged: str
+    checkpoints: str
+    reports: str
+
+
+class Params(_Group):
+    model: ModelCfg
+    data: DataCfg
+    format: FormatCfg
+    lora: LoraCfg
+    quant: QuantCfg
+    train: TrainCfg
+    eval: EvalCfg
+    merge: MergeCfg
+    paths: Paths
+    composed_with: list[str] = []
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "params"
+    if err["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling against conf/)"
+    given = err.get("input")
+    shown = "" if isinstance(given, dict) else f", got {given!r}"
+    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
+
+
+def validate(raw: dict[str, Any]) -> Params:
+    """The typed Params for `raw`; raises ConfigError listing every problem by dotted key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(dict(e)) for e in exc.errors()]
+        raise ConfigError(
+            "invalid configuration:\n  " + "\n  ".join(problems)
+        ) from None

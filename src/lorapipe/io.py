@@ -1,0 +1,91 @@
+"""Small file helpers shared by the stages: JSON/JSONL reading and writing, atomic output folders.
+
+Every text file is UTF-8 with "\\n" line ends, so outputs hash the same on every platform and DVC
+sees a change only when the content changes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of `target`; on a clean exit it replaces `target`.
+
+    The temporary folder is `target.parent / ".tmp-<name>-<random>"`. Only when the `with` body
+    finishes without an exception is the old `target` (if any) swapped out and removed, so a
+    reader sees either the complete old folder or the complete new one. On any exception the
+    temporary folder is removed, `target` is left untouched and the exception propagates.
+
+    Raises NotADirectoryError if `target` exists and is not a folder.
+    """
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target}: exists and is not a folder; refusing to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        # Move the old folder aside rather than deleting it first: if the swap fails, it comes back.
+        old = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
+        had_old = target.exists()
+        if had_old:
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except BaseException:
+            if had_old:
+                old.rename(target)
+            raise
+        if had_old:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write `rows` to `path` as JSON Lines: UTF-8, non-ASCII kept as is, one object per line.
+
+    Parent folders are created. Raises TypeError if a row is not JSON-serialisable.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The objects in the JSON Lines file `path`, in file order; blank lines are skipped.
+
+    Raises ValueError naming `path:line` if a line is not valid JSON or not a JSON object, and
+    UnicodeDecodeError if the file is not UTF-8.
+    """
+    rows: list[dict[str, Any]] = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` to `path` as indented JSON with sorted keys and a trailing newline.
+
+    Parent folders are created. Raises TypeError if `obj` is not JSON-serialisable.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8", newline="\n")

@@ -1,0 +1,145 @@
+"""Model loading: the base stage's pin, and one way for every later stage to load the base.
+
+The base stage always writes `models/base/pin.json`. For the tiny default and for snapshots the
+weights and tokenizer sit beside it; for a hub model without a snapshot the pin names the repo
+and the exact commit, and `from_pretrained` fetches that commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorapipe.config import ModelCfg, QuantCfg
+
+PIN_FILE = "pin.json"
+
+
+class ModelSourceError(RuntimeError):
+    """The base model cannot be found, pinned or loaded; the message says what to do."""
+
+
+def _files_md5(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix in {".json", ".safetensors", ".jinja", ".model", ".txt"}
+    }
+
+
+def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
+    """Materialise the base named by `cfg` into `out_dir` and return its pin.
+
+    tiny: build the seeded model and tokenizer. hub: resolve `revision` to a commit sha (and
+    download that commit when `snapshot`). local: copy the folder. Raises ModelSourceError.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.kind == "tiny":
+        from lorapipe.tiny import build_tiny_model
+
+        assert cfg.architecture is not None
+        pin = build_tiny_model(cfg.architecture.model_dump(), cfg.seed, out_dir)
+        pin["name"] = cfg.name
+    elif cfg.kind == "local":
+        src = Path(cfg.name)
+        if not (src / "config.json").exists():
+            raise ModelSourceError(f"model.name: {src} has no config.json (expected a model folder)")
+        for item in src.iterdir():
+            if item.is_file():
+                shutil.copy2(item, out_dir / item.name)
+        pin = {"kind": "local", "name": str(src), "files_md5": _files_md5(out_dir)}
+    else:
+        pin = _pin_hub(cfg, out_dir)
+    pin["trust_remote_code"] = cfg.trust_remote_code
+    (out_dir / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
+    return pin
+
+
+def _pin_hub(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        sha = HfApi().model_info(cfg.name, revision=cfg.revision).sha
+    except Exception as exc:  # offline, unknown repo, gated model: all reach the user the same way
+        raise ModelSourceError(
+            f"model.name: cannot resolve {cfg.name}@{cfg.revision or 'main'} on the Hugging Face "
+            f"Hub ({type(exc).__name__}: {exc}). Check the name and network, or download the "
+            "model and use kind: local with name: <folder>"
+        ) from None
+    pin: dict[str, Any] = {"kind": "hub", "name": cfg.name, "revision": sha}
+    if cfg.revision and cfg.revision != sha:
+        pin["requested_revision"] = cfg.revision
+    if cfg.snapshot:
+        snapshot_download(
+            cfg.name,
+            revision=sha,
+            local_dir=out_dir,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"],
+        )
+    return pin
+
+
+def read_pin(base_dir: Path) -> dict[str, Any]:
+    """The pin the base stage wrote; raises ModelSourceError when the base stage has not run."""
+    path = base_dir / PIN_FILE
+    if not path.exists():
+        raise ModelSourceError(f"{path} not found: run the base stage first (`dvc repro base`)")
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def source_of(base_dir: Path) -> tuple[str, str | None, bool]:
+    """(path or repo id, revision, trust_remote_code) to pass to `from_pretrained`."""
+    pin = read_pin(base_dir)
+    trust = bool(pin.get("trust_remote_code", False))
+    if (base_dir / "config.json").exists():
+        return str(base_dir), None, trust
+    return str(pin["name"]), pin.get("revision"), trust
+
+
+def load_tokenizer(base_dir: Path) -> Any:
+    """The base tokenizer, with a pad token (EOS when the model has none) for batching."""
+    from transformers import AutoTokenizer
+
+    name, revision, trust = source_of(base_dir)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """A torch dtype from its config name; `auto` is bfloat16 on a bf16-capable GPU else float32."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32  # CPU bf16 matmuls are ~300x slower than fp32 on this class of CPU
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_base_model(base_dir: Path, *, dtype: str = "float32", quant: QuantCfg | None = None) -> Any:
+    """Load the base causal LM in `dtype`, or 4-/8-bit per `quant` (bitsandbytes, CPU or GPU)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    name, revision, trust = source_of(base_dir)
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust}
+    if quant is not None and quant.mode != "none":
+        compute = resolve_dtype(quant.compute_dtype)
+        if quant.mode == "nf4":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=quant.double_quant,
+                bnb_4bit_compute_dtype=compute,
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    else:
+        kwargs["dtype"] = resolve_dtype(dtype)
+    return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)

@@ -1,0 +1,36 @@
+"""Stage `train`: LoRA (or QLoRA with quant=nf4) SFT on the formatted train split.
+
+    python -m stages.train lora.r=8 lora.alpha=16
+    python -m stages.train quant=nf4            # QLoRA: 4-bit NF4 base, fp32 compute on CPU
+"""
+
+from pathlib import Path
+
+from lorapipe.cli import stage
+from lorapipe.config import Params
+from lorapipe.io import atomic_dir, write_json
+from lorapipe.lineage import LINEAGE_FILE, build_lineage
+from lorapipe.training import train_adapter
+
+
+def run(params: Params) -> None:
+    paths = params.paths
+    formatted = Path(paths.formatted)
+    reports = Path(paths.reports)
+    with atomic_dir(Path(paths.adapter)) as out:
+        summary = train_adapter(params, Path(paths.base), formatted, out, reports / "train")
+        lineage = build_lineage(
+            params,
+            {split: formatted / f"{split}.jsonl" for split in ("train", "val")},
+            Path(paths.base),
+        )
+        write_json(out / LINEAGE_FILE, lineage)
+    write_json(reports / "train.json", summary)
+    print(f"train: loss {summary['train_loss']:.4f} in {summary['train_seconds']} s "
+          f"-> {paths.adapter}")
+
+
+main = stage(run)
+
+if __name__ == "__main__":
+    main()
