@@ -1,6 +1,6 @@
 """Write data/raw/pyqa.jsonl, the embedded default dataset (seeded: same bytes every run).
 
-    python scripts/make_pyqa.py [--rows 3000] [--seed 0] [--out data/raw/pyqa.jsonl]
+python scripts/make_pyqa.py [--rows 3000] [--seed 0] [--out data/raw/pyqa.jsonl]
 """
 
 import argparse

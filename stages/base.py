@@ -1,7 +1,7 @@
 """Stage `base`: materialise the base model into models/base (build, pin or copy it).
 
-    python -m stages.base                      # the tiny default, built from conf/model/tiny.yaml
-    dvc exp run -S model=tinyllama             # pin a hub model to its commit sha
+python -m stages.base                      # the tiny default, built from conf/model/tiny.yaml
+dvc exp run -S model=tinyllama             # pin a hub model to its commit sha
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Stage `evaluate`: base model vs adapter on the test split -> ROUGE and exact match.
 
-    python -m stages.evaluate eval.max_examples=50 eval.batch_size=16
+python -m stages.evaluate eval.max_examples=50 eval.batch_size=16
 """
 
 from pathlib import Path
@@ -21,8 +21,10 @@ def run(params: Params) -> None:
     write_json(reports / "metrics.json", metrics)
     for model, scores in metrics.items():
         if isinstance(scores, dict):
-            print(f"evaluate: {model}: exact_match {scores['exact_match']:.3f}, "
-                  f"rougeL {scores['rougeL']:.3f}")
+            print(
+                f"evaluate: {model}: exact_match {scores['exact_match']:.3f}, "
+                f"rougeL {scores['rougeL']:.3f}"
+            )
 
 
 main = stage(run)

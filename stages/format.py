@@ -1,6 +1,6 @@
 """Stage `format`: apply the base tokenizer's chat template -> prompt/completion JSONL.
 
-    python -m stages.format format.system_prompt="You answer with a Python value only."
+python -m stages.format format.system_prompt="You answer with a Python value only."
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Stage `merge`: fold the adapter into the base and check merged logits match base+adapter.
 
-    python -m stages.merge merge.dtype=bfloat16 merge.max_logit_diff=0.05
+python -m stages.merge merge.dtype=bfloat16 merge.max_logit_diff=0.05
 """
 
 from pathlib import Path
@@ -26,8 +26,10 @@ def run(params: Params) -> None:
         )
         (out / LINEAGE_FILE).write_bytes((Path(paths.adapter) / LINEAGE_FILE).read_bytes())
     write_json(Path(paths.reports) / "merge.json", report)
-    print(f"merge: largest logit difference {report['merged_max_abs_logit_diff']:.3g} "
-          f"-> {paths.merged}")
+    print(
+        f"merge: largest logit difference {report['merged_max_abs_logit_diff']:.3g} "
+        f"-> {paths.merged}"
+    )
 
 
 main = stage(run)

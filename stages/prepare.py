@@ -1,6 +1,6 @@
 """Stage `prepare`: validate data/raw, drop duplicates, split by content hash.
 
-    python -m stages.prepare data.on_error=skip data.max_reject_fraction=0.01
+python -m stages.prepare data.on_error=skip data.max_reject_fraction=0.01
 """
 
 from pathlib import Path

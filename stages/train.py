@@ -1,7 +1,7 @@
 """Stage `train`: LoRA (or QLoRA with quant=nf4) SFT on the formatted train split.
 
-    python -m stages.train lora.r=8 lora.alpha=16
-    python -m stages.train quant=nf4            # QLoRA: 4-bit NF4 base, fp32 compute on CPU
+python -m stages.train lora.r=8 lora.alpha=16
+python -m stages.train quant=nf4            # QLoRA: 4-bit NF4 base, fp32 compute on CPU
 """
 
 from pathlib import Path
@@ -26,8 +26,10 @@ def run(params: Params) -> None:
         )
         write_json(out / LINEAGE_FILE, lineage)
     write_json(reports / "train.json", summary)
-    print(f"train: loss {summary['train_loss']:.4f} in {summary['train_seconds']} s "
-          f"-> {paths.adapter}")
+    print(
+        f"train: loss {summary['train_loss']:.4f} in {summary['train_seconds']} s "
+        f"-> {paths.adapter}"
+    )
 
 
 main = stage(run)

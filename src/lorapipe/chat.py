@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lorapipe.errors import PipelineError
 
-class FormatError(ValueError):
+
+class FormatError(PipelineError, ValueError):
     """A record cannot be turned into a prompt/completion pair; the message says why."""
 
 
@@ -63,8 +65,5 @@ def build_example(
     completion = full[len(prompt) :]
     eos = tokenizer.eos_token
     end = completion.rfind(eos)
-    if end == -1:
-        completion = completion.rstrip() + eos
-    else:
-        completion = completion[: end + len(eos)]
+    completion = completion.rstrip() + eos if end == -1 else completion[: end + len(eos)]
     return Example(prompt=prompt, completion=completion)

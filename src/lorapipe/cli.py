@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import ConfigError, Params, validate
+from lorapipe.config import Params, validate
+from lorapipe.errors import PipelineError
 from lorapipe.params import PARAMS_FILE, StaleParamsError, check_fresh
 
 # Hydra settings that keep a stage run from writing logs or `outputs/` into the project;
@@ -26,28 +27,11 @@ HYDRA_DEFAULTS = [
 ]
 
 
-class StageError(RuntimeError):
-    """A stage cannot do its job for a reason the user can fix; the message says which."""
-
-
 def _friendly(exc: BaseException) -> str | None:
     """The message to show for errors a person can act on, or None for real bugs."""
-    from lorapipe.chat import FormatError
-
-    known: tuple[type[BaseException], ...] = (
-        ConfigError,
-        StaleParamsError,
-        StageError,
-        FormatError,
-        FileNotFoundError,
-    )
-    try:
-        from lorapipe.records import DataError
-
-        known = (*known, DataError)
-    except ImportError:  # pragma: no cover - records is part of the package
-        pass
-    return str(exc) if isinstance(exc, known) else None
+    if isinstance(exc, PipelineError | FileNotFoundError):
+        return str(exc)
+    return None
 
 
 def stage(run: Callable[[Params], Any]) -> Callable[[], None]:

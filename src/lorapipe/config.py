@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lorapipe.errors import PipelineError
 
-class ConfigError(ValueError):
+
+class ConfigError(PipelineError, ValueError):
     """params.yaml (or a command-line override) has invalid values; the message lists each."""
 
 
@@ -25,6 +27,7 @@ class Architecture(_Group):
     num_layers: int = Field(gt=0)
     num_heads: int = Field(gt=0)
     max_position_embeddings: int = Field(gt=0)
+    initializer_range: float = Field(default=0.02, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> Architecture:
@@ -152,6 +155,4 @@ def validate(raw: dict[str, Any]) -> Params:
         return Params.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(dict(e)) for e in exc.errors()]
-        raise ConfigError(
-            "invalid configuration:\n  " + "\n  ".join(problems)
-        ) from None
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import EvalCfg
+from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.scoring import score
@@ -24,22 +25,27 @@ def evaluate_models(
     if cfg.max_examples is not None:
         examples = examples[: cfg.max_examples]
     if not examples:
-        raise ValueError("the test split is empty: nothing to evaluate (check data.splits)")
+        raise PipelineError("the test split is empty: nothing to evaluate (check data.splits)")
     prompts = [ex["prompt"] for ex in examples]
     references = [ex["reference"] for ex in examples]
     tokenizer = load_tokenizer(base_dir)
     model = load_base_model(base_dir, dtype="float32")
-    outputs = {"base": generate(model, tokenizer, prompts, batch_size=cfg.batch_size,
-                                max_new_tokens=cfg.max_new_tokens)}
+    outputs = {
+        "base": generate(
+            model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+        )
+    }
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    outputs["adapter"] = generate(model, tokenizer, prompts, batch_size=cfg.batch_size,
-                                  max_new_tokens=cfg.max_new_tokens)
+    outputs["adapter"] = generate(
+        model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
+    )
 
     metrics: dict[str, Any] = {"examples": len(examples)}
     per_example: dict[str, list[dict[str, float]]] = {}
     for name, preds in outputs.items():
-        aggregate, rows = score(preds, references, use_stemmer=cfg.use_stemmer,
-                                ignore_case=cfg.ignore_case)
+        aggregate, rows = score(
+            preds, references, use_stemmer=cfg.use_stemmer, ignore_case=cfg.ignore_case
+        )
         metrics[name] = {k: round(v, 6) for k, v in aggregate.items()}
         per_example[name] = rows
     predictions = [

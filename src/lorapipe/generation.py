@@ -37,7 +37,8 @@ def generate(
             eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
-        for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True),
-                           strict=True):
+        for i, text in zip(
+            idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
+        ):
             outputs[i] = text.strip()
     return outputs

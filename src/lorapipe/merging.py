@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
+from lorapipe.errors import PipelineError
 from lorapipe.models import load_base_model, load_tokenizer
 
 
-class MergeCheckError(RuntimeError):
+class MergeCheckError(PipelineError, RuntimeError):
     """The merged model's logits differ from base+adapter's by more than the tolerance."""
 
 

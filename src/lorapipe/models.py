@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from lorapipe.config import ModelCfg, QuantCfg
+from lorapipe.errors import PipelineError
 
 PIN_FILE = "pin.json"
 
 
-class ModelSourceError(RuntimeError):
+class ModelSourceError(PipelineError, RuntimeError):
     """The base model cannot be found, pinned or loaded; the message says what to do."""
 
 
@@ -48,7 +49,9 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     elif cfg.kind == "local":
         src = Path(cfg.name)
         if not (src / "config.json").exists():
-            raise ModelSourceError(f"model.name: {src} has no config.json (expected a model folder)")
+            raise ModelSourceError(
+                f"model.name: {src} has no config.json (expected a model folder)"
+            )
         for item in src.iterdir():
             if item.is_file():
                 shutil.copy2(item, out_dir / item.name)
@@ -121,7 +124,9 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def load_base_model(base_dir: Path, *, dtype: str = "float32", quant: QuantCfg | None = None) -> Any:
+def load_base_model(
+    base_dir: Path, *, dtype: str = "float32", quant: QuantCfg | None = None
+) -> Any:
     """Load the base causal LM in `dtype`, or 4-/8-bit per `quant` (bitsandbytes, CPU or GPU)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -22,12 +22,14 @@ from typing import Any
 
 import yaml
 
+from lorapipe.errors import PipelineError
+
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
 CONFIG_NAME = "config"
 
 
-class StaleParamsError(RuntimeError):
+class StaleParamsError(PipelineError, RuntimeError):
     """`params.yaml` does not match what `conf/` composes to."""
 
 

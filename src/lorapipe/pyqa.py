@@ -12,12 +12,59 @@ import random
 import string
 from collections.abc import Callable
 
-WORDS = (
-    "apple bread cloud delta eagle flame grape house index juice kite lemon mango night ocean "
-    "piano queen river stone tiger umbra valve water xenon yacht zebra amber brick cedar dune "
-    "ember frost globe honey ivory jolly karma lunar maple noble orbit pearl quilt robin solar "
-    "tulip urban vivid wheat yield zesty"
-).split()
+WORDS = [
+    "apple",
+    "bread",
+    "cloud",
+    "delta",
+    "eagle",
+    "flame",
+    "grape",
+    "house",
+    "index",
+    "juice",
+    "kite",
+    "lemon",
+    "mango",
+    "night",
+    "ocean",
+    "piano",
+    "queen",
+    "river",
+    "stone",
+    "tiger",
+    "umbra",
+    "valve",
+    "water",
+    "xenon",
+    "yacht",
+    "zebra",
+    "amber",
+    "brick",
+    "cedar",
+    "dune",
+    "ember",
+    "frost",
+    "globe",
+    "honey",
+    "ivory",
+    "jolly",
+    "karma",
+    "lunar",
+    "maple",
+    "noble",
+    "orbit",
+    "pearl",
+    "quilt",
+    "robin",
+    "solar",
+    "tulip",
+    "urban",
+    "vivid",
+    "wheat",
+    "yield",
+    "zesty",
+]
 
 QUESTION_TEMPLATES = (
     "What does `{expr}` return?",
@@ -57,7 +104,9 @@ EXPRESSION_MAKERS: dict[str, Callable[[random.Random], str]] = {
     ),
     "index_first": lambda r: f"{_digits(r, 3, 5)}[0]",
     "index_last": lambda r: f"{_digits(r, 3, 5)}[-1]",
-    "split": lambda r: f"{'-'.join(_letters(r, 1, 2) for _ in range(r.randint(2, 4)))!r}.split('-')",
+    "split": lambda r: (
+        f"{'-'.join(_letters(r, 1, 2) for _ in range(r.randint(2, 4)))!r}.split('-')"
+    ),
     "join": lambda r: f"'-'.join({[_letters(r, 1, 2) for _ in range(r.randint(2, 4))]})",
     "list_concat": lambda r: f"{_digits(r, 1, 3)} + {_digits(r, 1, 3)}",
     "str_repeat": lambda r: f"{_letters(r, 1, 3)!r} * {r.randint(2, 3)}",

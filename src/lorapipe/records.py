@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, write_jsonl
 
 FIELDS = ("instruction", "response")
@@ -27,7 +28,7 @@ MAX_LISTED = 20
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-class DataError(ValueError):
+class DataError(PipelineError, ValueError):
     """The raw data cannot be used as is; the message names file:line and field of each problem."""
 
 

@@ -30,8 +30,7 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
     module_dir = METRICS_DIR / name
     if not (module_dir / f"{name}.py").is_file():
         raise FileNotFoundError(f"no metric module {module_dir / (name + '.py')}")
-    # An existing directory holding <name>.py is loaded by evaluate's local factory with no hub
-    # lookup, so this works offline (HF_HUB_OFFLINE=1); the absolute path never falls back to it.
+    # A directory holding <name>.py loads via evaluate's local factory: no hub lookup, so offline.
     return evaluate.load(str(module_dir))
 
 

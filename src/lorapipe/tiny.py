@@ -19,11 +19,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
-# TinyLlama-1.1B-Chat's template, verbatim in behaviour: each turn is "<|role|>\n" + text + EOS + "\n".
+# TinyLlama-1.1B-Chat's template in behaviour: each turn is "<|role|>\n" + text + EOS + "\n".
 CHAT_TEMPLATE = (
     "{% for message in messages %}\n"
     "{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'assistant' %}\n"
     "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
     "{% endif %}\n"
@@ -76,6 +77,7 @@ def llama_config(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> Ll
         num_key_value_heads=spec["num_heads"],
         max_position_embeddings=spec["max_position_embeddings"],
         rms_norm_eps=1e-5,
+        initializer_range=spec.get("initializer_range", 0.02),
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from lorapipe.config import Params
+from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     """Training cannot start or went wrong in a way the user can fix; the message says how."""
 
 
@@ -91,8 +92,8 @@ def train_adapter(
     """
     from datasets import Dataset
     from dvclive import Live
-    from dvclive.huggingface import DVCLiveCallback
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers.integrations import DVCLiveCallback
     from trl import SFTConfig, SFTTrainer
 
     cfg = params.train
@@ -115,7 +116,9 @@ def train_adapter(
     train = Dataset.from_list(read_jsonl(formatted_dir / "train.jsonl"))
     val = Dataset.from_list(read_jsonl(formatted_dir / "val.jsonl"))
     use_bf16 = model.dtype == torch.bfloat16 or (
-        quantized and params.quant.compute_dtype in ("auto", "bfloat16") and torch.cuda.is_available()
+        quantized
+        and params.quant.compute_dtype in ("auto", "bfloat16")
+        and torch.cuda.is_available()
     )
     args = SFTConfig(
         output_dir=params.paths.checkpoints,

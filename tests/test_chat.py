@@ -1,0 +1,53 @@
+"""Chat formatting: prompt/completion split, EOS handling, one prompt builder for all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorapipe.chat import FormatError, build_example, build_prompt
+from lorapipe.formatting import format_rows, mask_audit
+from lorapipe.models import load_tokenizer
+
+
+def test_example_splits_at_generation_prompt(tiny_base: Path) -> None:
+    tok = load_tokenizer(tiny_base)
+    ex = build_example(tok, "What does `'abc'.upper()` return?", "'ABC'")
+    assert ex.prompt == "<|user|>\nWhat does `'abc'.upper()` return?</s>\n<|assistant|>\n"
+    # The completion ends exactly at EOS: the template's newline after it is not supervised.
+    assert ex.completion == "'ABC'</s>"
+
+
+def test_system_prompt_goes_first(tiny_base: Path) -> None:
+    tok = load_tokenizer(tiny_base)
+    ex = build_example(tok, "Q?", "A", system_prompt="Answer with a value.")
+    assert ex.prompt.startswith("<|system|>\nAnswer with a value.</s>\n<|user|>\nQ?</s>")
+
+
+def test_evaluation_prompt_is_the_training_prompt(tiny_base: Path) -> None:
+    tok = load_tokenizer(tiny_base)
+    row = {"id": "x", "instruction": "Evaluate `[3, 1][0]`.", "response": "3"}
+    formatted = format_rows([row], tok, None)[0]
+    assert formatted["prompt"] == build_prompt(tok, row["instruction"])
+    assert formatted["reference"] == "3"
+    train_ids = tok(formatted["prompt"] + formatted["completion"])["input_ids"]
+    eval_ids = tok(build_prompt(tok, row["instruction"]))["input_ids"]
+    assert train_ids[: len(eval_ids)] == eval_ids
+
+
+def test_mask_audit_counts_supervised_tokens_and_truncation(tiny_base: Path) -> None:
+    tok = load_tokenizer(tiny_base)
+    ex = {"prompt": build_prompt(tok, "Q?"), "completion": "abc</s>"}
+    audit = mask_audit(ex, tok, max_length=256)
+    assert audit["completion_tokens"] == 4  # a, b, c, EOS: the tokenizer is byte-level
+    assert audit["supervised_tokens"] == 4
+    short = mask_audit(ex, tok, max_length=audit["prompt_tokens"])
+    assert short["truncated"] == 1 and short["supervised_tokens"] == 0
+
+
+def test_tokenizer_without_template_is_refused(tiny_base: Path) -> None:
+    tok = load_tokenizer(tiny_base)
+    tok.chat_template = None
+    with pytest.raises(FormatError, match="no chat template"):
+        build_prompt(tok, "Q?")

@@ -1,0 +1,47 @@
+"""The typed schema: every problem reported at once, by dotted key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorapipe.config import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_committed_params_validate(raw: dict) -> None:
+    params = validate(raw)
+    assert params.lora.r > 0 and params.model.kind == "tiny"
+
+
+def test_every_problem_is_listed_by_key(raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["lora"]["r"] = 0
+    bad["lora"]["dropout"] = 1.5
+    bad["train"]["learning_rate"] = "fast"
+    bad["train"]["epochs_"] = 3
+    bad["data"]["splits"] = {"train": 0.9, "val": 0.2, "test": 0.1}
+    with pytest.raises(ConfigError) as err:
+        validate(bad)
+    message = str(err.value)
+    assert "lora.r: Input should be greater than 0, got 0" in message
+    assert "lora.dropout:" in message
+    assert "train.learning_rate:" in message
+    assert "train.epochs_: unknown key" in message
+    assert "sum to 1" in message
+
+
+def test_tiny_model_needs_an_architecture(raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["model"]["architecture"] = None
+    with pytest.raises(ConfigError, match=r"needs model\.architecture"):
+        validate(bad)

@@ -1,0 +1,121 @@
+"""The real pipeline, end to end: `dvc repro` on a shrunken default in a temporary copy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = [
+    "model.architecture.hidden_size=64",
+    "model.architecture.intermediate_size=128",
+    "model.architecture.num_layers=2",
+    "model.architecture.num_heads=2",
+    "train.max_steps=12",
+    "train.batch_size=8",
+    "eval.max_examples=12",
+    "eval.max_new_tokens=8",
+    "merge.probe_examples=4",
+]
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["HF_HUB_OFFLINE"] = "1"
+    env.pop("DVC_EXP_NAME", None)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def ran(output: str) -> set[str]:
+    """Stage names `dvc repro` printed as running."""
+    return {
+        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the tracked tree, composed with the shrunken config and run once."""
+    dest = tmp_path_factory.mktemp("project")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    for rel in filter(None, tracked):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    for path in (dest / "reports").glob("*.json"):
+        path.unlink()  # start from nothing, as a fresh clone's first run would
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    sh(dest, "git", "init", "-q")
+    sh(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    sh(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    sh(dest, sys.executable, "-m", "lorapipe.params", *SMALL)
+    out = sh(dest, "dvc", "repro")
+    assert ran(out) == {"base", "prepare", "format", "train", "evaluate", "merge"}, out
+    return dest
+
+
+@pytest.mark.slow
+def test_reports_hold_both_models_metrics(project: Path) -> None:
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["examples"] == 12
+    for model in ("base", "adapter"):
+        assert set(metrics[model]) == {"exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum"}
+        assert all(0.0 <= v <= 1.0 for v in metrics[model].values())
+    rows = (project / "reports" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 12
+    first = json.loads(rows[0])
+    assert {"id", "prompt", "reference", "base", "adapter", "scores"} <= set(first)
+
+
+@pytest.mark.slow
+def test_adapter_carries_lineage_matching_dvc_lock(project: Path) -> None:
+    adapter = project / "models" / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json"):
+        assert (adapter / name).is_file(), name
+    lineage = json.loads((adapter / "lineage.json").read_text())
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    locked = {d["path"]: d["md5"] for d in lock["stages"]["train"]["deps"]}
+    for split in ("train", "val"):
+        entry = lineage["data"][split]
+        assert locked[entry["path"]] == entry["md5"]
+    assert lineage["params"]["lora"]["r"] == 16
+    assert lineage["base_model"]["kind"] == "tiny"
+    assert len(lineage["git"]["commit"]) == 40
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+
+
+@pytest.mark.slow
+def test_merge_reproduces_adapter_logits(project: Path) -> None:
+    report = json.loads((project / "reports" / "merge.json").read_text())
+    assert report["passed"] and report["merged_max_abs_logit_diff"] <= 1e-4
+    merged = project / "models" / "merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "lineage.json").is_file()
+
+
+@pytest.mark.slow
+def test_only_changed_stages_rerun(project: Path) -> None:
+    assert ran(sh(project, "dvc", "repro")) == set()
+    sh(project, sys.executable, "-m", "lorapipe.params", *SMALL, "eval.max_new_tokens=6")
+    assert ran(sh(project, "dvc", "repro")) == {"evaluate"}
+    sh(
+        project,
+        sys.executable,
+        "-m",
+        "lorapipe.params",
+        *SMALL,
+        "eval.max_new_tokens=6",
+        "lora.r=4",
+    )
+    assert ran(sh(project, "dvc", "repro")) == {"train", "evaluate", "merge"}
