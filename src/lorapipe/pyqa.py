@@ -4,115 +4,35 @@
 "What does `sorted([3, 1, 2])` return?" -> "[1, 2, 3]". Every response is `repr(eval(expr))`,
 so the answers are exact; every expression appears once, so a held-out question is never a
 rephrasing of a training one. Regenerate the shipped file with `python scripts/make_pyqa.py`.
+
+The questions are about lists of digits (sorting, reversing, indexing, len, max, min, in): kinds
+that share one skill, reading the list, so the tiny random-weight default can learn them with
+LoRA in minutes on 2 CPU cores. Adding string-method kinds measured far worse there (see the
+project notes); real models are the place for them.
 """
 
 from __future__ import annotations
 
 import random
-import string
 from collections.abc import Callable
 
-WORDS = [
-    "apple",
-    "bread",
-    "cloud",
-    "delta",
-    "eagle",
-    "flame",
-    "grape",
-    "house",
-    "index",
-    "juice",
-    "kite",
-    "lemon",
-    "mango",
-    "night",
-    "ocean",
-    "piano",
-    "queen",
-    "river",
-    "stone",
-    "tiger",
-    "umbra",
-    "valve",
-    "water",
-    "xenon",
-    "yacht",
-    "zebra",
-    "amber",
-    "brick",
-    "cedar",
-    "dune",
-    "ember",
-    "frost",
-    "globe",
-    "honey",
-    "ivory",
-    "jolly",
-    "karma",
-    "lunar",
-    "maple",
-    "noble",
-    "orbit",
-    "pearl",
-    "quilt",
-    "robin",
-    "solar",
-    "tulip",
-    "urban",
-    "vivid",
-    "wheat",
-    "yield",
-    "zesty",
-]
-
-QUESTION_TEMPLATES = (
-    "What does `{expr}` return?",
-    "What is the value of `{expr}` in Python?",
-    "Evaluate `{expr}`.",
-    "In Python, what does `{expr}` evaluate to?",
-)
+QUESTION_TEMPLATE = "What does `{expr}` return?"
 
 
 def _digits(rng: random.Random, lo: int, hi: int) -> list[int]:
     return [rng.randint(0, 9) for _ in range(rng.randint(lo, hi))]
 
 
-def _word(rng: random.Random) -> str:
-    return rng.choice(WORDS)
-
-
-def _letters(rng: random.Random, lo: int, hi: int) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
-
-
 # Each maker returns a Python expression built from small random literals.
 EXPRESSION_MAKERS: dict[str, Callable[[random.Random], str]] = {
-    "sorted": lambda r: f"sorted({_digits(r, 3, 5)})",
-    "sorted_reverse": lambda r: f"sorted({_digits(r, 3, 4)}, reverse=True)",
-    "list_reverse": lambda r: f"{_digits(r, 3, 5)}[::-1]",
-    "max": lambda r: f"max({_digits(r, 3, 5)})",
-    "min": lambda r: f"min({_digits(r, 3, 5)})",
-    "len_str": lambda r: f"len({_letters(r, 2, 9)!r})",
-    "len_list": lambda r: f"len({_digits(r, 1, 7)})",
-    "upper": lambda r: f"{_word(r)!r}.upper()",
-    "lower": lambda r: f"{_word(r).upper()!r}.lower()",
-    "capitalize": lambda r: f"{_letters(r, 3, 6)!r}.capitalize()",
-    "str_reverse": lambda r: f"{_letters(r, 3, 6)!r}[::-1]",
-    "str_slice": lambda r: (lambda w, a: f"{w!r}[{a}:{a + r.randint(1, 3)}]")(
-        _word(r), r.randint(0, 2)
-    ),
+    "sorted": lambda r: f"sorted({_digits(r, 3, 3)})",
+    "reverse": lambda r: f"{_digits(r, 3, 3)}[::-1]",
     "index_first": lambda r: f"{_digits(r, 3, 5)}[0]",
     "index_last": lambda r: f"{_digits(r, 3, 5)}[-1]",
-    "split": lambda r: (
-        f"{'-'.join(_letters(r, 1, 2) for _ in range(r.randint(2, 4)))!r}.split('-')"
-    ),
-    "join": lambda r: f"'-'.join({[_letters(r, 1, 2) for _ in range(r.randint(2, 4))]})",
-    "list_concat": lambda r: f"{_digits(r, 1, 3)} + {_digits(r, 1, 3)}",
-    "str_repeat": lambda r: f"{_letters(r, 1, 3)!r} * {r.randint(2, 3)}",
+    "max": lambda r: f"max({_digits(r, 3, 5)})",
+    "min": lambda r: f"min({_digits(r, 3, 5)})",
+    "len": lambda r: f"len({_digits(r, 1, 7)})",
     "membership": lambda r: f"{r.randint(0, 9)} in {_digits(r, 2, 4)}",
-    "range": lambda r: (lambda a: f"list(range({a}, {a + r.randint(1, 5)}))")(r.randint(0, 20)),
-    "count": lambda r: (lambda w: f"{w!r}.count({r.choice(w)!r})")(_word(r)),
 }
 
 
@@ -146,6 +66,6 @@ def generate(n: int, seed: int) -> list[dict[str, str]]:
         turn += 1
         seen.add(expr)
         answer = repr(eval(expr, {"__builtins__": SAFE_BUILTINS}))
-        question = rng.choice(QUESTION_TEMPLATES).format(expr=expr)
+        question = QUESTION_TEMPLATE.format(expr=expr)
         rows.append({"instruction": question, "response": answer})
     return rows
