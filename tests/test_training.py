@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,12 @@ def test_lora_training_is_deterministic_and_only_adapts_lora(
     params = make_params(tmp_path)
     first = train(params, tiny_base, formatted, tmp_path / "a")
     second = train(params, tiny_base, formatted, tmp_path / "b")
-    a = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
-    assert a == (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert first["train_loss"] == second["train_loss"]
+    # PEFT keeps all-linear's names in a set, whose order differs between processes.
+    targets = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["target_modules"]
+    assert targets == sorted(targets) and "q_proj" in targets
     weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert weights and all("lora_" in name for name in weights)
     # B starts at zero: a trained adapter has moved it.

@@ -6,6 +6,7 @@ supervises the completion including its closing EOS (`completion_only_loss=True`
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -171,4 +172,18 @@ def train_adapter(
     live.end()
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    _sort_target_modules(out_dir / "adapter_config.json")
     return summary
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """Write PEFT's target_modules in sorted order.
+
+    PEFT stores the names it resolved from `all-linear` as a set, whose order changes with
+    Python's hash seed; sorting keeps the adapter folder byte-identical (and its DVC hash
+    stable) across identical runs. Nothing in PEFT or TRL does this.
+    """
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
