@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,33 @@ def test_dvc_experiments_skip_the_check(project: Path, monkeypatch: pytest.Monke
 def test_missing_params_yaml_says_what_to_do(project: Path) -> None:
     with pytest.raises(StaleParamsError, match="make params"):
         check_fresh(project)
+
+
+def run_stage(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A stage run as DVC runs it: `python -m stages.<name>` from the project root."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=project, capture_output=True, text=True, env=env
+    )
+
+
+def test_a_stage_refuses_stale_params_without_a_traceback(project: Path) -> None:
+    shutil.copytree(ROOT / "stages", project / "stages")
+    write_params(project, [])
+    lora = project / "conf" / "lora" / "default.yaml"
+    lora.write_text(lora.read_text().replace("r: 16", "r: 64"))
+    done = run_stage(project, "stages.train")
+    assert done.returncode == 2
+    assert "train: error: params.yaml is stale against conf/" in done.stderr
+    assert "lora.r: params.yaml has 16, conf/ composes 64" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (project / "models").exists()
+
+
+def test_a_bad_override_is_reported_by_key(project: Path) -> None:
+    shutil.copytree(ROOT / "stages", project / "stages")
+    write_params(project, [])
+    done = run_stage(project, "stages.base", "model.architecture.num_layers=0")
+    assert done.returncode == 2
+    assert "model.architecture.num_layers: Input should be greater than 0, got 0" in done.stderr
+    assert "Traceback" not in done.stderr

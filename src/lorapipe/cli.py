@@ -36,7 +36,11 @@ def _friendly(exc: BaseException) -> str | None:
 
 def stage(run: Callable[[Params], Any]) -> Callable[[], None]:
     """Wrap `run` into a Hydra entrypoint on `./params.yaml` that reports errors without traces."""
-    name = run.__module__.rsplit(".", 1)[-1]
+    module = run.__module__
+    if module == "__main__":  # `python -m stages.train`: the real name is on the module spec
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec else Path(sys.argv[0]).stem
+    name = module.rsplit(".", 1)[-1]
 
     def main() -> None:
         import hydra
