@@ -92,7 +92,7 @@ def read_pin(base_dir: Path) -> dict[str, Any]:
     path = base_dir / PIN_FILE
     if not path.exists():
         raise ModelSourceError(f"{path} not found: run the base stage first (`dvc repro base`)")
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    return dict(json.loads(path.read_text()))
 
 
 def source_of(base_dir: Path) -> tuple[str, str | None, bool]:

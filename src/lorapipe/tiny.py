@@ -82,7 +82,7 @@ def llama_config(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> Ll
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
