@@ -1,13 +1,15 @@
 """Stage `format`: apply the base tokenizer's chat template -> prompt/completion JSONL.
 
 python -m stages.format format.system_prompt="You answer with a Python value only."
+python -m stages.format format.train_on=last_assistant format.truncation=truncate_prompt
 """
 
 from pathlib import Path
 
+from lorapipe.chat import FormatError
 from lorapipe.cli import stage
 from lorapipe.config import Params
-from lorapipe.formatting import format_rows, mask_audit, split_report
+from lorapipe.formatting import format_split, length_distribution
 from lorapipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from lorapipe.models import load_tokenizer
 
@@ -16,21 +18,36 @@ SPLITS = ("train", "val", "test")
 
 def run(params: Params) -> None:
     tokenizer = load_tokenizer(Path(params.paths.base))
-    report = {}
+    report, lengths = {}, {}
     with atomic_dir(Path(params.paths.formatted)) as out:
         for split in SPLITS:
             rows = read_jsonl(Path(params.paths.prepared) / f"{split}.jsonl")
-            examples = format_rows(rows, tokenizer, params.format.system_prompt)
-            audits = [mask_audit(ex, tokenizer, params.train.max_length) for ex in examples]
-            # An example with nothing supervised would train on nothing: leave it out, counted.
-            kept = [ex for ex, a in zip(examples, audits, strict=True) if a["supervised_tokens"]]
+            kept, report[split], lengths[split] = format_split(
+                rows,
+                tokenizer,
+                system_prompt=params.format.system_prompt,
+                train_on=params.format.train_on,
+                max_length=params.train.max_length,
+                truncation=params.format.truncation,
+            )
             write_jsonl(out / f"{split}.jsonl", kept)
-            report[split] = split_report(audits)
-            report[split]["dropped_no_supervised_tokens"] = len(examples) - len(kept)
-    write_json(Path(params.paths.reports) / "format.json", report)
+        if not report["train"]["examples_out"]:
+            raise FormatError(
+                f"format: no training example left: {report['train']['rejects_by_reason']}; "
+                "raise train.max_length or set format.truncation=truncate_prompt"
+            )
+    # Reports only after the formatted files are in place: a failed run leaves neither.
+    reports = Path(params.paths.reports)
+    write_json(reports / "format.json", report)
+    with atomic_dir(reports / "format_lengths") as plots:
+        for split, rows in length_distribution(lengths).items():
+            write_json(plots / f"{split}.json", rows)
     for split in SPLITS:
         r = report[split]
-        print(f"format: {split}: {r['examples']} examples, {r.get('truncated', 0)} truncated")
+        print(
+            f"format: {split}: {r['examples_out']} of {r['examples']} examples kept, "
+            f"{r['truncated']} over max_length, rejected {r['rejects_by_reason']}"
+        )
 
 
 main = stage(run)

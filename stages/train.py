@@ -2,6 +2,10 @@
 
 python -m stages.train lora.r=8 lora.alpha=16
 python -m stages.train quant=nf4            # QLoRA: 4-bit NF4 base, fp32 compute on CPU
+python -m stages.train lora=llama_all train.gradient_checkpointing=true
+
+Interrupted? Run it again: it resumes from the last checkpoint in paths.checkpoints when the
+params, data and base are unchanged.
 """
 
 from pathlib import Path
@@ -9,7 +13,7 @@ from pathlib import Path
 from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.io import atomic_dir, write_json
-from lorapipe.lineage import LINEAGE_FILE, build_lineage
+from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, build_lineage, model_card
 from lorapipe.training import train_adapter
 
 
@@ -23,12 +27,15 @@ def run(params: Params) -> None:
             params,
             {split: formatted / f"{split}.jsonl" for split in ("train", "val")},
             Path(paths.base),
+            summary,
         )
         write_json(out / LINEAGE_FILE, lineage)
-    write_json(reports / "train.json", summary)
+        (out / CARD_FILE).write_text(model_card(lineage), encoding="utf-8")  # replaces PEFT's
+    # Numbers only, for `dvc metrics diff`; device and precision are in lineage.json.
+    write_json(reports / "train.json", {k: v for k, v in summary.items() if not isinstance(v, str)})
     print(
         f"train: loss {summary['train_loss']:.4f} in {summary['train_seconds']} s "
-        f"-> {paths.adapter}"
+        f"on {summary['device']} ({summary['precision']}) -> {paths.adapter}"
     )
 
 

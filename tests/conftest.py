@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny Llama base built the way the base stage builds the default."""
+"""Shared fixtures: a tiny Llama base built the way the base stage builds the default, formatted
+pyqa splits for it, and params shrunk for training tests."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,37 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("base")
     build_base(ModelCfg(kind="tiny", name="tiny-test", seed=0, architecture=SMALL_ARCH), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def formatted(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data/formatted-like folder: 32 train and 8 val pyqa examples in the tiny chat format."""
+    from lorapipe.formatting import format_rows
+    from lorapipe.io import write_jsonl
+    from lorapipe.models import load_tokenizer
+    from lorapipe.pyqa import generate
+
+    out = tmp_path_factory.mktemp("formatted")
+    tok = load_tokenizer(tiny_base)
+    rows = [{"id": str(i), **r} for i, r in enumerate(generate(40, seed=1))]
+    write_jsonl(out / "train.jsonl", format_rows(rows[:32], tok, None))
+    write_jsonl(out / "val.jsonl", format_rows(rows[32:], tok, None))
+    return out
+
+
+@pytest.fixture()
+def train_params(tmp_path: Path) -> Callable[..., object]:
+    """Params from conf/ for a few steps of batch 4, checkpoints under tmp_path, plus overrides."""
+    from lorapipe.config import validate
+    from lorapipe.params import compose
+
+    def make(*overrides: str) -> object:
+        base = [
+            "train.max_steps=4",
+            "train.batch_size=4",
+            "train.logging_steps=1",
+            f"paths.checkpoints={tmp_path / 'ckpt'}",
+        ]
+        return validate(compose(ROOT / "conf", [*base, *overrides]))
+
+    return make

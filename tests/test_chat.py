@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe.chat import FormatError, build_example, build_prompt
+from lorapipe.chat import FormatError, build_example, build_prompt, conversation, render_prompt
 from lorapipe.formatting import format_rows, mask_audit
 from lorapipe.models import load_tokenizer
 
@@ -51,3 +51,33 @@ def test_tokenizer_without_template_is_refused(tiny_base: Path) -> None:
     tok.chat_template = None
     with pytest.raises(FormatError, match="no chat template"):
         build_prompt(tok, "Q?")
+
+
+def test_multi_turn_evaluation_prompt_is_the_training_prompt(tiny_base: Path) -> None:
+    tok = load_tokenizer(tiny_base)
+    row = {
+        "id": "m",
+        "messages": [
+            {"role": "user", "content": "Pick a digit."},
+            {"role": "assistant", "content": "7"},
+            {"role": "user", "content": "Add one."},
+            {"role": "assistant", "content": "8"},
+        ],
+    }
+    system = "Answer with digits."
+    formatted = format_rows([row], tok, system)
+    assert [ex["id"] for ex in formatted] == ["m-1", "m-2"]
+    history = [{"role": "system", "content": system}, *conversation(row)]
+    for ex, upto in zip(formatted, (1, 3), strict=True):
+        # What evaluation or inference renders for the conversation so far...
+        eval_prompt = render_prompt(tok, history[: upto + 1])
+        assert ex["prompt"] == eval_prompt
+        # ...tokenizes to exactly the tokens training sees before the supervised completion.
+        train_ids = tok(ex["prompt"] + ex["completion"])["input_ids"]
+        eval_ids = tok(eval_prompt)["input_ids"]
+        assert train_ids[: len(eval_ids)] == eval_ids
+        assert tok.decode(train_ids[len(eval_ids) :]) == ex["reference"] + "</s>"
+    assert formatted[1]["prompt"].count("<|system|>") == 1
+    assert "<|assistant|>\n7</s>" in formatted[1]["prompt"]
+    last = format_rows([row], tok, system, train_on="last_assistant")
+    assert last == [{**formatted[1], "id": "m"}]

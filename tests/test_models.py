@@ -35,7 +35,7 @@ def test_local_folder_is_copied_and_hashed(tmp_path: Path, tiny_base: Path) -> N
 
 
 def test_local_folder_without_a_model_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ModelSourceError, match="has no config.json"):
+    with pytest.raises(ModelSourceError, match=r"has no config\.json"):
         build_base(ModelCfg(kind="local", name=str(tmp_path)), tmp_path / "base")
 
 

@@ -36,7 +36,7 @@ def write_lines(path: Path, lines: list[bytes], end: bytes = b"\n") -> Path:
 
 
 def make_records(start: int, stop: int) -> list[Record]:
-    return [Record(f"Question {i}?", f"Answer {i}.", f"gen:{i}") for i in range(start, stop)]
+    return [Record.single(f"Question {i}?", f"Answer {i}.", f"gen:{i}") for i in range(start, stop)]
 
 
 def tree(path: Path) -> dict[str, bytes]:
@@ -107,17 +107,16 @@ def test_normalise_only_unifies_line_ends_unicode_and_outer_whitespace() -> None
 
 def test_dedupe_keeps_first_and_counts_whitespace_and_crlf_variants() -> None:
     recs = [
-        Record("Sum?", "def f(a, b):\n    return a + b", "a.jsonl:1"),
-        Record("Other?", "Yes.", "a.jsonl:2"),
-        Record("Sum?  ", "def f(a, b):   \r\n    return a + b\r\n", "a.jsonl:3"),
-        Record("Sum?\n", "def f(a, b):\r    return a + b ", "b.jsonl:1"),
-        Record("sum?", "def f(a, b):\n    return a + b", "b.jsonl:2"),  # case differs: kept
+        Record.single("Sum?", "def f(a, b):\n    return a + b", "a.jsonl:1"),
+        Record.single("Other?", "Yes.", "a.jsonl:2"),
+        Record.single("Sum?  ", "def f(a, b):   \r\n    return a + b\r\n", "a.jsonl:3"),
+        Record.single("Sum?\n", "def f(a, b):\r    return a + b ", "b.jsonl:1"),
+        Record.single("sum?", "def f(a, b):\n    return a + b", "b.jsonl:2"),  # case differs: kept
     ]
     kept, removed = dedupe(recs)
     assert removed == 2
     assert [r.source for r in kept] == ["a.jsonl:1", "a.jsonl:2", "b.jsonl:2"]
-    assert all(r.instruction == normalise(r.instruction) for r in kept)
-    assert all(r.response == normalise(r.response) for r in kept)
+    assert all(t.content == normalise(t.content) for r in kept for t in r.turns)
 
 
 def test_prepare_reports_duplicates_and_never_splits_them(tmp_path: Path) -> None:
@@ -193,7 +192,7 @@ def test_all_problems_are_collected_and_the_listing_is_capped(tmp_path: Path) ->
 def test_extra_fields_are_ignored(tmp_path: Path) -> None:
     line = json.dumps({"instruction": "q", "response": "a", "meta": {"x": 1}}).encode()
     recs, rejects = read_records(write_lines(tmp_path / "raw.jsonl", [line]))
-    assert (recs, rejects) == ([Record("q", "a", f"{tmp_path / 'raw.jsonl'}:1")], [])
+    assert (recs, rejects) == ([Record.single("q", "a", f"{tmp_path / 'raw.jsonl'}:1")], [])
 
 
 def test_bom_and_crlf_files_are_read(tmp_path: Path) -> None:
@@ -201,7 +200,7 @@ def test_bom_and_crlf_files_are_read(tmp_path: Path) -> None:
     raw.write_bytes(b"\xef\xbb\xbf" + row("h\u00e9?", "x") + b"\r\n\r\n" + row("q", "a") + b"\r\n")
     recs, rejects = read_records(raw)
     assert rejects == []
-    assert recs == [Record("h\u00e9?", "x", f"{raw}:1"), Record("q", "a", f"{raw}:3")]
+    assert recs == [Record.single("h\u00e9?", "x", f"{raw}:1"), Record.single("q", "a", f"{raw}:3")]
 
 
 def test_folder_is_read_recursively_in_name_order(tmp_path: Path) -> None:
@@ -211,7 +210,7 @@ def test_folder_is_read_recursively_in_name_order(tmp_path: Path) -> None:
     write_lines(raw / "c.jsonl", [row("c", "1")])
     write_lines(raw / "notes.txt", [b"not data"])
     recs, _ = read_records(raw)
-    assert [r.instruction for r in recs] == ["a", "b", "c"]
+    assert [r.turns[0].content for r in recs] == ["a", "b", "c"]
     assert recs[1].source == f"{raw / 'b' / 'x.jsonl'}:1"
 
 
@@ -219,8 +218,8 @@ def test_folder_is_read_recursively_in_name_order(tmp_path: Path) -> None:
     ("make", "match"),
     [
         (lambda p: p / "nope.jsonl", "no such file or folder"),
-        (lambda p: p, "folder has no .jsonl files"),
-        (lambda p: write_lines(p / "raw.json", [row("q", "a")]), "not a .jsonl file"),
+        (lambda p: p, "folder has no data files"),
+        (lambda p: write_lines(p / "raw.txt", [row("q", "a")]), "not a supported data file"),
     ],
 )
 def test_unusable_path_raises_data_error(tmp_path: Path, make: Any, match: str) -> None:
@@ -252,13 +251,15 @@ def test_prepare_writes_splits_in_input_order_with_content_ids(tmp_path: Path) -
         "rows_rejected": 0,
         "rejects_by_reason": {},
         "duplicates_removed": 0,
+        "near_duplicates_across_splits": {"groups": 0, "rows": 0, "examples": []},
         "splits": report["splits"],
+        "split_by": "content hash",
     }
     expected = split_records(dedupe(read_records(raw)[0])[0], FRACTIONS)
     for name in FRACTIONS:
         path = tmp_path / "out" / f"{name}.jsonl"
         assert read_jsonl(path) == [
-            {"id": r.key[:16], "instruction": r.instruction, "response": r.response}
+            {"id": r.key[:16], "instruction": r.turns[0].content, "response": r.turns[1].content}
             for r in expected[name]
         ]
         assert report["splits"][name] == len(expected[name])

@@ -1,7 +1,8 @@
 """Chat formatting: the one function that turns a record into the prompt the model sees.
 
-`format` (training data) and `evaluate`/`generate` (inference) both call `build_prompt`, so the
-prompt tokens at evaluation are exactly those seen in training.
+`format` renders every prompt with `render_prompt` and writes it beside its completion; train
+and evaluate both read those prompts, and inference on a new conversation calls `render_prompt`
+(or `build_prompt`) too, so the prompt tokens at evaluation are exactly those seen in training.
 """
 
 from __future__ import annotations
@@ -16,46 +17,64 @@ class FormatError(PipelineError, ValueError):
     """A record cannot be turned into a prompt/completion pair; the message says why."""
 
 
+TRAIN_ON = ("all_assistant", "last_assistant")
+
+
 @dataclass(frozen=True)
 class Example:
-    prompt: str
-    completion: str
+    prompt: str  # the conversation up to this assistant turn, with the generation prompt
+    completion: str  # the assistant turn as the template renders it, ending with EOS
+    reference: str  # the assistant turn's plain text, what evaluation compares against
+
+
+def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The messages of a prepared row: `row["messages"]`, or `{instruction, response}` as one
+    user turn and one assistant turn (see `lorapipe.records.Record.to_row`)."""
+    if "messages" in row:
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    return [
+        {"role": "user", "content": row["instruction"]},
+        {"role": "assistant", "content": row["response"]},
+    ]
+
+
+def with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    """`messages` with a system turn first: the conversation's own one wins over `system_prompt`."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def messages_for(instruction: str, system_prompt: str | None = None) -> list[dict[str, str]]:
     """The chat messages for one user instruction, with an optional system turn first."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": instruction})
-    return messages
+    return with_system([{"role": "user", "content": instruction}], system_prompt)
 
 
-def build_prompt(tokenizer: Any, instruction: str, system_prompt: str | None = None) -> str:
-    """The prompt string for `instruction`: chat template with the generation prompt appended."""
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt for `messages` (ending with a user turn): chat template + generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise FormatError(
             "the base tokenizer has no chat template; set format.chat_template in conf/format/ "
             "or use a chat model's tokenizer"
         )
-    return str(
-        tokenizer.apply_chat_template(
-            messages_for(instruction, system_prompt), tokenize=False, add_generation_prompt=True
-        )
-    )
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
-def build_example(
-    tokenizer: Any, instruction: str, response: str, system_prompt: str | None = None
-) -> Example:
-    """Split the templated conversation into the prompt and the completion to supervise.
+def build_prompt(tokenizer: Any, instruction: str, system_prompt: str | None = None) -> str:
+    """The prompt string for `instruction`: chat template with the generation prompt appended."""
+    return render_prompt(tokenizer, messages_for(instruction, system_prompt))
+
+
+def build_turn(tokenizer: Any, history: list[dict[str, str]], response: str) -> Example:
+    """Split the templated `history` + assistant `response` into prompt and completion.
 
     The completion is everything the template renders after the prompt, cut right after the
     closing EOS: trailing whitespace the template adds after EOS is not supervised, and the EOS
     itself always is (so the model learns to stop).
     Raises FormatError when the template does not render the prompt as a prefix of the whole.
     """
-    prompt = build_prompt(tokenizer, instruction, system_prompt)
-    messages = messages_for(instruction, system_prompt)
-    messages.append({"role": "assistant", "content": response})
+    prompt = render_prompt(tokenizer, history)
+    messages = [*history, {"role": "assistant", "content": response}]
     full = str(tokenizer.apply_chat_template(messages, tokenize=False))
     if not full.startswith(prompt):
         raise FormatError(
@@ -66,4 +85,35 @@ def build_example(
     eos = tokenizer.eos_token
     end = completion.rfind(eos)
     completion = completion.rstrip() + eos if end == -1 else completion[: end + len(eos)]
-    return Example(prompt=prompt, completion=completion)
+    return Example(prompt=prompt, completion=completion, reference=response)
+
+
+def build_example(
+    tokenizer: Any, instruction: str, response: str, system_prompt: str | None = None
+) -> Example:
+    """The example for one instruction and its response (see `build_turn`)."""
+    return build_turn(tokenizer, messages_for(instruction, system_prompt), response)
+
+
+def build_examples(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    system_prompt: str | None = None,
+    train_on: str = "all_assistant",
+) -> list[Example]:
+    """The examples that supervise a conversation's assistant turns, in turn order.
+
+    `train_on` "last_assistant": one example, the last assistant turn, the rest as prompt.
+    "all_assistant": one example per assistant turn, its prompt the conversation so far.
+    TRL's prompt/completion format supervises only the completion, and its alternative
+    (`assistant_only_loss`) needs `{% generation %}` markers that most chat templates lack;
+    one example per turn supervises every assistant turn exactly, with any template.
+    Raises ValueError for an unknown `train_on`, FormatError as `build_turn` does.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {list(TRAIN_ON)}, got {train_on!r}")
+    messages = with_system(messages, system_prompt)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
+    return [build_turn(tokenizer, messages[:i], messages[i]["content"]) for i in turns]

@@ -6,6 +6,7 @@ unknown keys are errors too, so a typo never trains with a silent default.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -54,9 +55,19 @@ class ModelCfg(_Group):
         return self
 
 
+# The names a row's keys can be mapped to with data.fields (see lorapipe.records).
+DataField = Literal[
+    "instruction", "input", "output", "response", "messages", "prompt", "completion"
+]
+
+
 class DataCfg(_Group):
     path: str = Field(min_length=1)
+    format: Literal["auto", "instruction", "alpaca", "messages", "prompt_completion"] = "auto"
+    fields: dict[str, DataField] | None = None
     splits: dict[Literal["train", "val", "test"], float]
+    split_counts: dict[Literal["val", "test"], int] | None = None
+    split_column: str | None = Field(default=None, min_length=1)
     on_error: Literal["fail", "skip"] = "fail"
     max_reject_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     max_chars: int = Field(default=20000, gt=0)
@@ -67,11 +78,27 @@ class DataCfg(_Group):
             raise ValueError("data.splits needs train, val and test fractions")
         if any(v < 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-9:
             raise ValueError(f"data.splits must be >= 0 and sum to 1, got {dict(self.splits)}")
+        if self.split_counts is not None and any(n < 0 for n in self.split_counts.values()):
+            raise ValueError(f"data.split_counts must be >= 0, got {dict(self.split_counts)}")
+        if self.split_counts is not None and self.split_column is not None:
+            raise ValueError("set data.split_counts or data.split_column, not both")
         return self
 
 
 class FormatCfg(_Group):
     system_prompt: str | None = None
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    truncation: Literal["reject", "truncate_prompt"] = "reject"
+
+
+# peft 0.21's `init_lora_weights` values this pipeline can run; "pissa_niter_<n>" is also accepted.
+LORA_INITS = ("gaussian", "pissa", "olora", "orthogonal", "mica")
+# Values peft accepts that need a pass this pipeline does not make, with what to do instead.
+LORA_INITS_UNSUPPORTED = {
+    "eva": "needs a data-driven initialisation pass (peft.initialize_lora_eva_weights)",
+    "corda": "needs a data-driven preprocessing pass (peft.tuners.lora.corda)",
+    "loftq": "re-quantises the base itself, so evaluate and merge would not see the same base",
+}
 
 
 class LoraCfg(_Group):
@@ -80,6 +107,33 @@ class LoraCfg(_Group):
     dropout: float = Field(ge=0.0, lt=1.0)
     target_modules: str | list[str]
     bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    init: bool | str = True
+    layers_to_transform: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _peft_accepts(self) -> LoraCfg:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.target_modules is empty: name layers, or use all-linear")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError(
+                "lora.layers_to_transform needs lora.target_modules as a list of names "
+                f"(peft ignores layer indices for a string), got {self.target_modules!r}"
+            )
+        if isinstance(self.init, str):
+            name = self.init
+            if name in LORA_INITS_UNSUPPORTED:
+                raise ValueError(
+                    f"lora.init {name!r} is not supported: {LORA_INITS_UNSUPPORTED[name]}"
+                )
+            if name not in LORA_INITS and not re.fullmatch(r"pissa_niter_\d+", name):
+                raise ValueError(
+                    f"lora.init must be true, false, {', '.join(LORA_INITS)} or pissa_niter_<n>, "
+                    f"got {name!r}"
+                )
+        return self
 
 
 class QuantCfg(_Group):
@@ -101,6 +155,22 @@ class TrainCfg(_Group):
     max_steps: int = -1
     logging_steps: int = Field(gt=0)
     seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    early_stopping_patience: int | None = Field(default=None, gt=0)
+    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    save_steps: int = Field(default=500, gt=0)
+    save_total_limit: int | None = Field(default=2, gt=0)
+    resume: bool = True
+
+    @model_validator(mode="after")
+    def _early_stopping_restores_an_epoch(self) -> TrainCfg:
+        if self.early_stopping_patience is not None and self.save_strategy != "epoch":
+            raise ValueError(
+                "train.early_stopping_patience needs train.save_strategy: epoch (the best epoch's "
+                f"checkpoint is restored at the end), got {self.save_strategy!r}"
+            )
+        return self
 
 
 class EvalCfg(_Group):

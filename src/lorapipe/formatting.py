@@ -2,16 +2,24 @@
 
 The audit tokenizes each example the way TRL's SFTTrainer does (prompt, then prompt+completion,
 the completion starting where the two diverge) and counts the supervised tokens that survive
-truncation to `max_length`, so a dataset that would train on nothing is caught here.
+truncation to `max_length`. An example that would lose its closing EOS to truncation is either
+rejected or has its prompt shortened from the left (`truncation`), and one with nothing
+supervised is rejected, so every written example trains on its whole completion.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
-from lorapipe.chat import build_example
+from lorapipe.chat import TRAIN_ON, build_examples, conversation
+
+TRUNCATION = ("reject", "truncate_prompt")
+LISTED_REJECTS = 5  # rejected examples named in the report, per split
+LENGTH_BINS = 50  # at most this many bars in the length distribution plot
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -25,28 +33,40 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 def format_rows(
-    rows: list[dict[str, Any]], tokenizer: Any, system_prompt: str | None
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    system_prompt: str | None,
+    train_on: str = "all_assistant",
 ) -> list[dict[str, str]]:
-    """`{id, prompt, completion, reference}` for each prepared `{id, instruction, response}` row.
+    """`{id, prompt, completion, reference}` for each supervised assistant turn of each row.
 
-    `reference` is the plain response, what evaluation compares generated text against.
+    Rows are prepared rows (`{id, instruction, response}` or `{id, messages}`). A row that gives
+    one example keeps its id; one that gives several (multi-turn, `train_on` "all_assistant")
+    gives `<id>-1`, `<id>-2`, ... in turn order. `reference` is the plain assistant text, what
+    evaluation compares generated text against.
     """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on must be one of {list(TRAIN_ON)}, got {train_on!r}")
     out = []
     for row in rows:
-        ex = build_example(tokenizer, row["instruction"], row["response"], system_prompt)
-        out.append(
-            {
-                "id": row["id"],
-                "prompt": ex.prompt,
-                "completion": ex.completion,
-                "reference": row["response"],
-            }
-        )
+        examples = build_examples(tokenizer, conversation(row), system_prompt, train_on)
+        for k, ex in enumerate(examples, start=1):
+            out.append(
+                {
+                    "id": row["id"] if len(examples) == 1 else f"{row['id']}-{k}",
+                    "prompt": ex.prompt,
+                    "completion": ex.completion,
+                    "reference": ex.reference,
+                }
+            )
     return out
 
 
 def mask_audit(example: dict[str, str], tokenizer: Any, max_length: int) -> dict[str, int]:
-    """Token counts for one example: prompt, completion, supervised after truncation."""
+    """Token counts for one example: prompt, completion, supervised after truncation.
+
+    `eos_supervised` is 1 when the last token kept within `max_length` is the EOS token.
+    """
     prompt_ids = tokenizer(example["prompt"])["input_ids"]
     full_ids = tokenizer(example["prompt"] + example["completion"])["input_ids"]
     start = common_prefix_length(prompt_ids, full_ids)
@@ -57,24 +77,118 @@ def mask_audit(example: dict[str, str], tokenizer: Any, max_length: int) -> dict
         "total_tokens": len(full_ids),
         "supervised_tokens": max(0, kept - start),
         "truncated": int(len(full_ids) > max_length),
+        "eos_supervised": int(kept > start and full_ids[kept - 1] == tokenizer.eos_token_id),
     }
 
 
-def split_report(audits: list[dict[str, int]]) -> dict[str, Any]:
-    """Aggregate audits of one split: counts and token-length percentiles."""
-    if not audits:
-        return {"examples": 0}
+def truncate_prompt(
+    example: dict[str, str], tokenizer: Any, max_length: int
+) -> tuple[dict[str, str], dict[str, int]] | None:
+    """The example with tokens dropped from the left of its prompt so that all fits in
+    `max_length`, and its audit; None if the completion alone does not fit.
+
+    The kept prompt tokens are decoded back to a string (the formatted files hold text), and
+    the tokens the tokenizer adds itself (such as BOS) stay in front.
+    """
+    added = len(tokenizer("")["input_ids"])  # BOS and the like, added to every text
+    body = tokenizer(example["prompt"])["input_ids"][added:]
+    audit = mask_audit(example, tokenizer, max_length)
+    drop = audit["total_tokens"] - max_length
+    while 0 < drop < len(body):
+        text = tokenizer.decode(body[drop:], clean_up_tokenization_spaces=False)
+        candidate = {**example, "prompt": text}
+        audit = mask_audit(candidate, tokenizer, max_length)
+        if not audit["truncated"]:
+            return candidate, audit
+        # Re-tokenizing decoded text can merge differently at the cut: drop what is still over.
+        drop += audit["total_tokens"] - max_length
+    return None
+
+
+def format_split(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    system_prompt: str | None,
+    train_on: str,
+    max_length: int,
+    truncation: str,
+) -> tuple[list[dict[str, str]], dict[str, Any], list[int]]:
+    """The examples of one split that will train on their whole completion, the split's
+    report and the token length of each kept example.
+
+    An example longer than `max_length` is rejected ("completion truncated") or, with
+    `truncation` "truncate_prompt", shortened from the left of its prompt (rejected as
+    "completion longer than max_length" when that cannot make it fit). An example with no
+    supervised token, or whose last supervised token is not EOS, is rejected too. The report:
+    `{"rows", "examples", "examples_out", "truncated", "prompt_truncated", "rejects_by_reason",
+    "rejected_examples", "supervised_tokens", "prompt_tokens" / "completion_tokens" /
+    "total_tokens": {"p50", "p95", "max"}}`, lengths over the kept examples.
+    Raises ValueError for an unknown `truncation` or `train_on`.
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {list(TRUNCATION)}, got {truncation!r}")
+    examples = format_rows(rows, tokenizer, system_prompt, train_on)
+    kept: list[dict[str, str]] = []
+    audits: list[dict[str, int]] = []
+    rejects: list[dict[str, str]] = []
+    truncated = prompt_truncated = 0
+    for ex in examples:
+        audit = mask_audit(ex, tokenizer, max_length)
+        reason, detail = "", ""
+        if audit["truncated"]:
+            truncated += 1
+            fitted = truncate_prompt(ex, tokenizer, max_length) if truncation != "reject" else None
+            if fitted is not None:
+                (ex, audit), prompt_truncated = fitted, prompt_truncated + 1
+            elif truncation == "reject":
+                reason = "completion truncated"
+                detail = f"{audit['total_tokens']} tokens, max_length is {max_length}"
+            else:
+                reason = "completion longer than max_length"
+                detail = f"{audit['completion_tokens']} completion tokens, max_length {max_length}"
+        if not reason and audit["supervised_tokens"] == 0:
+            reason = "no supervised tokens"
+        elif not reason and not audit["eos_supervised"]:
+            reason, detail = "closing EOS not supervised", "the completion does not end with EOS"
+        if reason:
+            rejects.append({"id": ex["id"], "reason": reason, "detail": detail})
+            continue
+        kept.append(ex)
+        audits.append(audit)
     report: dict[str, Any] = {
-        "examples": len(audits),
-        "truncated": sum(a["truncated"] for a in audits),
-        "no_supervised_tokens": sum(a["supervised_tokens"] == 0 for a in audits),
+        "rows": len(rows),
+        "examples": len(examples),
+        "examples_out": len(kept),
+        "truncated": truncated,
+        "prompt_truncated": prompt_truncated,
+        "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "rejected_examples": rejects[:LISTED_REJECTS],
         "supervised_tokens": sum(a["supervised_tokens"] for a in audits),
     }
     for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        values = np.array([a[key] for a in audits])
+        values = np.array([a[key] for a in audits] or [0])
         report[key] = {
             "p50": float(np.percentile(values, 50)),
             "p95": float(np.percentile(values, 95)),
             "max": int(values.max()),
         }
-    return report
+    return kept, report, [a["total_tokens"] for a in audits]
+
+
+def length_distribution(lengths: dict[str, list[int]]) -> dict[str, list[dict[str, int]]]:
+    """Per split, `{"total_tokens", "examples"}` rows: how many examples fall in each bin.
+
+    All splits share one set of at most LENGTH_BINS equal bins, from the shortest example to the
+    longest; a bin is named by its lowest length.
+    """
+    every = [v for values in lengths.values() for v in values]
+    shortest, longest = min(every, default=0), max(every, default=0)
+    width = max(1, math.ceil((longest - shortest + 1) / LENGTH_BINS))
+    first = shortest - shortest % width
+    bins = range(first, longest + 1, width)
+    out = {}
+    for split, values in lengths.items():
+        counts = Counter(v - v % width for v in values)
+        out[split] = [{"total_tokens": b, "examples": counts.get(b, 0)} for b in bins]
+    return out

@@ -7,6 +7,7 @@ sees a change only when the content changes.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import tempfile
@@ -82,10 +83,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` to `path` as indented JSON with sorted keys and a trailing newline.
+    """Write `obj` to `path` (atomically) as indented JSON with sorted keys and a trailing newline.
 
     Parent folders are created. Raises TypeError if `obj` is not JSON-serialisable.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    path.write_text(text, encoding="utf-8", newline="\n")
+    # Write beside it, then rename: a reader never sees half a report.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)

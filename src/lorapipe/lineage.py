@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -18,6 +19,9 @@ from lorapipe.config import Params
 from lorapipe.models import read_pin
 
 LINEAGE_FILE = "lineage.json"
+CARD_FILE = "README.md"
+# What train_adapter reports that belongs in lineage: fixed for identical runs on one machine.
+TRAINING_FACTS = ("device", "precision", "trainable_params", "total_params")
 LIBRARIES = (
     "torch",
     "transformers",
@@ -68,9 +72,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def build_lineage(params: Params, data_files: dict[str, Path], base_dir: Path) -> dict[str, Any]:
-    """The lineage record: data md5s, composed params, base pin, git state, library versions."""
-    return {
+def build_lineage(
+    params: Params,
+    data_files: dict[str, Path],
+    base_dir: Path,
+    training: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The lineage record: data md5s, composed params, base pin, git state, library versions.
+
+    `training` adds what the run itself decided: device, precision, trainable and total
+    parameters. Nothing time- or memory-dependent belongs here (that goes to reports/train.json).
+    """
+    record = {
         "data": {name: {"path": str(p), "md5": file_md5(p)} for name, p in data_files.items()},
         "params": params.model_dump(mode="json"),
         "base_model": read_pin(base_dir),
@@ -78,3 +91,62 @@ def build_lineage(params: Params, data_files: dict[str, Path], base_dir: Path) -
         "libraries": library_versions(),
         "python": platform.python_version(),
     }
+    if training is not None:
+        record["training"] = {key: training[key] for key in TRAINING_FACTS}
+    return record
+
+
+def model_card(lineage: dict[str, Any]) -> str:
+    """A Hugging Face model card (README.md) for the adapter described by `lineage`.
+
+    Deterministic: built only from the lineage record, so identical runs write identical cards.
+    """
+    params = lineage["params"]
+    lora, train, quant = params["lora"], params["train"], params["quant"]
+    base = lineage["base_model"]
+    quantized = quant["mode"] != "none"
+    tags = ["lora", "sft", "trl", "lorapipe", *(["qlora"] if quantized else [])]
+    targets = lora["target_modules"]
+    targets = ", ".join(targets) if isinstance(targets, list) else targets
+    revision = base.get("revision") or base.get("config_hash") or "-"
+    facts = lineage.get("training", {})
+    lines = [
+        "---",
+        f"base_model: {json.dumps(base['name'])}",
+        "library_name: peft",
+        "tags:",
+        *(f"- {tag}" for tag in tags),
+        "---",
+        "",
+        f"# LoRA adapter for {base['name']}",
+        "",
+        f"{'QLoRA (4-bit NF4 base)' if quant['mode'] == 'nf4' else 'LoRA'} supervised fine-tuning "
+        "with TRL's SFTTrainer, loss on completions only, made by the lorapipe DVC pipeline.",
+        "",
+        "## Training",
+        "",
+        f"- base: `{base['name']}` at `{revision}`",
+        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+        f"targets: {targets}",
+        f"- epochs {train['epochs']}, learning rate {train['learning_rate']}, "
+        f"batch size {train['batch_size']} x {train['grad_accum']} accumulation, "
+        f"{train['lr_scheduler']} schedule, seed {train['seed']}",
+    ]
+    if facts:
+        lines.append(
+            f"- {facts['trainable_params']:,} trainable of {facts['total_params']:,} parameters, "
+            f"{facts['precision']} on {facts['device']}"
+        )
+    lines += ["", "## Data", "", "| split | file | md5 |", "| --- | --- | --- |"]
+    lines += [f"| {name} | `{d['path']}` | `{d['md5']}` |" for name, d in lineage["data"].items()]
+    lines += [
+        "",
+        "## Evaluation and provenance",
+        "",
+        "Exact match and ROUGE, base model vs this adapter on the held-out test split, are in "
+        "`reports/metrics.json` (the pipeline's `evaluate` stage). `lineage.json` beside this "
+        f"card records the full params, base pin and library versions; git commit "
+        f"`{lineage['git']['commit'] or 'unknown'}`.",
+        "",
+    ]
+    return "\n".join(lines)

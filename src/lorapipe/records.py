@@ -1,9 +1,20 @@
-"""The `prepare` stage's library: read raw instruction/response rows, validate, dedupe, split.
+"""The `prepare` stage's library: read raw conversations, validate, dedupe, split.
 
-Rows are `{"instruction": str, "response": str}` objects in JSON Lines files. Every problem is
-reported as `file:line` plus the field and reason, so a person can find and fix the row. Splits
-are chosen from each row's content hash, never from its position or a random draw, so adding
-rows never moves an existing row to another split and duplicates can never straddle splits.
+Rows come in one of four shapes (`FORMATS`), detected per file from its keys or set by
+`data.format`, after renaming keys with `data.fields`:
+
+- instruction: `{"instruction", "response"}`
+- alpaca: `{"instruction", "input", "output"}`; a non-empty input follows the instruction
+  after a blank line
+- messages: `{"messages": [{"role", "content"}, ...]}`, roles system (first only), then user
+  and assistant alternating, ending with an assistant turn
+- prompt_completion: `{"prompt", "completion"}`, the prompt as the user turn
+
+Every row becomes a Record: a conversation (a tuple of Turns). Every problem is reported as
+`file:line` (or `file row N`) plus the field and reason, so a person can find and fix the row.
+Splits are chosen from each row's content hash, never from its position or a random draw, so
+adding rows never moves an existing row to another split and duplicates can never straddle
+splits; `split_counts` and `split_column` are the two documented alternatives.
 """
 
 from __future__ import annotations
@@ -12,51 +23,81 @@ import hashlib
 import json
 import math
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from lorapipe.errors import PipelineError
 from lorapipe.io import atomic_dir, write_jsonl
+from lorapipe.sources import DataError, Reject, data_files, read_rows
 
-FIELDS = ("instruction", "response")
+FORMATS = ("instruction", "alpaca", "messages", "prompt_completion")
+ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"validation": "val", "dev": "val"}  # common names in a user's split column
 ON_ERROR = ("fail", "skip")
 MAX_LISTED = 20
-UTF8_BOM = b"\xef\xbb\xbf"
+NEAR_DUPLICATE_EXAMPLES = 5
+# The fields each format needs (after `data.fields` renaming), in the order they are checked.
+REQUIRED = {
+    "instruction": ("instruction", "response"),
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+}
 
 
-class DataError(PipelineError, ValueError):
-    """The raw data cannot be used as is; the message names file:line and field of each problem."""
+class Turn(NamedTuple):
+    role: str  # "system", "user" or "assistant"
+    content: str
 
 
 @dataclass(frozen=True)
 class Record:
-    instruction: str
-    response: str
-    source: str  # "file:line" of the row this record came from
+    turns: tuple[Turn, ...]  # an optional system turn, then user/assistant alternating
+    source: str  # "file:line" (or "file row N") of the row this record came from
+    split: str | None = None  # the split named by the row's split column, if one is used
+
+    @classmethod
+    def single(cls, instruction: str, response: str, source: str) -> Record:
+        """The one-turn conversation: `instruction` from the user, `response` from the assistant."""
+        return cls((Turn("user", instruction), Turn("assistant", response)), source)
+
+    @property
+    def is_single_turn(self) -> bool:
+        return [t.role for t in self.turns] == ["user", "assistant"]
 
     @property
     def key(self) -> str:
-        """The content hash: sha256 hex of normalised `instruction + "\\x00" + response`."""
-        content = normalise(self.instruction) + "\x00" + normalise(self.response)
+        """The content hash: sha256 hex of the normalised conversation.
+
+        A one-turn conversation hashes `instruction + "\\x00" + response`, the form the
+        prepared files have always used, so ids and splits of such rows never change.
+        """
+        if self.is_single_turn:
+            content = normalise(self.turns[0].content) + "\x00" + normalise(self.turns[1].content)
+        else:
+            content = json.dumps([[t.role, normalise(t.content)] for t in self.turns])
         return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
-
-@dataclass
-class Reject:
-    source: str  # "file:line"
-    field: str | None  # None when the problem is the whole row
-    reason: str  # short and fixed per kind of problem, so rejects can be counted by reason
-    detail: str = ""  # row-specific specifics, e.g. the JSON parser's message
-
     @property
-    def message(self) -> str:
-        """One line a person can act on, e.g. `data/raw/a.jsonl:17: field 'response' is empty`."""
-        what = f"field '{self.field}' is {self.reason}" if self.field else self.reason
-        return f"{self.source}: {what}" + (f" ({self.detail})" if self.detail else "")
+    def near_key(self) -> str:
+        """The text with case folded and whitespace collapsed: equal for near-duplicates."""
+        return json.dumps([[t.role, " ".join(t.content.casefold().split())] for t in self.turns])
+
+    def to_row(self) -> dict[str, Any]:
+        """The prepared row: `{id, instruction, response}` for one turn, else `{id, messages}`."""
+        if self.is_single_turn:
+            return {
+                "id": self.key[:16],
+                "instruction": self.turns[0].content,
+                "response": self.turns[1].content,
+            }
+        return {
+            "id": self.key[:16],
+            "messages": [{"role": t.role, "content": t.content} for t in self.turns],
+        }
 
 
 def normalise(text: str) -> str:
@@ -69,74 +110,160 @@ def normalise(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 
 
-def _jsonl_files(path: Path) -> list[Path]:
-    """`path` itself if it is a .jsonl file, or every .jsonl file below the folder `path`."""
-    if path.is_file():
-        if path.suffix != ".jsonl":
-            raise DataError(f"{path}: not a .jsonl file; raw data must be JSON Lines")
-        return [path]
-    if path.is_dir():
-        files = sorted(
-            (p for p in path.rglob("*.jsonl") if p.is_file()),
-            key=lambda p: p.relative_to(path).as_posix(),
+def detect_format(row: Mapping[str, Any]) -> str | None:
+    """The format whose distinctive keys `row` has, or None: messages, then prompt/completion,
+    then alpaca (input/output), then instruction/response."""
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row or "completion" in row:
+        return "prompt_completion"
+    if "output" in row or "input" in row:
+        return "alpaca"
+    if "instruction" in row or "response" in row:
+        return "instruction"
+    return None
+
+
+def _text(row: Mapping[str, Any], name: str, source: str, field: str = "") -> str | Reject:
+    """The non-blank string `row[name]`, or the Reject saying why it is not one."""
+    field = field or name
+    value = row.get(name)
+    if value is None:
+        return Reject(source, field, "missing")
+    if not isinstance(value, str):
+        return Reject(source, field, "not a string", f"got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A JSON escape such as "\ud800" parses, but is not text and cannot be written out.
+        return Reject(source, field, "not valid Unicode", "contains a lone surrogate")
+    if not value.strip():
+        return Reject(source, field, "empty")
+    return value
+
+
+def _messages(value: Any, source: str) -> tuple[Turn, ...] | Reject:
+    """The turns of a `messages` list, or the first problem with it."""
+    if not isinstance(value, list):
+        return Reject(source, "messages", "not a list", f"got {type(value).__name__}")
+    if not value:
+        return Reject(source, "messages", "empty")
+    turns: list[Turn] = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            return Reject(source, where, "not an object", f"got {type(message).__name__}")
+        role = _text(message, "role", source, f"{where}.role")
+        if isinstance(role, Reject):
+            return role
+        if role not in ROLES:
+            return Reject(source, f"{where}.role", "not a known role", f"got {role!r}; use {ROLES}")
+        content = _text(message, "content", source, f"{where}.content")
+        if isinstance(content, Reject):
+            return content
+        turns.append(Turn(role, content))
+    if not any(t.role == "assistant" for t in turns):
+        return Reject(source, "messages", "missing an assistant turn", "nothing to learn from")
+    first = 1 if turns[0].role == "system" else 0
+    for i, turn in enumerate(turns[first:], start=first):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if turn.role != expected:
+            return Reject(
+                source,
+                f"messages[{i}].role",
+                "out of order",
+                f"got {turn.role!r}, expected {expected!r}: an optional system turn first, then "
+                "user and assistant alternating",
+            )
+    if turns[-1].role != "assistant":
+        return Reject(
+            source,
+            f"messages[{len(turns) - 1}].role",
+            "out of order",
+            "the last turn must be the assistant's; remove the trailing user turn",
         )
-        if not files:
-            raise DataError(f"{path}: folder has no .jsonl files")
-        return files
-    raise DataError(f"{path}: no such file or folder")
+    return tuple(turns)
 
 
-def _check_row(row: Any, source: str, max_chars: int) -> Record | Reject:
-    """The record for one parsed row, or the first problem found with it."""
+def _split_name(row: Mapping[str, Any], column: str, source: str) -> str | Reject:
+    value = _text(row, column, source)
+    if isinstance(value, Reject):
+        return value
+    name = SPLIT_ALIASES.get(value.strip().lower(), value.strip().lower())
+    if name not in SPLITS:
+        return Reject(source, column, "not a split name", f"got {value!r}; use {list(SPLITS)}")
+    return name
+
+
+def check_row(
+    row: Any, source: str, fmt: str, max_chars: int, split_column: str | None = None
+) -> Record | Reject:
+    """The record for one parsed row in format `fmt`, or the first problem found with it.
+
+    Extra fields are ignored. Raises ValueError if `fmt` is not one of FORMATS.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     if not isinstance(row, dict):
         return Reject(source, None, "not a JSON object", f"got {type(row).__name__}")
-    for name in FIELDS:
-        if name not in row:
-            return Reject(source, name, "missing")
-        value = row[name]
-        if not isinstance(value, str):
-            return Reject(source, name, "not a string", f"got {type(value).__name__}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            # A JSON escape such as "\ud800" parses, but is not text and cannot be written out.
-            return Reject(source, name, "not valid Unicode", "contains a lone surrogate")
-        if not value.strip():
-            return Reject(source, name, "empty")
-    chars = len(row["instruction"]) + len(row["response"])
+    if fmt == "messages":
+        if row.get("messages") is None:
+            return Reject(source, "messages", "missing")
+        turns = _messages(row["messages"], source)
+        if isinstance(turns, Reject):
+            return turns
+    else:
+        texts = []
+        for name in REQUIRED[fmt]:
+            value = _text(row, name, source)
+            if isinstance(value, Reject):
+                return value
+            texts.append(value)
+        user, assistant = texts
+        if fmt == "alpaca" and row.get("input") is not None:
+            extra = _text(row, "input", source)
+            if isinstance(extra, Reject) and extra.reason != "empty":
+                return extra
+            if isinstance(extra, str):
+                user = f"{user}\n\n{extra}"
+        turns = (Turn("user", user), Turn("assistant", assistant))
+    chars = sum(len(t.content) for t in turns)
     if chars > max_chars:
         return Reject(source, None, "too long", f"{chars} characters, max_chars is {max_chars}")
-    return Record(row["instruction"], row["response"], source)
+    if split_column is None:
+        return Record(turns, source)
+    split = _split_name(row, split_column, source)
+    return split if isinstance(split, Reject) else Record(turns, source, split)
 
 
-def _read_file(path: Path, max_chars: int) -> tuple[list[Record], list[Reject]]:
-    """Records and rejects of one JSON Lines file, in line order."""
-    data = path.read_bytes().removeprefix(UTF8_BOM)
+def _read_file(
+    path: Path,
+    fmt: str,
+    fields: Mapping[str, str],
+    max_chars: int,
+    split_column: str | None,
+) -> tuple[list[Record], list[Reject]]:
+    """Records and rejects of one data file, in file order."""
     records: list[Record] = []
     rejects: list[Reject] = []
-    # Split on LF only: a CRLF line's "\r" is JSON whitespace; a lone CR ends no JSONL line.
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
+    for item in read_rows(path):
+        if isinstance(item, Reject):
+            rejects.append(item)
             continue
-        source = f"{path}:{lineno}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rejects.append(
-                Reject(
-                    source, None, "not valid UTF-8", f"undecodable byte {e.start + 1} of the line"
+        source, row = item
+        if isinstance(row, dict) and fields:
+            row = {fields.get(k, k): v for k, v in row.items()}
+        if fmt == "auto" and isinstance(row, dict):
+            fmt = detect_format(row) or "auto"
+            if fmt == "auto":
+                raise DataError(
+                    f"{source}: cannot tell the data format from the keys {sorted(row)}; "
+                    f"expected one of {_shapes()}. Rename keys with data.fields (e.g. "
+                    "{question: instruction, answer: response}) or set data.format"
                 )
-            )
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            rejects.append(Reject(source, None, "not valid JSON", f"{e.msg} at column {e.colno}"))
-            continue
-        except RecursionError:
-            rejects.append(Reject(source, None, "not valid JSON", "nested too deeply"))
-            continue
-        result = _check_row(row, source, max_chars)
+        result = check_row(
+            row, source, fmt if fmt != "auto" else "instruction", max_chars, split_column
+        )
         if isinstance(result, Record):
             records.append(result)
         else:
@@ -144,25 +271,40 @@ def _read_file(path: Path, max_chars: int) -> tuple[list[Record], list[Reject]]:
     return records, rejects
 
 
-def read_records(path: Path, *, max_chars: int = 20000) -> tuple[list[Record], list[Reject]]:
-    """All valid records and all rejects of `path`: a .jsonl file, or a folder of them.
+def _shapes() -> str:
+    return "; ".join(f"{fmt}: {{{', '.join(names)}}}" for fmt, names in REQUIRED.items())
 
-    A folder is read recursively, files in order of their relative path. Blank lines are
-    skipped; a UTF-8 byte-order mark at the start of a file and CRLF line ends are accepted.
-    Each bad row becomes one Reject naming `file:line`, the field (if any) and the reason:
-    invalid UTF-8, invalid JSON, not an object, a missing, non-string or blank field, or more
-    than `max_chars` characters in instruction plus response. Extra fields are ignored.
-    Records keep their text as read (see `dedupe` for normalisation).
 
-    Raises DataError if `path` does not exist, is a file not named .jsonl, or is a folder
-    without .jsonl files; ValueError if `max_chars` is not positive.
+def read_records(
+    path: Path,
+    *,
+    max_chars: int = 20000,
+    fmt: str = "auto",
+    fields: Mapping[str, str] | None = None,
+    split_column: str | None = None,
+) -> tuple[list[Record], list[Reject]]:
+    """All valid records and all rejects of `path`: a data file, or a folder of them.
+
+    Files are .jsonl, .json, .csv or .parquet (see `lorapipe.sources`); a folder is read
+    recursively, files in order of their relative path. Keys are renamed by `fields` (source
+    name -> one of the format's names) first; with `fmt` "auto" each file's format is detected
+    from its first row. Each bad row becomes one Reject naming its source, the field (if any)
+    and the reason: invalid UTF-8 or JSON, a byte-order mark inside the file, not an object, a
+    missing, non-string or blank field, a bad `messages` list (not a list, unknown role, turns
+    out of order, no assistant turn), a bad split name, or more than `max_chars` characters of
+    text. Extra fields are ignored. Records keep their text as read (see `dedupe`).
+
+    Raises DataError if `path` does not exist or holds no data file, if a whole file cannot be
+    read, or if a file's format cannot be detected; ValueError if an argument is out of range.
     """
     if max_chars <= 0:
         raise ValueError(f"max_chars must be positive, got {max_chars}")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"format must be 'auto' or one of {list(FORMATS)}, got {fmt!r}")
     records: list[Record] = []
     rejects: list[Reject] = []
-    for file in _jsonl_files(path):
-        file_records, file_rejects = _read_file(file, max_chars)
+    for file in data_files(path):
+        file_records, file_rejects = _read_file(file, fmt, fields or {}, max_chars, split_column)
         records.extend(file_records)
         rejects.extend(file_rejects)
     return records, rejects
@@ -171,7 +313,7 @@ def read_records(path: Path, *, max_chars: int = 20000) -> tuple[list[Record], l
 def dedupe(records: Iterable[Record]) -> tuple[list[Record], int]:
     """The first record of each distinct content (`key`) in input order, and the number dropped.
 
-    Returned records carry normalised instruction and response and the first one's source.
+    Returned records carry normalised text (see `normalise`) and the first one's source.
     """
     seen: set[str] = set()
     kept: list[Record] = []
@@ -182,8 +324,8 @@ def dedupe(records: Iterable[Record]) -> tuple[list[Record], int]:
             removed += 1
             continue
         seen.add(key)
-        instruction, response = normalise(record.instruction), normalise(record.response)
-        kept.append(replace(record, instruction=instruction, response=response))
+        turns = tuple(Turn(t.role, normalise(t.content)) for t in record.turns)
+        kept.append(replace(record, turns=turns))
     return kept, removed
 
 
@@ -244,6 +386,76 @@ def split_records(
     return splits
 
 
+def _position(key: str) -> float:
+    """The position in [0, 1) hashed from a content hash, the one `assign_split` uses."""
+    return int(key[:15], 16) / 16**15
+
+
+def split_by_counts(
+    records: Sequence[Record], counts: Mapping[str, int]
+) -> dict[str, list[Record]]:
+    """Exactly `counts["test"]` and `counts["val"]` records in test and val, the rest in train.
+
+    Test takes the records hashed to the highest positions, val the next ones, so the choice
+    still depends only on content. Adding rows can move a row from test to val or from val to
+    train (the sizes are fixed), but never a train row into val or test. Each split keeps input
+    order. Raises DataError if the counts ask for more records than there are, ValueError if a
+    count is negative or names another split.
+    """
+    unknown = sorted(set(counts) - {"val", "test"})
+    if unknown or any(n < 0 for n in counts.values()):
+        raise ValueError(f"split counts must be >= 0 and name val and/or test, got {dict(counts)}")
+    n_test, n_val = counts.get("test", 0), counts.get("val", 0)
+    if n_test + n_val > len(records):
+        raise DataError(
+            f"split_counts {dict(counts)} ask for {n_test + n_val} rows but only "
+            f"{len(records)} unique rows remain; lower the counts"
+        )
+    ranked = sorted(range(len(records)), key=lambda i: _position(records[i].key), reverse=True)
+    split_of = {i: "test" for i in ranked[:n_test]}
+    split_of.update({i: "val" for i in ranked[n_test : n_test + n_val]})
+    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
+    for i, record in enumerate(records):
+        splits[split_of.get(i, "train")].append(record)
+    return splits
+
+
+def split_by_column(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """Records grouped by the split their row named (`Record.split`), each in input order."""
+    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
+    for record in records:
+        if record.split is None:
+            raise ValueError(f"{record.source}: record has no split; read it with split_column")
+        splits[record.split].append(record)
+    return splits
+
+
+def near_duplicates(splits: Mapping[str, Sequence[Record]]) -> dict[str, Any]:
+    """Groups of records that differ only in case or whitespace yet sit in different splits.
+
+    Such pairs leak evaluation data into training. Returns `{"groups", "rows", "examples"}`:
+    the number of such groups, the rows in them, and up to NEAR_DUPLICATE_EXAMPLES groups as
+    `{"splits", "sources", "text"}` (the first user turn, cut to 80 characters).
+    """
+    groups: dict[str, list[tuple[str, Record]]] = defaultdict(list)
+    for name, split in splits.items():
+        for record in split:
+            groups[record.near_key].append((name, record))
+    straddling = [g for g in groups.values() if len({name for name, _ in g}) > 1]
+    return {
+        "groups": len(straddling),
+        "rows": sum(len(g) for g in straddling),
+        "examples": [
+            {
+                "splits": [name for name, _ in g],
+                "sources": [r.source for _, r in g],
+                "text": next(t.content for t in g[0][1].turns if t.role == "user")[:80],
+            }
+            for g in straddling[:NEAR_DUPLICATE_EXAMPLES]
+        ],
+    }
+
+
 def _listing(header: str, rejects: Sequence[Reject]) -> str:
     """`header` followed by the first MAX_LISTED reject messages and a count of the rest."""
     lines = [header] + [f"  {r.message}" for r in rejects[:MAX_LISTED]]
@@ -260,16 +472,24 @@ def prepare(
     on_error: str = "fail",
     max_reject_fraction: float = 0.0,
     max_chars: int = 20000,
+    fmt: str = "auto",
+    fields: Mapping[str, str] | None = None,
+    split_counts: Mapping[str, int] | None = None,
+    split_column: str | None = None,
 ) -> dict[str, Any]:
     """Read `raw`, validate, dedupe and split it, and write the splits to `out_dir`.
 
-    `out_dir` receives train.jsonl, val.jsonl and test.jsonl (rows `{"id", "instruction",
-    "response"}` in input order, id = first 16 hex digits of the content hash) and rejects.jsonl
-    (`{"source", "field", "reason", "detail"}`, empty when nothing was rejected). The folder is
-    replaced atomically: on any error an existing `out_dir` is left as it was.
+    Splits come from `split_column` (the split each row names) if given, else from
+    `split_counts` (exact val/test sizes) if given, else from `fractions` (by content hash).
+    `out_dir` receives train.jsonl, val.jsonl and test.jsonl (rows from `Record.to_row`, in
+    input order: `{"id", "instruction", "response"}` for one turn, `{"id", "messages"}`
+    otherwise; id = first 16 hex digits of the content hash) and rejects.jsonl (`{"source",
+    "field", "reason", "detail"}`, empty when nothing was rejected). The folder is replaced
+    atomically: on any error an existing `out_dir` is left as it was.
 
     Returns the report `{"rows_read", "rows_rejected", "rejects_by_reason": {reason: n},
-    "duplicates_removed", "splits": {split: n}}`.
+    "duplicates_removed", "near_duplicates_across_splits": {...}, "splits": {split: n},
+    "split_by"}` (see `near_duplicates`).
 
     Raises DataError if `raw` cannot be read (see `read_records`), if any row is bad and
     `on_error` is "fail", if the rejected share of rows exceeds `max_reject_fraction` with
@@ -280,9 +500,13 @@ def prepare(
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     if not 0.0 <= max_reject_fraction <= 1.0:
         raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
+    if split_column is not None and split_counts is not None:
+        raise ValueError("give split_column or split_counts, not both")
     _split_order(fractions)  # fail on bad fractions before reading any data
 
-    records, rejects = read_records(raw, max_chars=max_chars)
+    records, rejects = read_records(
+        raw, max_chars=max_chars, fmt=fmt, fields=fields, split_column=split_column
+    )
     rows_read = len(records) + len(rejects)
     if rejects and on_error == "fail":
         raise DataError(
@@ -305,16 +529,15 @@ def prepare(
         raise DataError(f"{raw}: no valid rows (read {rows_read})")
 
     unique, duplicates = dedupe(records)
-    splits = split_records(unique, fractions)
+    if split_column is not None:
+        splits, split_by = split_by_column(unique), f"column {split_column}"
+    elif split_counts is not None:
+        splits, split_by = split_by_counts(unique, split_counts), "counts"
+    else:
+        splits, split_by = split_records(unique, fractions), "content hash"
     with atomic_dir(out_dir) as tmp:
         for name, split in splits.items():
-            write_jsonl(
-                tmp / f"{name}.jsonl",
-                (
-                    {"id": r.key[:16], "instruction": r.instruction, "response": r.response}
-                    for r in split
-                ),
-            )
+            write_jsonl(tmp / f"{name}.jsonl", (r.to_row() for r in split))
         write_jsonl(
             tmp / "rejects.jsonl",
             (
@@ -328,5 +551,7 @@ def prepare(
         "rows_rejected": len(rejects),
         "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
         "duplicates_removed": duplicates,
+        "near_duplicates_across_splits": near_duplicates(splits),
         "splits": {name: len(split) for name, split in splits.items()},
+        "split_by": split_by,
     }

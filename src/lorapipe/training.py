@@ -7,17 +7,25 @@ supervises the completion including its closing EOS (`completion_only_loss=True`
 from __future__ import annotations
 
 import json
+import math
 import re
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
+from lorapipe.checkpoints import prepare_checkpoints, remove_checkpoints, run_inputs
 from lorapipe.config import Params
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
+
+# The dtype the base weights load in for each precision; LoRA weights train in fp32 regardless.
+MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class TrainingError(PipelineError, RuntimeError):
@@ -61,19 +69,46 @@ def check_target_modules(model: torch.nn.Module, target_modules: str | list[str]
         )
 
 
+def check_modules_to_save(model: torch.nn.Module, names: list[str] | None) -> None:
+    """Raise TrainingError unless each `lora.modules_to_save` name ends some module's name.
+
+    PEFT skips names that match nothing, so a typo would silently train and ship nothing extra.
+    """
+    full_names = [n for n, _ in model.named_modules() if n]
+    missing = [
+        name
+        for name in names or []
+        if not any(n == name or n.endswith(f".{name}") for n in full_names)
+    ]
+    if missing:
+        top = sorted({n.rsplit(".", 1)[-1] for n in full_names})
+        raise TrainingError(
+            f"lora.modules_to_save: {', '.join(missing)} match no module of this model "
+            f"(module names: {', '.join(top)})"
+        )
+
+
 def lora_config(params: Params) -> Any:
+    """The peft LoraConfig for `params.lora`: every key of the schema is passed through."""
     from peft import LoraConfig, TaskType
 
     cfg = params.lora
     targets = cfg.target_modules
-    return LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(targets) if isinstance(targets, list) else targets,
-        bias=cfg.bias,
-        task_type=TaskType.CAUSAL_LM,
-    )
+    # A plain dict: peft's hints say int alpha and literal inits; the schema already checked both.
+    options: dict[str, Any] = {
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": list(targets) if isinstance(targets, list) else targets,
+        "bias": cfg.bias,
+        "modules_to_save": list(cfg.modules_to_save) if cfg.modules_to_save else None,
+        "use_dora": cfg.use_dora,
+        "use_rslora": cfg.use_rslora,
+        "init_lora_weights": cfg.init,
+        "layers_to_transform": list(cfg.layers_to_transform) if cfg.layers_to_transform else None,
+        "task_type": TaskType.CAUSAL_LM,
+    }
+    return LoraConfig(**options)
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -83,28 +118,167 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def resolve_precision(requested: str) -> str:
+    """fp32, bf16 or fp16 for `train.precision`; `auto` picks by device.
+
+    auto: bf16 on a GPU that supports it, fp16 (with loss scaling) on older GPUs, fp32 on CPU,
+    where bf16 matrix products are ~300x slower. Raises TrainingError for fp16 without a GPU.
+    """
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if not cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and not cuda:
+        raise TrainingError(
+            "train.precision: fp16 needs a CUDA GPU (its loss scaling runs there); "
+            "use auto or fp32 on CPU"
+        )
+    if requested == "bf16" and not cuda:
+        print("train: warning: bf16 on CPU is far slower than fp32 here (train.precision: auto)")
+    return requested
+
+
+def device_name() -> str:
+    """`cpu`, or the CUDA device's name (what the trainer will run on)."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _peak_rss_mib() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (
+        peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    )  # bytes on macOS, KiB on Linux
+
+
+def _trainables_to_fp32(model: torch.nn.Module) -> None:
+    """Cast trainable weights to fp32: fp16 loss scaling and fp32 training need them so, and
+    bf16 LoRA weights on CPU make every step many times slower."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _mutates_base(init: bool | str) -> bool:
+    """PiSSA and OLoRA move part of the base weights into the adapter at initialisation."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Stops training with TrainingError as soon as a logged train or eval loss is NaN or inf."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise TrainingError(
+                    f"{key} is {value} at step {state.global_step} (logged every "
+                    f"{args.logging_steps} steps): training diverged. Lower train.learning_rate, "
+                    "keep train.max_grad_norm set, or use train.precision: fp32"
+                )
+
+
+class TrainingCurves(TrainerCallback):
+    """Train and eval curves to dvclive, x = the optimizer step, so both share one axis.
+
+    A resumed run first replays the checkpoint's log history, so the curves are whole.
+    """
+
+    def __init__(self, live: Any) -> None:
+        self.live = live
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.live.log_params(args.to_dict())
+        for entry in state.log_history:
+            self._log(entry["step"], entry)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        self._log(state.global_step, logs or {})
+
+    def _log(self, step: int, logs: dict[str, Any]) -> None:
+        from dvclive.plots import Metric
+        from dvclive.utils import standardize_metric_name
+
+        if "train_runtime" in logs:
+            return  # the run's closing summary, not a point on a curve (reports/train.json has it)
+        self.live.step = step
+        for key, value in logs.items():
+            if key != "step" and Metric.could_log(value):
+                self.live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
+        self.live.sync()
+
+
+def _mean_train_loss(log_history: list[dict[str, Any]], result: Any, resumed_step: int) -> float:
+    """The mean training loss over the whole run, also when this call resumed at `resumed_step`.
+
+    The trainer averages only the steps of this call; the steps before come from the logged
+    windows in the checkpoint's history (exact when the checkpoint step was a logging step).
+    """
+    if resumed_step == 0:
+        return float(result.training_loss)
+    weighted, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= resumed_step:
+            weighted += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    this_call = result.global_step - resumed_step
+    return (weighted + float(result.training_loss) * this_call) / max(previous + this_call, 1)
+
+
 def train_adapter(
-    params: Params, base_dir: Path, formatted_dir: Path, out_dir: Path, curves_dir: Path
+    params: Params,
+    base_dir: Path,
+    formatted_dir: Path,
+    out_dir: Path,
+    curves_dir: Path,
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
     """Train a LoRA adapter on `formatted_dir/{train,val}.jsonl` and save it to `out_dir`.
 
-    Returns the training summary (losses, steps, trainable parameters, seconds).
-    Raises TrainingError when no parameter would train or the loss is not finite.
+    Checkpoints go to `params.paths.checkpoints`; a checkpoint from an interrupted run with the
+    same params, data and base is resumed, a stale one is deleted, and all are removed once the
+    adapter is saved. `callbacks` are added to the trainer's (for tools and tests).
+    Returns the run summary: losses, steps, parameter counts, device, precision, seconds and
+    peak memory. Raises TrainingError when no parameter would train, a name in the LoRA config
+    matches nothing, the precision cannot run here, or the loss stops being finite.
     """
     from datasets import Dataset
     from dvclive import Live
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers.integrations import DVCLiveCallback
+    from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
+    started = time.perf_counter()
     cfg = params.train
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    precision = resolve_precision(cfg.precision)
+    data_files = {split: formatted_dir / f"{split}.jsonl" for split in ("train", "val")}
+    train = Dataset.from_list(read_jsonl(data_files["train"]))
+    val = Dataset.from_list(read_jsonl(data_files["val"]))
+    if cfg.early_stopping_patience is not None and not len(val):
+        raise TrainingError("train.early_stopping_patience needs a non-empty val split")
+
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(base_dir)
-    model = load_base_model(base_dir, quant=params.quant)
+    model = load_base_model(base_dir, dtype=MODEL_DTYPES[precision], quant=params.quant)
     check_target_modules(model, params.lora.target_modules)
-    quantized = params.quant.mode != "none"
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    check_modules_to_save(model, params.lora.modules_to_save)
+    checkpointing = {"use_reentrant": False}  # non-reentrant: works with frozen inputs under PEFT
+    if params.quant.mode != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing,
+        )
+    if cfg.gradient_checkpointing:
+        # The KV cache is useless in training and clashes with recomputing activations.
+        model.config.use_cache = False
     model = get_peft_model(model, lora_config(params))
     trainable, total = trainable_parameters(model)
     print(f"train: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -112,17 +286,15 @@ def train_adapter(
         raise TrainingError(
             "no parameter is trainable; adaptable layers are named: "
             + ", ".join(adaptable_module_names(model))
+            + " (check lora.target_modules and lora.layers_to_transform)"
         )
-
-    train = Dataset.from_list(read_jsonl(formatted_dir / "train.jsonl"))
-    val = Dataset.from_list(read_jsonl(formatted_dir / "val.jsonl"))
-    use_bf16 = model.dtype == torch.bfloat16 or (
-        quantized
-        and params.quant.compute_dtype in ("auto", "bfloat16")
-        and torch.cuda.is_available()
+    checkpoints = Path(params.paths.checkpoints)
+    resume_from = prepare_checkpoints(
+        checkpoints, run_inputs(params, data_files, base_dir, precision), resume=cfg.resume
     )
+    early = cfg.early_stopping_patience is not None
     args = SFTConfig(
-        output_dir=params.paths.checkpoints,
+        output_dir=str(checkpoints),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -136,43 +308,81 @@ def train_adapter(
         max_length=cfg.max_length,
         completion_only_loss=True,
         eval_strategy="epoch" if len(val) else "no",
-        save_strategy="no",
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss" if early else None,
+        greater_is_better=False if early else None,
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count resumes too
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs=checkpointing if cfg.gradient_checkpointing else None,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN step must reach the logged loss, not be averaged away
         report_to="none",
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=use_bf16,
-        use_cpu=not torch.cuda.is_available(),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
     live = Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=val if len(val) else None,
-        processing_class=tokenizer,
-        callbacks=[DVCLiveCallback(live=live, log_model=None)],
-    )
-    started = time.perf_counter()
-    result = trainer.train()
-    seconds = time.perf_counter() - started
-    if not torch.isfinite(torch.tensor(result.training_loss)):
-        raise TrainingError(f"training loss is {result.training_loss} at step {result.global_step}")
-    summary: dict[str, Any] = {
-        "train_loss": round(float(result.training_loss), 6),
-        "steps": int(result.global_step),
-        "trainable_params": trainable,
-        "total_params": total,
-        "train_seconds": round(seconds, 1),
-    }
-    if len(val):
-        summary["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
-    live.end()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    trainer_callbacks: list[TrainerCallback] = [NonFiniteLossGuard(), TrainingCurves(live)]
+    if cfg.early_stopping_patience is not None:
+        trainer_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    with tempfile.TemporaryDirectory(prefix="lorapipe-init-") as initial:
+        if _mutates_base(params.lora.init):
+            model.save_pretrained(initial)  # the adapter before training, to convert it back later
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=val if len(val) else None,
+            processing_class=tokenizer,
+            callbacks=[*trainer_callbacks, *callbacks],
+        )
+        # TRL casts QLoRA adapters to bf16 (the QLoRA paper's recipe); keep that only under bf16.
+        if not (params.quant.mode != "none" and precision == "bf16"):
+            _trainables_to_fp32(model)
+        train_started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        train_seconds = time.perf_counter() - train_started
+        resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+        train_loss = _mean_train_loss(trainer.state.log_history, result, resumed_step)
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"training loss is {train_loss} at step {result.global_step}")
+        summary: dict[str, Any] = {
+            "train_loss": round(train_loss, 6),
+            "steps": int(result.global_step),
+            "epochs": round(float(trainer.state.epoch or 0), 4),
+            "resumed_from_step": resumed_step,
+            "trainable_params": trainable,
+            "total_params": total,
+            "device": device_name(),
+            "precision": precision,
+        }
+        if len(val):
+            trainer.remove_callback(TrainingCurves)  # the curves already hold each epoch's eval
+            summary["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+        live.end()
+        # PiSSA/OLoRA: save as a plain LoRA (rank 2r) that applies to the untouched base.
+        model.save_pretrained(
+            out_dir,
+            safe_serialization=True,
+            path_initial_model_for_weight_conversion=(
+                initial if _mutates_base(params.lora.init) else None
+            ),
+        )
     tokenizer.save_pretrained(out_dir)
     _sort_target_modules(out_dir / "adapter_config.json")
+    remove_checkpoints(checkpoints)
+    summary["train_seconds"] = round(train_seconds, 1)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 1)
+    summary["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    if cuda:
+        summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return summary
 
 

@@ -1,0 +1,139 @@
+"""Resuming: an interrupted run continues from its checkpoint and ends where a straight run ends;
+checkpoints made with other params or data are never resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from lorapipe.checkpoints import FINGERPRINT_FILE, CheckpointError, latest_checkpoint
+from lorapipe.config import Params
+from lorapipe.training import train_adapter
+
+STEPS = 8  # one epoch of 32 examples in batches of 4
+# A checkpoint every 2 steps; dropout on, so the resumed run must restore the RNG state too.
+RESUMABLE = (
+    f"train.max_steps={STEPS}",
+    "train.save_strategy=steps",
+    "train.save_steps=2",
+    "lora.dropout=0.1",
+)
+
+
+class KillAtStep(TrainerCallback):
+    """Interrupts training right after the checkpoint of step `step` is saved, like Ctrl-C."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class FirstStep(TrainerCallback):
+    """Records the global step at which this call of `train` began."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step = state.global_step
+
+
+def run(params: Params, base: Path, formatted: Path, out: Path, **kw: Any) -> dict[str, Any]:
+    out.mkdir()
+    return train_adapter(params, base, formatted, out, out.parent / f"{out.name}-curves", **kw)
+
+
+def loss_curve(out: Path) -> list[tuple[int, float]]:
+    with (out.parent / f"{out.name}-curves" / "plots" / "metrics" / "loss.tsv").open() as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def test_interrupted_run_resumes_and_matches_a_straight_run(
+    tiny_base: Path,
+    formatted: Path,
+    tmp_path: Path,
+    train_params: Callable[..., Params],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = train_params(*RESUMABLE)
+    straight = run(params, tiny_base, formatted, tmp_path / "straight")
+    assert not Path(params.paths.checkpoints).exists()  # removed once the adapter is written
+
+    with pytest.raises(KeyboardInterrupt):
+        run(params, tiny_base, formatted, tmp_path / "killed", callbacks=[KillAtStep(STEPS // 2)])
+    checkpoints = Path(params.paths.checkpoints)
+    assert latest_checkpoint(checkpoints) == checkpoints / f"checkpoint-{STEPS // 2}"
+
+    halfway = load_file(checkpoints / f"checkpoint-{STEPS // 2}" / "adapter_model.safetensors")
+
+    began = FirstStep()
+    capsys.readouterr()
+    resumed = run(params, tiny_base, formatted, tmp_path / "resumed", callbacks=[began])
+    assert began.step == STEPS // 2 and resumed["resumed_from_step"] == STEPS // 2
+    assert "train: resuming from" in capsys.readouterr().out
+
+    assert resumed["steps"] == straight["steps"] == STEPS
+    straight_curve, resumed_curve = (
+        loss_curve(tmp_path / "straight"),
+        loss_curve(tmp_path / "resumed"),
+    )
+    assert [s for s, _ in resumed_curve] == list(
+        range(1, STEPS + 1)
+    )  # replayed history + new steps
+    assert [s for s, _ in straight_curve] == [s for s, _ in resumed_curve]
+    for (_, a), (_, b) in zip(straight_curve, resumed_curve, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    # ...and the resumed run trained on from where the interrupted one stopped.
+    assert halfway.keys() == b.keys()
+    assert any(not torch.equal(halfway[n], b[n]) for n in b)
+
+
+def test_checkpoints_from_other_params_are_discarded(
+    tiny_base: Path,
+    formatted: Path,
+    tmp_path: Path,
+    train_params: Callable[..., Params],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = train_params(*RESUMABLE)
+    with pytest.raises(KeyboardInterrupt):
+        run(params, tiny_base, formatted, tmp_path / "killed", callbacks=[KillAtStep(2)])
+    checkpoints = Path(params.paths.checkpoints)
+    assert json.loads((checkpoints / FINGERPRINT_FILE).read_text())["inputs"]["lora"]["r"] == 16
+
+    began = FirstStep()
+    capsys.readouterr()
+    other = train_params(*RESUMABLE, "train.learning_rate=1e-3")
+    summary = run(other, tiny_base, formatted, tmp_path / "other", callbacks=[began])
+    out = capsys.readouterr().out
+    assert "discarding checkpoints" in out and "train.learning_rate" in out
+    assert began.step == 0 and summary["resumed_from_step"] == 0
+
+
+def test_a_folder_training_did_not_write_is_left_alone(
+    tiny_base: Path, formatted: Path, tmp_path: Path, train_params: Callable[..., Params]
+) -> None:
+    params = train_params()
+    precious = Path(params.paths.checkpoints) / "notes.txt"
+    precious.parent.mkdir()
+    precious.write_text("mine")
+    with pytest.raises(CheckpointError, match=r"paths\.checkpoints"):
+        run(params, tiny_base, formatted, tmp_path / "a")
+    assert precious.read_text() == "mine"

@@ -1,0 +1,87 @@
+"""The train stage's outputs: an adapter folder that is byte-identical across identical runs, with
+lineage and a model card inside, and run-dependent numbers (time, memory) only in the report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorapipe.config import Params
+from lorapipe.lineage import file_md5
+from stages.train import run
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def stage_params(make: Callable[..., Params], tmp: Path, base: Path, formatted: Path) -> Params:
+    return make(
+        f"paths.base={base}",
+        f"paths.formatted={formatted}",
+        f"paths.adapter={tmp / 'models' / 'adapter'}",
+        f"paths.reports={tmp / 'reports'}",
+    )
+
+
+def test_identical_runs_write_identical_adapter_folders(
+    tiny_base: Path,
+    formatted: Path,
+    tmp_path: Path,
+    train_params: Callable[..., Params],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # not a git checkout: the lineage records no commit
+    params = stage_params(train_params, tmp_path, tiny_base, formatted)
+    adapter = Path(params.paths.adapter)
+    run(params)
+    first = folder_bytes(adapter)
+    first_report = json.loads((tmp_path / "reports" / "train.json").read_text())
+    run(params)
+    assert folder_bytes(adapter) == first
+    assert {"adapter_model.safetensors", "lineage.json", "README.md"} <= set(first)
+
+    lineage = json.loads(first["lineage.json"])
+    assert lineage["training"] == {
+        "device": "cpu",
+        "precision": "fp32",
+        "trainable_params": first_report["trainable_params"],
+        "total_params": first_report["total_params"],
+    }
+    assert lineage["data"]["train"]["md5"] == file_md5(formatted / "train.jsonl")
+    assert lineage["git"] == {"commit": None, "dirty": None}
+    # Time and memory change run to run: the DVC metrics report has them, the lineage does not.
+    assert first_report["wall_seconds"] > 0 and first_report["peak_rss_mib"] > 100
+    assert not any(isinstance(v, str) for v in first_report.values())
+    assert (
+        "seconds" not in first["lineage.json"].decode()
+        and "rss" not in first["lineage.json"].decode()
+    )
+
+
+def test_model_card_has_hub_front_matter_and_the_recipe(
+    tiny_base: Path,
+    formatted: Path,
+    tmp_path: Path,
+    train_params: Callable[..., Params],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    params = stage_params(train_params, tmp_path, tiny_base, formatted)
+    run(params.model_copy(update={"quant": params.quant.model_copy(update={"mode": "nf4"})}))
+    card = (Path(params.paths.adapter) / "README.md").read_text()
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta == {
+        "base_model": "tiny-test",
+        "library_name": "peft",
+        "tags": ["lora", "sft", "trl", "lorapipe", "qlora"],
+    }
+    assert "r=16, alpha=32.0" in body and "learning rate 0.002" in body
+    assert file_md5(formatted / "val.jsonl") in body
+    assert "reports/metrics.json" in body
+    assert "Model Card for Model ID" not in card  # ours replaced the template PEFT writes
