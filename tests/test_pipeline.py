@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,68 @@ def test_only_changed_stages_rerun(project: Path) -> None:
         "lora.r=4",
     )
     assert ran(sh(project, "dvc", "repro")) == {"train", "evaluate", "merge"}
+
+
+def write_chat_parquet(project: Path) -> tuple[str, list[str]]:
+    """Multi-turn conversations with a system turn, in Parquet, under a non-standard column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lorapipe.pyqa import generate
+
+    rows = generate(120, seed=7)
+    conversations = [
+        [
+            {"role": "system", "content": "Answer with a Python value."},
+            {"role": "user", "content": a["instruction"]},
+            {"role": "assistant", "content": a["response"]},
+            {"role": "user", "content": b["instruction"]},
+            {"role": "assistant", "content": b["response"]},
+        ]
+        for a, b in zip(rows[::2], rows[1::2], strict=True)
+    ]
+    pq.write_table(pa.table({"conversation": conversations}), project / "data/raw/chat.parquet")
+    return "data/raw/chat.parquet", [
+        "data.fields={conversation: messages}",
+        "format.train_on=all_assistant",
+    ]
+
+
+def write_alpaca_csv(project: Path) -> tuple[str, list[str]]:
+    """Alpaca rows (instruction, input, output) in a CSV whose columns are named differently."""
+    import csv
+
+    from lorapipe.pyqa import generate
+
+    with (project / "data/raw/alpaca.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "context", "answer"])
+        for i, row in enumerate(generate(120, seed=8)):
+            writer.writerow([row["instruction"], "" if i % 2 else "Be brief.", row["response"]])
+    return "data/raw/alpaca.csv", [
+        "data.fields={task: instruction, context: input, answer: output}",
+        "data.format=alpaca",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make_data", [write_chat_parquet, write_alpaca_csv])
+def test_real_world_shapes_run_end_to_end(
+    project: Path, make_data: Callable[[Path], tuple[str, list[str]]]
+) -> None:
+    """Data shapes people bring (chat turns in Parquet, alpaca in CSV) through every stage."""
+    path, overrides = make_data(project)
+    sh(project, sys.executable, "-m", "lorapipe.params", *SMALL, f"data.path={path}", *overrides)
+    out = sh(project, "dvc", "repro")
+    assert {"prepare", "format", "train", "evaluate", "merge"} <= ran(out), out
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert set(metrics["adapter"]) >= {"exact_match", "rougeL"}
+    assert json.loads((project / "reports" / "merge.json").read_text())["passed"]
+    prompts = [
+        json.loads(line)["prompt"]
+        for line in (project / "data" / "formatted" / "train.jsonl").read_text().splitlines()
+    ]
+    if "chat" in path:  # all_assistant: the second turn is trained with the first as context
+        assert any(p.count("<|assistant|>") == 2 and "<|system|>" in p for p in prompts)
+    else:
+        assert any("Be brief." in p for p in prompts)
