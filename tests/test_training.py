@@ -146,3 +146,32 @@ def test_gpu_trains_in_half_precision_and_reports_cuda_memory(
     assert summary["precision"] == expected[precision]
     assert summary["device"] != "cpu" and summary["peak_cuda_mib"] > 0
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
+
+
+def test_a_corrupted_adapter_fails_the_merge_check(tiny_base: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from lorapipe.merging import MergeCheckError
+    from lorapipe.models import load_base_model
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(load_base_model(tiny_base), LoraConfig(r=2, target_modules="all-linear"))
+    model.save_pretrained(adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name = next(n for n in weights if "lora_B" in n)
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, adapter / "adapter_model.safetensors")
+    tok = load_tokenizer(tiny_base)
+    with pytest.raises(MergeCheckError, match="nothing was written"):
+        merge_adapter(
+            tiny_base,
+            adapter,
+            tmp_path / "merged",
+            dtype="float32",
+            probe_prompts=[
+                tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+            ],
+            max_logit_diff=1e-4,
+        )
+    assert not (tmp_path / "merged").exists()

@@ -81,7 +81,7 @@ def merge_adapter(
         "max_logit_diff_allowed": max_logit_diff,
         "passed": diff <= max_logit_diff,
     }
-    if diff > max_logit_diff:
+    if not diff <= max_logit_diff:  # written so that a NaN difference fails too
         raise MergeCheckError(
             f"merged model's logits differ from base+adapter by {diff:.3g} "
             f"(> merge.max_logit_diff {max_logit_diff:g}); nothing was written"
