@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup params repro test lint clean
+.PHONY: setup params repro test lint bench clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,9 @@ repro: setup           ## run the pipeline: only stages whose inputs changed re-
 
 test: setup            ## the whole test suite (a few minutes on 2 cores)
 	$(PY) -m pytest
+
+bench: setup           ## eval speed: the article's one-at-a-time sampling vs batched greedy
+	$(PY) benchmarks/eval_speed.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

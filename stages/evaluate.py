@@ -1,4 +1,5 @@
-"""Stage `evaluate`: base model vs adapter on the test split -> ROUGE and exact match.
+"""Stage `evaluate`: base model vs adapter on the test split -> ROUGE and exact match, each
+model's loss on the validation split, and the report (`report.md`, `report.html`).
 
 python -m stages.evaluate eval.max_examples=50 eval.batch_size=16
 """
@@ -9,22 +10,28 @@ from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.evaluation import evaluate_models
 from lorapipe.io import read_jsonl, write_json, write_jsonl
+from lorapipe.report import write_reports
 
 
 def run(params: Params) -> None:
-    examples = read_jsonl(Path(params.paths.formatted) / "test.jsonl")
+    formatted = Path(params.paths.formatted)
+    examples = read_jsonl(formatted / "test.jsonl")
+    val_examples = read_jsonl(formatted / "val.jsonl")
     metrics, predictions = evaluate_models(
-        params.eval, Path(params.paths.base), Path(params.paths.adapter), examples
+        params.eval, Path(params.paths.base), Path(params.paths.adapter), examples, val_examples
     )
     reports = Path(params.paths.reports)
     write_jsonl(reports / "predictions.jsonl", predictions)
     write_json(reports / "metrics.json", metrics)
+    write_reports(reports, metrics, predictions)
     for model, scores in metrics.items():
         if isinstance(scores, dict):
+            loss = f", val_loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""
             print(
                 f"evaluate: {model}: exact_match {scores['exact_match']:.3f}, "
-                f"rougeL {scores['rougeL']:.3f}"
+                f"rougeL {scores['rougeL']:.3f}{loss}"
             )
+    print(f"evaluate: report in {reports / 'report.html'}")
 
 
 main = stage(run)

@@ -179,6 +179,11 @@ class EvalCfg(_Group):
     max_examples: int | None = Field(default=None, gt=0)
     use_stemmer: bool = False
     ignore_case: bool = False
+    do_sample: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 0
+    val_loss_examples: int | None = Field(default=200, ge=0)
 
 
 class MergeCfg(_Group):

@@ -1,24 +1,91 @@
-"""Evaluation: the same test prompts through the base model and the adapter, then metrics."""
+"""Evaluation: the same test prompts through the base model and the adapter, then metrics;
+and each model's completion-only loss on the validation split."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from lorapipe.config import EvalCfg
 from lorapipe.errors import PipelineError
+from lorapipe.formatting import common_prefix_length
 from lorapipe.generation import generate
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.scoring import score
 
 
+def completion_loss(
+    model: Any, tokenizer: Any, examples: list[dict[str, Any]], *, batch_size: int
+) -> float:
+    """Mean cross-entropy per completion token of `examples` (`{prompt, completion}`), with the
+    prompt masked as in training: the completion starts where the tokens of the prompt and of
+    prompt+completion diverge.
+
+    The mean is over all supervised tokens of all examples (so equal to the model's own loss
+    for a single example). Runs in the model's dtype under no_grad; raises ValueError if no
+    example has a supervised token.
+    """
+    import torch
+
+    encoded: list[tuple[list[int], int]] = []
+    for ex in examples:
+        prompt_ids = tokenizer(ex["prompt"])["input_ids"]
+        full_ids = tokenizer(ex["prompt"] + ex["completion"])["input_ids"]
+        start = common_prefix_length(prompt_ids, full_ids)
+        if start < len(full_ids):
+            encoded.append((full_ids, start))
+    if not encoded:
+        raise ValueError("no example has a supervised completion token")
+    encoded.sort(key=lambda e: len(e[0]))  # little padding per batch
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for first in range(0, len(encoded), batch_size):
+            batch = encoded[first : first + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for row, (ids, start) in enumerate(batch):  # right padding: positions stay 0..n-1
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention[row, : len(ids)] = 1
+                labels[row, start : len(ids)] = torch.tensor(ids[start:])
+            logits = model(
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
+            ).logits.float()
+            # Token t predicts token t+1, as in the models' own loss.
+            shifted = labels[:, 1:].to(logits.device)
+            total += torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                shifted.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ).item()
+            tokens += int((shifted != -100).sum())
+    return total / tokens
+
+
+def _val_metrics(loss: float) -> dict[str, float]:
+    return {"val_loss": round(loss, 6), "val_perplexity": round(math.exp(min(loss, 700.0)), 6)}
+
+
 def evaluate_models(
-    cfg: EvalCfg, base_dir: Path, adapter_dir: Path, examples: list[dict[str, Any]]
+    cfg: EvalCfg,
+    base_dir: Path,
+    adapter_dir: Path,
+    examples: list[dict[str, Any]],
+    val_examples: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate for `examples` with the base model, then with the adapter on the same base.
 
     Returns `metrics` ({"base": {...}, "adapter": {...}, "examples": n}) and one prediction
     row per example (id, prompt, reference, each model's output and per-example scores).
+    With `val_examples` (formatted `{prompt, completion}` rows; the first
+    `cfg.val_loss_examples` are used, all when None, none when 0), each model's entry also
+    holds `val_loss` (mean completion-only loss per token) and `val_perplexity`, and
+    `metrics["val_examples"]` their number.
     """
     from peft import PeftModel
 
@@ -26,27 +93,41 @@ def evaluate_models(
         examples = examples[: cfg.max_examples]
     if not examples:
         raise PipelineError("the test split is empty: nothing to evaluate (check data.splits)")
+    val = list(val_examples or [])
+    if cfg.val_loss_examples is not None:
+        val = val[: cfg.val_loss_examples]
     prompts = [ex["prompt"] for ex in examples]
     references = [ex["reference"] for ex in examples]
+    gen_kwargs: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "do_sample": cfg.do_sample,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "seed": cfg.seed,
+    }
     tokenizer = load_tokenizer(base_dir)
     model = load_base_model(base_dir, dtype="float32")
-    outputs = {
-        "base": generate(
-            model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
-        )
-    }
+    losses: dict[str, float] = {}
+    outputs = {"base": generate(model, tokenizer, prompts, **gen_kwargs)}
+    if val:
+        losses["base"] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
-    outputs["adapter"] = generate(
-        model, tokenizer, prompts, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens
-    )
+    outputs["adapter"] = generate(model, tokenizer, prompts, **gen_kwargs)
+    if val:
+        losses["adapter"] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
 
     metrics: dict[str, Any] = {"examples": len(examples)}
+    if val:
+        metrics["val_examples"] = len(val)
     per_example: dict[str, list[dict[str, float]]] = {}
     for name, preds in outputs.items():
         aggregate, rows = score(
             preds, references, use_stemmer=cfg.use_stemmer, ignore_case=cfg.ignore_case
         )
         metrics[name] = {k: round(v, 6) for k, v in aggregate.items()}
+        if name in losses:
+            metrics[name].update(_val_metrics(losses[name]))
         per_example[name] = rows
     predictions = [
         {

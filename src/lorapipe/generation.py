@@ -1,4 +1,5 @@
-"""Batched generation: left-padded prompts, greedy by default, stopping at EOS."""
+"""Batched generation: left-padded prompts, greedy by default (seeded sampling on request),
+stopping at EOS."""
 
 from __future__ import annotations
 
@@ -15,8 +16,16 @@ def generate(
     *,
     batch_size: int,
     max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
 ) -> list[str]:
-    """Greedy completions for `prompts`, decoded without special tokens, in input order.
+    """Completions for `prompts`, decoded without special tokens, in input order.
+
+    Greedy by default. With `do_sample`, tokens are sampled with `temperature` and `top_p`;
+    `seed` (when given) seeds torch's generator once before the first batch, so the same seed,
+    prompts and batch size give the same completions.
 
     Prompts are sorted by length so each batch carries little padding; padding is on the left
     so every prompt ends where generation starts.
@@ -24,6 +33,12 @@ def generate(
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
+    sampling: dict[str, Any] = {"do_sample": False}
+    if do_sample:
+        # Only passed when sampling: transformers warns about sampling knobs under greedy.
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if seed is not None:
+            torch.manual_seed(seed)
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -32,7 +47,7 @@ def generate(
         generated = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **sampling,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
