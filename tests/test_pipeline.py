@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -71,9 +72,14 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_reports_hold_both_models_metrics(project: Path) -> None:
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["examples"] == 12
+    scores = {"exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum"}
     for model in ("base", "adapter"):
-        assert set(metrics[model]) == {"exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum"}
-        assert all(0.0 <= v <= 1.0 for v in metrics[model].values())
+        assert set(metrics[model]) == scores | {"val_loss", "val_perplexity"}
+        assert all(0.0 <= metrics[model][k] <= 1.0 for k in scores)
+        assert metrics[model]["val_perplexity"] == pytest.approx(
+            math.exp(metrics[model]["val_loss"]), rel=1e-3
+        )
+    assert (project / "reports" / "report.html").read_text().count("<svg") >= 1
     rows = (project / "reports" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 12
     first = json.loads(rows[0])
