@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from lorapipe.errors import PipelineError
+from lorapipe.io import parse_jsonl
 
 WORKSPACE = "workspace"
 PARAMS_FILE = "params.yaml"
@@ -126,17 +127,13 @@ def load_predictions(rev: str, root: Path | str = ".") -> list[dict[str, Any]]:
     text = _read_at(rev, sha, path, root)
     if text is None:
         raise CompareError(f"{rev}: no {path} (has the evaluate stage run at that revision?)")
-    rows: list[dict[str, Any]] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CompareError(f"{rev}: {path}:{lineno}: invalid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or "id" not in row:
-            raise CompareError(f"{rev}: {path}:{lineno}: expected a JSON object with an id")
-        rows.append(row)
+    try:
+        rows = parse_jsonl(text, f"{rev}: {path}")
+    except ValueError as exc:
+        raise CompareError(str(exc)) from None
+    for row in rows:
+        if "id" not in row:
+            raise CompareError(f"{rev}: {path}: a row has no id: {json.dumps(row)[:80]}")
     return rows
 
 

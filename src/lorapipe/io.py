@@ -68,16 +68,21 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     Raises ValueError naming `path:line` if a line is not valid JSON or not a JSON object, and
     UnicodeDecodeError if the file is not UTF-8.
     """
+    return parse_jsonl(path.read_text(encoding="utf-8"), str(path))
+
+
+def parse_jsonl(text: str, source: str) -> list[dict[str, Any]]:
+    """The objects in JSON Lines `text`; errors name `source:line` as ValueError."""
     rows: list[dict[str, Any]] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
+            raise ValueError(f"{source}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
 
