@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lorapipe.chat import FormatError, build_example, build_prompt, conversation, render_prompt
+from lorapipe.chat import (
+    FormatError,
+    build_examples,
+    build_prompt,
+    conversation,
+    messages_for,
+    render_prompt,
+)
 from lorapipe.formatting import format_rows, mask_audit
 from lorapipe.models import load_tokenizer
 
 
+def one_example(tok: Any, instruction: str, response: str, system_prompt: str | None = None) -> Any:
+    """The single training example of a one-turn conversation."""
+    messages = [*messages_for(instruction), {"role": "assistant", "content": response}]
+    (example,) = build_examples(tok, messages, system_prompt)
+    return example
+
+
 def test_example_splits_at_generation_prompt(tiny_base: Path) -> None:
     tok = load_tokenizer(tiny_base)
-    ex = build_example(tok, "What does `'abc'.upper()` return?", "'ABC'")
+    ex = one_example(tok, "What does `'abc'.upper()` return?", "'ABC'")
     assert ex.prompt == "<|user|>\nWhat does `'abc'.upper()` return?</s>\n<|assistant|>\n"
     # The completion ends exactly at EOS: the template's newline after it is not supervised.
     assert ex.completion == "'ABC'</s>"
@@ -21,7 +36,7 @@ def test_example_splits_at_generation_prompt(tiny_base: Path) -> None:
 
 def test_system_prompt_goes_first(tiny_base: Path) -> None:
     tok = load_tokenizer(tiny_base)
-    ex = build_example(tok, "Q?", "A", system_prompt="Answer with a value.")
+    ex = one_example(tok, "Q?", "A", system_prompt="Answer with a value.")
     assert ex.prompt.startswith("<|system|>\nAnswer with a value.</s>\n<|user|>\nQ?</s>")
 
 

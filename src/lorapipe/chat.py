@@ -88,13 +88,6 @@ def build_turn(tokenizer: Any, history: list[dict[str, str]], response: str) -> 
     return Example(prompt=prompt, completion=completion, reference=response)
 
 
-def build_example(
-    tokenizer: Any, instruction: str, response: str, system_prompt: str | None = None
-) -> Example:
-    """The example for one instruction and its response (see `build_turn`)."""
-    return build_turn(tokenizer, messages_for(instruction, system_prompt), response)
-
-
 def build_examples(
     tokenizer: Any,
     messages: list[dict[str, str]],
