@@ -23,6 +23,7 @@ from lorapipe.config import Params
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.runtime import peak_rss_mib
 
 # The dtype the base weights load in for each precision; LoRA weights train in fp32 regardless.
 MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -142,16 +143,6 @@ def resolve_precision(requested: str) -> str:
 def device_name() -> str:
     """`cpu`, or the CUDA device's name (what the trainer will run on)."""
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-
-def _peak_rss_mib() -> float:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (
-        peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-    )  # bytes on macOS, KiB on Linux
 
 
 def _trainables_to_fp32(model: torch.nn.Module) -> None:
@@ -380,7 +371,7 @@ def train_adapter(
     remove_checkpoints(checkpoints)
     summary["train_seconds"] = round(train_seconds, 1)
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
-    summary["peak_rss_mib"] = round(_peak_rss_mib(), 1)
+    summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
     if cuda:
         summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return summary
