@@ -20,7 +20,8 @@ RUNTIME_DIR = "runtime"
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (getrusage: KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process so far, in MiB (getrusage: KiB on Linux, bytes on
+    macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
