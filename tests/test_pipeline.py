@@ -28,13 +28,15 @@ SMALL = [
 ]
 
 
-def sh(cwd: Path, *cmd: str) -> str:
+def sh(cwd: Path, *cmd: str, status: int = 0) -> str:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("DVC_EXP_NAME", None)
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == status, (
+        f"{' '.join(cmd)}: exit {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    )
     return done.stdout + done.stderr
 
 
@@ -45,10 +47,8 @@ def ran(output: str) -> set[str]:
     }
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git + DVC copy of the tracked tree, composed with the shrunken config and run once."""
-    dest = tmp_path_factory.mktemp("project")
+def copy_project(dest: Path) -> Path:
+    """A git repository at `dest` holding the tracked tree (as on disk), with no results yet."""
     tracked = subprocess.run(
         ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split("\0")
@@ -62,6 +62,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh(dest, "git", "init", "-q")
     sh(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     sh(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the tracked tree, composed with the shrunken config and run once."""
+    dest = copy_project(tmp_path_factory.mktemp("project"))
     sh(dest, sys.executable, "-m", "lorapipe.params", *SMALL)
     out = sh(dest, "dvc", "repro")
     assert ran(out) == {"base", "prepare", "format", "train", "evaluate", "merge"}, out

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import Params, validate
+from lorapipe.config import validate
 from lorapipe.errors import PipelineError
 from lorapipe.params import PARAMS_FILE, StaleParamsError, check_fresh
 
@@ -34,8 +34,15 @@ def _friendly(exc: BaseException) -> str | None:
     return None
 
 
-def stage(run: Callable[[Params], Any]) -> Callable[[], None]:
-    """Wrap `run` into a Hydra entrypoint on `./params.yaml` that reports errors without traces."""
+def stage(
+    run: Callable[[Any], Any], hydra_defaults: Sequence[str] = (), *, raw: bool = False
+) -> Callable[[], None]:
+    """Wrap `run` into a Hydra entrypoint on `./params.yaml` that reports errors without traces.
+
+    `hydra_defaults` are Hydra overrides given after HYDRA_DEFAULTS and before the user's own
+    (the sweep's output folders and summary callback). With `raw`, `run` gets the composed dict
+    unvalidated and validates it itself (a sweep records one member's bad values and goes on).
+    """
     module = run.__module__
     if module == "__main__":  # `python -m stages.train`: the real name is on the module spec
         spec = getattr(sys.modules["__main__"], "__spec__", None)
@@ -61,9 +68,9 @@ def stage(run: Callable[[Params], Any]) -> Callable[[], None]:
         @hydra.main(config_path=str(root), config_name="params", version_base=None)
         def app(cfg: DictConfig) -> Any:
             try:
-                raw = OmegaConf.to_container(cfg, resolve=True)
-                assert isinstance(raw, dict)
-                return run(validate(raw))  # type: ignore[arg-type]
+                composed = OmegaConf.to_container(cfg, resolve=True)
+                assert isinstance(composed, dict)
+                return run(composed if raw else validate(composed))  # type: ignore[arg-type]
             except KeyboardInterrupt:
                 print(f"\n{name}: interrupted; outputs left as they were", file=sys.stderr)
                 sys.exit(130)
@@ -74,7 +81,13 @@ def stage(run: Callable[[Params], Any]) -> Callable[[], None]:
                 print(f"{name}: error: {message}", file=sys.stderr)
                 sys.exit(2)
 
-        sys.argv = [sys.argv[0], *HYDRA_DEFAULTS, *sys.argv[1:]]
+        # Hydra's argparse takes the overrides as one positional run, so flags (`-m`, `--cfg job`)
+        # and their values go first, then our defaults, then the user's overrides (`key=value`,
+        # `~key`), which thereby win.
+        args = sys.argv[1:]
+        overrides = [a for a in args if "=" in a or a.startswith("~")]
+        flags = [a for a in args if a not in overrides]
+        sys.argv = [sys.argv[0], *flags, *HYDRA_DEFAULTS, *hydra_defaults, *overrides]
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
         app()
 

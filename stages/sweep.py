@@ -1,0 +1,108 @@
+"""Sweep (not a DVC stage): train + evaluate one member per Hydra multirun job.
+
+python -m stages.sweep -m lora.r=4,8,16 lora.alpha=8,16,32
+python -m stages.sweep -m lora.r=4,8 train.learning_rate=1e-3,2e-3 hydra/launcher=joblib
+python -m stages.sweep -m lora.r=4,8 hydra/launcher=submitit_slurm   # or ray, submitit_local
+
+Members reuse the formatted data and base model that `dvc repro` made (params.paths), so
+prepare and format never run again; each writes sweeps/<time>/<overrides>/ (see
+lorapipe.sweep), and a Hydra callback ranks them at the end. A member that fails is recorded
+(member.json status and error, error.log with the traceback) and the others still run.
+"""
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from lorapipe.cli import stage
+from lorapipe.config import Params, validate
+from lorapipe.io import write_json
+from lorapipe.lineage import LINEAGE_FILE
+from lorapipe.sweep import MEMBER_FILE, MEMBER_PATHS, SWEEP_ROOT, SweepError, check_sweepable
+from stages import evaluate, train
+
+# The sweep's folders and summary; `hydra.sweep.dir=...` on the command line still wins.
+# conf/ joins the search path for the launcher presets in conf/hydra/launcher/.
+SWEEP_DEFAULTS = [
+    f"hydra.sweep.dir={SWEEP_ROOT}/${{now:%Y-%m-%d_%H-%M-%S}}",
+    "hydra.sweep.subdir=${hydra:job.override_dirname}",
+    "+hydra.callbacks.sweep_summary._target_=lorapipe.sweep.SweepSummary",
+    "hydra.searchpath=[file://conf]",
+]
+
+
+def member_params(params: Params, root: Path, member: Path, overrides: list[str]) -> Params:
+    """`params` with this member's output paths, inputs anchored at `root`, and the overrides
+    recorded in `composed_with` (so the adapter's lineage.json names them)."""
+    paths = params.paths.model_dump()
+    for key, value in paths.items():
+        paths[key] = str(root / value) if not Path(value).is_absolute() else value
+    paths.update({key: str(member / sub) for key, sub in MEMBER_PATHS.items()})
+    return params.model_copy(
+        update={
+            "paths": params.paths.model_copy(update=paths),
+            "composed_with": [*params.composed_with, *overrides],
+        }
+    )
+
+
+def check_inputs(params: Params) -> None:
+    """SweepError unless the formatted splits and base model that `dvc repro` makes exist."""
+    needed = [Path(params.paths.formatted) / f"{s}.jsonl" for s in ("train", "val", "test")]
+    needed.append(Path(params.paths.base))
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise SweepError(
+            f"{', '.join(missing)} not found: members train on what `dvc repro format` makes; "
+            "run it (or `dvc pull`) first"
+        )
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def run(composed: dict[str, Any]) -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        raise SweepError("add -m: `python -m stages.sweep -m lora.r=4,8 lora.alpha=8,16`")
+    root = Path(hydra.runtime.cwd)
+    member = Path(hydra.runtime.output_dir)
+    overrides = list(hydra.overrides.task)
+    record: dict[str, Any] = {"member": member.name, "overrides": overrides, "status": "running"}
+    write_json(member / MEMBER_FILE, record)
+    started = time.perf_counter()
+    try:
+        check_sweepable(overrides)
+        mine = member_params(validate(composed), root, member, overrides)
+        check_inputs(mine)
+        train.run(mine)
+        evaluate.run(mine)
+        record["status"] = "completed"
+    except Exception as exc:  # one member's failure is recorded; Hydra runs the next
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        (member / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        print(f"sweep: member {member.name} failed: {record['error']}", file=sys.stderr)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    reports = member / MEMBER_PATHS["reports"]
+    # train.json holds the numbers DVC tracks, runtime/train.json the seconds and memory.
+    facts = [_read(reports / "train.json"), _read(reports / "runtime" / "train.json")]
+    record["train"] = {k: v for f in facts if f for k, v in f.items()} or None
+    record["metrics"] = _read(reports / "metrics.json")
+    lineage = _read(member / MEMBER_PATHS["adapter"] / LINEAGE_FILE)
+    if lineage is not None:
+        record["data"] = lineage["data"]  # the md5s of the splits it trained on
+    write_json(member / MEMBER_FILE, record)
+    return record
+
+
+main = stage(run, SWEEP_DEFAULTS, raw=True)
+
+if __name__ == "__main__":
+    main()
