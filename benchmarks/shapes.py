@@ -1,0 +1,89 @@
+"""Real model shapes with random weights, for the memory and GPU benchmarks (no download).
+
+`build_random_base(out, dtype=...)` writes a folder the pipeline loads like any base
+(`lorapipe.models.load_base_model(out, ...)`): config.json, safetensors shards, the tiny
+byte-level tokenizer (its 263 ids are valid ids of the 32000-token vocabulary) and a pin.json
+of kind `local`. The weights are N(0, initializer_range), the RMSNorm scales 1, so activations
+and hence timings and memory behave like a trained model's; no benchmark needs real weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# TinyLlama/TinyLlama-1.1B-Chat-v1.0's config.json (the model conf/model/tinyllama.yaml pins).
+TINYLLAMA: dict[str, Any] = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def llama_config(shape: dict[str, Any] | None = None, **changes: Any) -> Any:
+    """A transformers LlamaConfig of `shape` (TinyLlama's by default) with `changes` applied."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**(shape or TINYLLAMA), **changes})
+
+
+def random_model(config: Any, dtype: str, *, seed: int = 0) -> Any:
+    """A LlamaForCausalLM of `config` in `dtype` with random weights, built without first
+    materialising float32 weights (meta device, then each tensor filled in place)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from lorapipe.models import resolve_dtype
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(resolve_dtype(dtype))  # meta parameters in `dtype`, not float32
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, config.initializer_range)
+    model.eval()
+    return model
+
+
+def build_random_base(
+    out: Path, *, dtype: str = "bfloat16", shape: dict[str, Any] | None = None, **changes: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Save a random model of `shape` (TinyLlama's; `changes` such as num_hidden_layers=2
+    override keys) in `dtype` to `out` as a loadable base, and return the in-memory model and
+    `{parameters, model_bytes}` (its size in `dtype`)."""
+    from lorapipe.models import PIN_FILE
+    from lorapipe.tiny import build_tokenizer
+
+    config = llama_config(shape, **changes)
+    tokenizer = build_tokenizer()
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = random_model(config, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="1GB")
+    tokenizer.save_pretrained(out)
+    pin = {"kind": "local", "name": "tinyllama-shape-random", "dtype": dtype}
+    (out / PIN_FILE).write_text(json.dumps(pin, indent=2) + "\n")
+    info = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+    }
+    return model, info
