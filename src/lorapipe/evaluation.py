@@ -4,6 +4,7 @@ and each model's completion-only loss on the validation split."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,13 @@ def evaluate_models(
     adapter_dir: Path,
     examples: list[dict[str, Any]],
     val_examples: list[dict[str, Any]] | None = None,
+    extra_adapters: Mapping[str, Path] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Generate for `examples` with the base model, then with the adapter on the same base.
+
+    `extra_adapters` ({name: folder}) are evaluated the same way on the same loaded base, one
+    after the other (PEFT `load_adapter` / `set_adapter`: the base weights load once), each
+    under its own name beside "base" and "adapter".
 
     Returns `metrics` ({"base": {...}, "adapter": {...}, "examples": n}) and one prediction
     row per example (id, prompt, reference, each model's output and per-example scores).
@@ -112,10 +118,16 @@ def evaluate_models(
     outputs = {"base": generate(model, tokenizer, prompts, **gen_kwargs)}
     if val:
         losses["base"] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    outputs["adapter"] = generate(model, tokenizer, prompts, **gen_kwargs)
-    if val:
-        losses["adapter"] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
+    adapters = {"adapter": Path(adapter_dir), **(extra_adapters or {})}
+    for name, folder in adapters.items():
+        if name == "adapter":
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+        else:
+            model.load_adapter(str(folder), adapter_name=name)
+        model.set_adapter(name)
+        outputs[name] = generate(model, tokenizer, prompts, **gen_kwargs)
+        if val:
+            losses[name] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
 
     metrics: dict[str, Any] = {"examples": len(examples)}
     if val:

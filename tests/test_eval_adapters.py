@@ -1,0 +1,66 @@
+"""Several adapters evaluated at once, on one loaded base: each scores as it would alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorapipe.chat import build_prompt
+from lorapipe.config import EvalCfg
+from lorapipe.evaluation import evaluate_models
+from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.pyqa import generate as make_questions
+
+CFG = EvalCfg(batch_size=4, max_new_tokens=8, val_loss_examples=0)
+
+
+def _adapter(base: Path, out: Path, *, seed: int, trained: bool) -> Path:
+    """A LoRA adapter on `base`: PEFT's own init (B = 0: no change to the base) or, when
+    `trained`, random non-zero A and B drawn from `seed` (large enough to change answers)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=not trained
+    )
+    model = get_peft_model(load_base_model(base, dtype="float32"), config)
+    if trained:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0.0, 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+def test_extra_adapters_score_as_they_would_alone(tiny_base: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(tiny_base)
+    examples = [
+        {"id": str(i), "prompt": build_prompt(tok, q["instruction"]), "reference": q["response"]}
+        for i, q in enumerate(make_questions(8, seed=5))
+    ]
+    a = _adapter(tiny_base, tmp_path / "a", seed=1, trained=True)
+    b = _adapter(tiny_base, tmp_path / "b", seed=2, trained=True)
+    zero = _adapter(tiny_base, tmp_path / "zero", seed=3, trained=False)
+
+    metrics, rows = evaluate_models(
+        CFG, tiny_base, a, examples, extra_adapters={"b": b, "zero": zero}
+    )
+    assert [k for k in metrics if isinstance(metrics[k], dict)] == ["base", "adapter", "b", "zero"]
+    assert all({"base", "adapter", "b", "zero"} <= set(r["scores"]) for r in rows)
+    outputs = {m: [r[m] for r in rows] for m in ("base", "adapter", "b", "zero")}
+    # An adapter that changes nothing answers exactly as the base does ...
+    assert outputs["zero"] == outputs["base"]
+    # ... the two random adapters answer differently from each other and from the base ...
+    assert outputs["b"] != outputs["adapter"] and outputs["b"] != outputs["base"]
+    # ... and each one, evaluated later on the shared base, answers as it does alone.
+    _, alone = evaluate_models(CFG, tiny_base, b, examples)
+    assert [r["adapter"] for r in alone] == outputs["b"]
+
+
+@pytest.mark.parametrize("name", ["base", "adapter", "9lives", "a b"])
+def test_adapter_names_that_would_clash_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        EvalCfg(batch_size=1, max_new_tokens=1, adapters={name: "x"})
