@@ -14,15 +14,17 @@ from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, build_lineage, model_card
-from lorapipe.training import train_adapter
+from lorapipe.runtime import write_runtime
+from lorapipe.training import RUNTIME_KEYS, train_adapter
 
 
 def run(params: Params) -> None:
     paths = params.paths
     formatted = Path(paths.formatted)
     reports = Path(paths.reports)
-    with atomic_dir(Path(paths.adapter)) as out:
-        summary = train_adapter(params, Path(paths.base), formatted, out, reports / "train")
+    # Curves go to a temporary folder too: the plots are a DVC output, never left half-written.
+    with atomic_dir(Path(paths.adapter)) as out, atomic_dir(reports / "train") as curves:
+        summary = train_adapter(params, Path(paths.base), formatted, out, curves)
         lineage = build_lineage(
             params,
             {split: formatted / f"{split}.jsonl" for split in ("train", "val")},
@@ -31,8 +33,11 @@ def run(params: Params) -> None:
         )
         write_json(out / LINEAGE_FILE, lineage)
         (out / CARD_FILE).write_text(model_card(lineage), encoding="utf-8")  # replaces PEFT's
-    # Numbers only, for `dvc metrics diff`; device and precision are in lineage.json.
-    write_json(reports / "train.json", {k: v for k, v in summary.items() if not isinstance(v, str)})
+    # Numbers only, for `dvc metrics diff`; device and precision are in lineage.json. Seconds
+    # and memory go to reports/runtime/train.json (git, not DVC): they differ on every run.
+    metrics = {k: v for k, v in summary.items() if not isinstance(v, str)}
+    write_json(reports / "train.json", {k: v for k, v in metrics.items() if k not in RUNTIME_KEYS})
+    write_runtime(reports, "train", {k: v for k, v in metrics.items() if k in RUNTIME_KEYS})
     print(
         f"train: loss {summary['train_loss']:.4f} in {summary['train_seconds']} s "
         f"on {summary['device']} ({summary['precision']}) -> {paths.adapter}"

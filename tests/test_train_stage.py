@@ -1,5 +1,6 @@
 """The train stage's outputs: an adapter folder that is byte-identical across identical runs, with
-lineage and a model card inside, and run-dependent numbers (time, memory) only in the report."""
+lineage and a model card inside, and run-dependent numbers (time, memory) only in
+reports/runtime/train.json."""
 
 from __future__ import annotations
 
@@ -41,8 +42,14 @@ def test_identical_runs_write_identical_adapter_folders(
     run(params)
     first = folder_bytes(adapter)
     first_report = json.loads((tmp_path / "reports" / "train.json").read_text())
+    first_curves = folder_bytes(tmp_path / "reports" / "train" / "plots" / "metrics" / "eval")
     run(params)
     assert folder_bytes(adapter) == first
+    # The DVC outputs beside the adapter are byte-identical too: metrics and curves.
+    assert json.loads((tmp_path / "reports" / "train.json").read_text()) == first_report
+    curves = tmp_path / "reports" / "train" / "plots" / "metrics" / "eval"
+    assert folder_bytes(curves) == first_curves and "loss.tsv" in first_curves
+    assert not any(name.startswith(("runtime", "samples_per")) for name in first_curves)
     assert {"adapter_model.safetensors", "lineage.json", "README.md"} <= set(first)
 
     lineage = json.loads(first["lineage.json"])
@@ -54,8 +61,10 @@ def test_identical_runs_write_identical_adapter_folders(
     }
     assert lineage["data"]["train"]["md5"] == file_md5(formatted / "train.jsonl")
     assert lineage["git"] == {"commit": None, "dirty": None}
-    # Time and memory change run to run: the DVC metrics report has them, the lineage does not.
-    assert first_report["wall_seconds"] > 0 and first_report["peak_rss_mib"] > 100
+    # Time and memory change run to run: reports/runtime/train.json (git, not DVC) has them.
+    runtime = json.loads((tmp_path / "reports" / "runtime" / "train.json").read_text())
+    assert runtime["wall_seconds"] > 0 and runtime["peak_rss_mib"] > 100
+    assert not {"wall_seconds", "train_seconds", "peak_rss_mib"} & set(first_report)
     assert not any(isinstance(v, str) for v in first_report.values())
     assert (
         "seconds" not in first["lineage.json"].decode()

@@ -54,8 +54,9 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt for `messages` (ending with a user turn): chat template + generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
         raise FormatError(
-            "the base tokenizer has no chat template; set format.chat_template in conf/format/ "
-            "or use a chat model's tokenizer"
+            "the base tokenizer has no chat template; use a chat/instruct model, or give the "
+            "tokenizer one (`tok.chat_template = '<jinja>'; tok.save_pretrained(folder)`) and "
+            "use that folder with model.kind: local"
         )
     return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 

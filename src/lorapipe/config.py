@@ -6,10 +6,22 @@ unknown keys are errors too, so a typo never trains with a silent default.
 
 from __future__ import annotations
 
+import copy
+import difflib
+import json
+import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lorapipe.errors import PipelineError
 
@@ -39,10 +51,15 @@ class Architecture(_Group):
         return self
 
 
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
 class ModelCfg(_Group):
     kind: Literal["tiny", "hub", "local"]
     name: str = Field(min_length=1)
     revision: str | None = None
+    # hub only: refuse a revision that is not a full commit sha (a branch or tag can move).
+    strict_pin: bool = False
     snapshot: bool = False
     trust_remote_code: bool = False
     seed: int = 0
@@ -53,6 +70,67 @@ class ModelCfg(_Group):
         if self.kind == "tiny" and self.architecture is None:
             raise ValueError("model.kind 'tiny' needs model.architecture")
         return self
+
+    @model_validator(mode="after")
+    def _strict_pin_needs_a_sha(self) -> ModelCfg:
+        if self.kind == "hub" and self.strict_pin and not is_commit_sha(self.revision):
+            raise ValueError(
+                f"model.strict_pin is on and model.revision {self.revision!r} is not a commit sha "
+                "(40 hex digits): a branch or tag can move. Put the commit sha there (the hub "
+                "page's history, or models/base/pin.json of an earlier run)"
+            )
+        return self
+
+
+def is_commit_sha(revision: str | None) -> bool:
+    """True for a full 40-hex-digit git commit sha, the only revision that cannot move."""
+    return revision is not None and COMMIT_SHA.fullmatch(revision) is not None
+
+
+# Files of a model folder that may hold weights: only safetensors are read (no pickle loading).
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer saved in `folder` carries a chat template (read from its JSON/Jinja
+    files, without loading the tokenizer)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def model_folder_problems(folder: Path) -> list[str]:
+    """What stops `folder` from serving as a base model, each as `model.name: ...`; [] if usable.
+
+    Reads only file names and the tokenizer's small JSON files, never weights.
+    """
+    if not folder.is_dir():
+        return [f"model.name: folder {str(folder)!r} not found (kind: local takes a model folder)"]
+    if not (folder / "config.json").is_file():
+        return [f"model.name: {folder} has no config.json (expected a model folder)"]
+    problems = []
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_WEIGHTS)
+        problems.append(
+            f"model.name: {folder} has no .safetensors weights"
+            + (f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else "")
+            + "; convert them: AutoModelForCausalLM.from_pretrained(folder)"
+            ".save_pretrained(folder, safe_serialization=True)"
+        )
+    if not has_chat_template(folder):
+        problems.append(
+            f"model.name: the tokenizer in {folder} has no chat template (format needs one to "
+            "build prompts). Use a chat/instruct model, or give it one: "
+            "`tok = AutoTokenizer.from_pretrained(folder); tok.chat_template = '<jinja>'; "
+            "tok.save_pretrained(folder)`"
+        )
+    return problems
 
 
 # The names a row's keys can be mapped to with data.fields (see lorapipe.records).
@@ -141,6 +219,20 @@ class QuantCfg(_Group):
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     double_quant: bool = False
 
+    @model_validator(mode="after")
+    def _options_fit_the_mode(self) -> QuantCfg:
+        # bitsandbytes ignores both silently outside 4-bit; say so instead of training without.
+        if self.double_quant and self.mode != "nf4":
+            raise ValueError(
+                f"quant.double_quant is a 4-bit (nf4) option, but quant.mode is {self.mode!r}"
+            )
+        if self.compute_dtype != "auto" and self.mode != "nf4":
+            raise ValueError(
+                f"quant.compute_dtype {self.compute_dtype!r} applies to 4-bit (nf4) only, "
+                f"but quant.mode is {self.mode!r}; leave it auto"
+            )
+        return self
+
 
 class TrainCfg(_Group):
     epochs: float = Field(gt=0)
@@ -152,7 +244,7 @@ class TrainCfg(_Group):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(ge=0.0)
     max_grad_norm: float = Field(gt=0)
-    max_steps: int = -1
+    max_steps: int = -1  # -1: train.epochs decides
     logging_steps: int = Field(gt=0)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -162,6 +254,13 @@ class TrainCfg(_Group):
     save_steps: int = Field(default=500, gt=0)
     save_total_limit: int | None = Field(default=2, gt=0)
     resume: bool = True
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps_positive_or_unset(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be > 0, or -1 to train for train.epochs")
+        return value
 
     @model_validator(mode="after")
     def _early_stopping_restores_an_epoch(self) -> TrainCfg:
@@ -184,20 +283,6 @@ class EvalCfg(_Group):
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int = 0
     val_loss_examples: int | None = Field(default=200, ge=0)
-    # More adapters to evaluate beside the pipeline's own, on the same base and prompts:
-    # {name: adapter folder}. Each becomes a model in metrics.json, predictions and the report.
-    adapters: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("adapters")
-    @classmethod
-    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
-        for name in adapters:
-            if name in ("base", "adapter") or not re.fullmatch(r"[A-Za-z][\w.-]*", name):
-                raise ValueError(
-                    f"eval.adapters: {name!r} cannot name an adapter (use letters, digits, "
-                    "'_', '-', '.', starting with a letter; 'base' and 'adapter' are taken)"
-                )
-        return adapters
 
 
 class MergeCfg(_Group):
@@ -229,19 +314,123 @@ class Params(_Group):
     composed_with: list[str] = []
 
 
+# Keys people carry over from BitsAndBytesConfig / older scripts, with what this schema uses.
+RENAMED = {
+    "load_in_4bit": "quant.mode: nf4 (one mode, so 4-bit and 8-bit cannot both be on)",
+    "load_in_8bit": "quant.mode: int8 (one mode, so 4-bit and 8-bit cannot both be on)",
+    "bnb_4bit_use_double_quant": "quant.double_quant",
+    "bnb_4bit_compute_dtype": "quant.compute_dtype",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "token": "the HF_TOKEN environment variable (a token never goes into params)",
+    "hub_token": "the HF_TOKEN environment variable (a token never goes into params)",
+}
+
+
+def _group_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The field names the schema has beside the unknown key at `loc` (for a spelling hint)."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
 def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "params"
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key (check the spelling against conf/)"
+        name = str(err["loc"][-1])
+        if name in RENAMED:
+            return f"{key}: unknown key; use {RENAMED[name]}"
+        close = difflib.get_close_matches(name, _group_fields(tuple(err["loc"])), n=1)
+        hint = (
+            f"did you mean {'.'.join([*map(str, err['loc'][:-1]), close[0]])}?"
+            if close
+            else ("check the spelling against conf/")
+        )
+        return f"{key}: unknown key ({hint})"
     given = err.get("input")
     shown = "" if isinstance(given, dict) else f", got {given!r}"
     return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
+# A Hugging Face access token: "hf_" and 30+ letters/digits (hub tokens are 37 characters).
+TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def _secrets(raw: Any, key: str = "") -> list[str]:
+    """Dotted keys whose value holds a hub token (a pattern match or an environment token)."""
+    if isinstance(raw, dict):
+        return [p for k, v in raw.items() for p in _secrets(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(raw, list):
+        return [p for i, v in enumerate(raw) for p in _secrets(v, f"{key}.{i}")]
+    if not isinstance(raw, str):
+        return []
+    tokens = [os.environ.get(v) for v in TOKEN_VARIABLES]
+    if TOKEN_PATTERN.search(raw) or any(t and t in raw for t in tokens):
+        # The value itself is never echoed: that would put the token into logs.
+        return [
+            f"{key}: holds a Hugging Face token; tokens are read from the HF_TOKEN environment "
+            "variable only, never from params (which DVC, git and lineage record)"
+        ]
+    return []
+
+
+def _files(raw: dict[str, Any]) -> list[str]:
+    """Problems with files the config names (the local model folder), found without loading."""
+    model = raw.get("model")
+    if (
+        isinstance(model, dict)
+        and model.get("kind") == "local"
+        and isinstance(model.get("name"), str)
+    ):
+        return model_folder_problems(Path(model["name"]))
+    return []
+
+
 def validate(raw: dict[str, Any]) -> Params:
-    """The typed Params for `raw`; raises ConfigError listing every problem by dotted key."""
+    """The typed Params for `raw`; raises ConfigError listing every problem by dotted key.
+
+    Besides the schema: values holding a hub token, and a local model folder that is missing,
+    has no safetensors weights or no chat template. Nothing heavy is imported or loaded here.
+    """
+    problems = _secrets(raw) + _files(raw)
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(dict(e)) for e in exc.errors()]
+        errors = exc.errors()
+        problems += [_describe(dict(e)) for e in errors]
+        # A group with an unknown key skips its cross-field checks; run them without those keys
+        # too, so one pass lists every problem.
+        unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden"]
+        if unknown:
+            problems += [p for p in _problems(_without(raw, unknown)) if p not in problems]
+    if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+    return params
+
+
+def _problems(raw: dict[str, Any]) -> list[str]:
+    try:
+        Params.model_validate(raw)
+    except ValidationError as exc:
+        return [_describe(dict(e)) for e in exc.errors()]
+    return []
+
+
+def _without(raw: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """A copy of `raw` without the keys at `locs`."""
+    out = copy.deepcopy(raw)
+    for loc in locs:
+        node: Any = out
+        for part in loc[:-1]:
+            node = node[part]
+        node.pop(loc[-1], None)
+    return out

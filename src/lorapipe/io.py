@@ -26,11 +26,19 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     reader sees either the complete old folder or the complete new one. On any exception the
     temporary folder is removed, `target` is left untouched and the exception propagates.
 
+    A process killed (SIGKILL, power loss) inside the block leaves its temporary folder behind,
+    never a partial `target`; the next `atomic_dir` on the same target removes such leftovers.
+
     Raises NotADirectoryError if `target` exists and is not a folder.
     """
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target}: exists and is not a folder; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (
+        *target.parent.glob(f".tmp-{target.name}-*"),
+        *target.parent.glob(f".old-{target.name}-*"),
+    ):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; never read
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     try:
         yield tmp
@@ -51,15 +59,26 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` as UTF-8 with "\\n" line ends, atomically.
+
+    The text goes to a hidden sibling first and is renamed over `path`, so a reader (or DVC,
+    after a crash) sees the old file or the new one, never half of one. Parent folders are
+    created.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+
+
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write `rows` to `path` as JSON Lines: UTF-8, non-ASCII kept as is, one object per line.
+    """Write `rows` to `path` (atomically) as JSON Lines: UTF-8, non-ASCII kept as is, one
+    object per line.
 
     Parent folders are created. Raises TypeError if a row is not JSON-serialisable.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -92,9 +111,4 @@ def write_json(path: Path, obj: Any) -> None:
 
     Parent folders are created. Raises TypeError if `obj` is not JSON-serialisable.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    # Write beside it, then rename: a reader never sees half a report.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -137,6 +137,11 @@ def model_card(lineage: dict[str, Any]) -> str:
             f"- {facts['trainable_params']:,} trainable of {facts['total_params']:,} parameters, "
             f"{facts['precision']} on {facts['device']}"
         )
+    if base.get("trust_remote_code"):
+        lines.append(
+            "- the base ran its own Python code when loaded (`trust_remote_code: true`): "
+            "load it only from the pinned revision above"
+        )
     lines += ["", "## Data", "", "| split | file | md5 |", "| --- | --- | --- |"]
     lines += [f"| {name} | `{d['path']}` | `{d['md5']}` |" for name, d in lineage["data"].items()]
     lines += [

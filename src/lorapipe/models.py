@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorapipe.config import ModelCfg, QuantCfg
+from lorapipe.config import (
+    PICKLE_WEIGHTS,
+    TOKEN_VARIABLES,
+    ModelCfg,
+    QuantCfg,
+    is_commit_sha,
+    model_folder_problems,
+)
 from lorapipe.errors import PipelineError
 
 PIN_FILE = "pin.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class ModelSourceError(PipelineError, RuntimeError):
@@ -31,6 +41,72 @@ def _files_md5(folder: Path) -> dict[str, str]:
         for p in sorted(folder.iterdir())
         if p.is_file() and p.suffix in {".json", ".safetensors", ".jinja", ".model", ".txt"}
     }
+
+
+def hub_token() -> str | bool:
+    """The hub token from the environment (HF_TOKEN, then HUGGING_FACE_HUB_TOKEN), else False.
+
+    False makes huggingface_hub send no token instead of falling back to a token file left by
+    `hf auth login`: the pipeline takes secrets from the environment only, and passes them to
+    the hub client without writing them anywhere.
+    """
+    for variable in TOKEN_VARIABLES:
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return False
+
+
+def require_safetensors(adapter_dir: Path) -> None:
+    """Raise ModelSourceError unless `adapter_dir` holds its weights as safetensors.
+
+    PEFT falls back to unpickling `adapter_model.bin` when no safetensors file is there; a
+    pickle can run code, so this pipeline never lets it get that far.
+    """
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        pickled = sorted(p.name for p in adapter_dir.glob("*") if p.suffix in PICKLE_WEIGHTS)
+        raise ModelSourceError(
+            f"{adapter_dir}: no {ADAPTER_WEIGHTS}"
+            + (f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else "")
+            + "; rerun the train stage (`dvc repro train`)"
+        )
+
+
+def check_merge_dtype(base_dir: Path, dtype: str) -> None:
+    """Raise ModelSourceError when the base cannot be loaded in `dtype` for merging.
+
+    Reads only `config.json`: a base saved already quantised (GPTQ, AWQ, bitsandbytes) has no
+    full-precision weights to fold the adapter into, and bfloat16 weights overflow float16
+    (largest value 65504 against bfloat16's 3e38). Unknown without a local config: no check.
+    """
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    quantized = config.get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "quantized") if isinstance(quantized, dict) else ""
+        raise ModelSourceError(
+            f"merge.dtype: the base in {base_dir} is saved {method}-quantised, so it cannot be "
+            f"loaded in {dtype} to merge into; use the unquantised original as the base (and "
+            "quant=nf4 for QLoRA training)"
+        )
+    stored = config.get("dtype") or config.get("torch_dtype")
+    if dtype == "float16" and stored == "bfloat16":
+        raise ModelSourceError(
+            "merge.dtype: float16 cannot hold the base's bfloat16 weights (values above 65504 "
+            "overflow to inf); use merge.dtype=bfloat16 or float32"
+        )
+
+
+def pin_warning(cfg: ModelCfg, sha: str) -> str | None:
+    """The warning for a hub revision that can move (a branch or tag), or None for a sha."""
+    if is_commit_sha(cfg.revision):
+        return None
+    return (
+        f"base: warning: model.revision {cfg.revision or 'main'!r} is a branch or tag, not a "
+        f"commit; this run is pinned to {sha}. Put that sha in conf/model/ so later runs get the "
+        "same weights (model.strict_pin: true refuses anything else)"
+    )
 
 
 def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
@@ -48,17 +124,22 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
         pin["name"] = cfg.name
     elif cfg.kind == "local":
         src = Path(cfg.name)
-        if not (src / "config.json").exists():
-            raise ModelSourceError(
-                f"model.name: {src} has no config.json (expected a model folder)"
-            )
+        problems = model_folder_problems(src)
+        if problems:
+            raise ModelSourceError("; ".join(problems))
         for item in src.iterdir():
-            if item.is_file():
+            if item.is_file() and item.suffix not in PICKLE_WEIGHTS:  # safetensors only
                 shutil.copy2(item, out_dir / item.name)
         pin = {"kind": "local", "name": str(src), "files_md5": _files_md5(out_dir)}
     else:
         pin = _pin_hub(cfg, out_dir)
     pin["trust_remote_code"] = cfg.trust_remote_code
+    if cfg.trust_remote_code:
+        print(
+            f"base: warning: model.trust_remote_code is on: {cfg.name}'s own Python code will run "
+            "when it loads (recorded in pin.json and the adapter's lineage)",
+            file=sys.stderr,
+        )
     (out_dir / PIN_FILE).write_text(json.dumps(pin, indent=2, sort_keys=True) + "\n")
     return pin
 
@@ -66,14 +147,19 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
 def _pin_hub(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     from huggingface_hub import HfApi, snapshot_download
 
+    token = hub_token()
     try:
-        sha = HfApi().model_info(cfg.name, revision=cfg.revision).sha
+        sha = HfApi().model_info(cfg.name, revision=cfg.revision, token=token).sha
     except Exception as exc:  # offline, unknown repo, gated model: all reach the user the same way
         raise ModelSourceError(
             f"model.name: cannot resolve {cfg.name}@{cfg.revision or 'main'} on the Hugging Face "
             f"Hub ({type(exc).__name__}: {exc}). Check the name and network, or download the "
             "model and use kind: local with name: <folder>"
         ) from None
+    assert sha is not None
+    warning = pin_warning(cfg, sha)
+    if warning:
+        print(warning, file=sys.stderr)
     pin: dict[str, Any] = {"kind": "hub", "name": cfg.name, "revision": sha}
     if cfg.revision and cfg.revision != sha:
         pin["requested_revision"] = cfg.revision
@@ -83,7 +169,14 @@ def _pin_hub(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
             revision=sha,
             local_dir=out_dir,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"],
+            token=token,
         )
+        shutil.rmtree(out_dir / ".cache", ignore_errors=True)  # the hub client's download state
+        problems = model_folder_problems(out_dir)
+        if problems:
+            raise ModelSourceError(
+                "; ".join(p.replace(str(out_dir), f"{cfg.name}@{sha}") for p in problems)
+            )
     return pin
 
 
@@ -109,7 +202,9 @@ def load_tokenizer(base_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     name, revision, trust = source_of(base_dir)
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
+    tokenizer = AutoTokenizer.from_pretrained(
+        name, revision=revision, trust_remote_code=trust, token=hub_token()
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -131,7 +226,11 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     name, revision, trust = source_of(base_dir)
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust}
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "trust_remote_code": trust,
+        "token": hub_token(),
+    }
     if quant is not None and quant.mode != "none":
         compute = resolve_dtype(quant.compute_dtype)
         if quant.mode == "nf4":

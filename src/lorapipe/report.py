@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lorapipe.io import write_text
+
 SCORE_KEYS = ("exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum")
 LOSS_KEYS = ("val_loss", "val_perplexity")
 LABELS = {
@@ -378,6 +380,6 @@ def write_reports(
         ("report.html", render_html(metrics, predictions)),
     ):
         path = reports_dir / name
-        path.write_text(text, encoding="utf-8", newline="\n")
+        write_text(path, text)  # atomic: a killed run never leaves half a report
         written.append(path)
     return written

@@ -25,6 +25,12 @@ from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.runtime import peak_rss_mib
 
+# Logged values that measure the machine, not the model (eval_runtime, ..._per_second): left out
+# of the curves, which are a DVC output and must hash the same on every identical run.
+TIMING_KEYS = ("runtime", "samples_per_second", "steps_per_second")
+# Summary keys that vary from run to run; stages/train.py writes them with lorapipe.runtime.
+RUNTIME_KEYS = ("train_seconds", "wall_seconds", "peak_rss_mib", "peak_cuda_mib")
+
 # The dtype the base weights load in for each precision; LoRA weights train in fp32 regardless.
 MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -197,7 +203,7 @@ class TrainingCurves(TrainerCallback):
             return  # the run's closing summary, not a point on a curve (reports/train.json has it)
         self.live.step = step
         for key, value in logs.items():
-            if key != "step" and Metric.could_log(value):
+            if key != "step" and not key.endswith(TIMING_KEYS) and Metric.could_log(value):
                 self.live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
         self.live.sync()
 
