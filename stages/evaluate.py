@@ -2,6 +2,7 @@
 model's loss on the validation split, and the report (`report.md`, `report.html`).
 
 python -m stages.evaluate eval.max_examples=50 eval.batch_size=16
+python -m stages.evaluate '+eval.adapters={r4: sweeps/x/lora.r=4/adapter}'   # more adapters
 """
 
 from pathlib import Path
@@ -15,12 +16,19 @@ from lorapipe.report import write_reports
 
 
 def run(params: Params) -> None:
-    require_safetensors(Path(params.paths.adapter))  # before any weights load
+    extra = {name: Path(folder) for name, folder in params.eval.adapters.items()}
+    for folder in [Path(params.paths.adapter), *extra.values()]:
+        require_safetensors(folder)  # before any weights load
     formatted = Path(params.paths.formatted)
     examples = read_jsonl(formatted / "test.jsonl")
     val_examples = read_jsonl(formatted / "val.jsonl")
     metrics, predictions = evaluate_models(
-        params.eval, Path(params.paths.base), Path(params.paths.adapter), examples, val_examples
+        params.eval,
+        Path(params.paths.base),
+        Path(params.paths.adapter),
+        examples,
+        val_examples,
+        extra_adapters=extra,
     )
     reports = Path(params.paths.reports)
     write_jsonl(reports / "predictions.jsonl", predictions)

@@ -283,6 +283,20 @@ class EvalCfg(_Group):
     top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int = 0
     val_loss_examples: int | None = Field(default=200, ge=0)
+    # More adapters to evaluate beside the pipeline's own, on the same base and prompts:
+    # {name: adapter folder}. Each becomes a model in metrics.json, predictions and the report.
+    adapters: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            if name in ("base", "adapter") or not re.fullmatch(r"[A-Za-z][\w.-]*", name):
+                raise ValueError(
+                    f"eval.adapters: {name!r} cannot name an adapter (use letters, digits, "
+                    "'_', '-', '.', starting with a letter; 'base' and 'adapter' are taken)"
+                )
+        return adapters
 
 
 class MergeCfg(_Group):
