@@ -26,8 +26,8 @@ repro: setup           ## run the pipeline: only stages whose inputs changed re-
 test: setup            ## the whole test suite (a few minutes on 2 cores)
 	$(PY) -m pytest
 
-bench: setup           ## eval speed: the article's one-at-a-time sampling vs batched greedy
-	$(PY) benchmarks/eval_speed.py
+bench: setup           ## all benchmarks (<= 15 min on 2 cores): reports/bench.json + reports/bench.md
+	$(PY) benchmarks/run_all.py
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

@@ -1,0 +1,156 @@
+"""`make bench`: every benchmark, one after the other, then one table of the issue's targets.
+
+python benchmarks/run_all.py [--only eval,overhead] [--out reports/bench.json]
+
+Each benchmark runs as its own process (so each peak-memory figure is its own, and one that
+fails does not stop the rest) and writes its JSON; this driver gathers them into
+`reports/bench.json` (every figure) and `reports/bench.md` (the targets table, then each
+benchmark's own table). Every comparison inside a benchmark runs both sides in that one
+process, so machine noise cancels in the ratio. Nothing here is a test: no target failing
+makes this exit non-zero; a benchmark that crashes does (exit 1), after the others ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorapipe.io import write_json
+
+HERE = Path(__file__).resolve().parent
+
+Row = tuple[str, str, str, bool | None]  # target, measured, wanted, holds
+
+
+@dataclass(frozen=True)
+class Bench:
+    name: str
+    script: str
+    args: tuple[str, ...]
+    targets: Callable[[dict[str, Any]], list[Row]]
+
+
+def _eval_targets(r: dict[str, Any]) -> list[Row]:
+    return [
+        (
+            "evaluation (base + adapter): batched greedy vs one prompt at a time, sampled",
+            f"{r['speedup']:.1f}x ({r['article_seconds']:.1f} s vs {r['pipeline_seconds']:.1f} s)",
+            ">= 10x",
+            r["speedup"] >= 10,
+        )
+    ]
+
+
+def _overhead_targets(r: dict[str, Any]) -> list[Row]:
+    noop, ev = r["noop_repro"], r["eval_only_change"]
+    return [
+        (
+            "no-op `dvc repro`",
+            f"{noop['seconds']:.2f} s, stages run: {', '.join(noop['stages_ran']) or 'none'}",
+            "<= 10 s, none run",
+            noop["seconds"] <= 10 and not noop["stages_ran"],
+        ),
+        (
+            f"`dvc repro` after `{ev['change']}`",
+            f"{ev['seconds']:.1f} s, stages run: {', '.join(ev['stages_ran']) or 'none'}",
+            "evaluate only",
+            ev["stages_ran"] == ["evaluate"],
+        ),
+    ]
+
+
+BENCHES = [
+    Bench("eval", "eval_speed.py", (), _eval_targets),
+    Bench("overhead", "overhead.py", (), _overhead_targets),
+]
+
+
+def _markdown(results: dict[str, Any], tables: dict[str, str], rows: list[Row]) -> str:
+    mark = {True: "yes", False: "**no**", None: "n/a"}
+    out = [
+        "# Benchmarks (`make bench`)",
+        "",
+        f"{results['machine']['cpu_count']} CPUs, torch threads {results['machine']['threads']}, "
+        f"python {results['machine']['python']}; {results['total_seconds']:.0f} s in all.",
+        "",
+        "| target | measured | wanted | holds |",
+        "| --- | --- | --- | --- |",
+        *(f"| {t} | {m} | {w} | {mark[h]} |" for t, m, w, h in rows),
+    ]
+    for name, table in tables.items():
+        out += ["", f"## {name}", "", table.strip()]
+    for name, error in results["failed"].items():
+        out += ["", f"## {name}: failed", "", "```", error.strip()[-2000:], "```"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", default="reports/bench.json", help="all figures (JSON)")
+    parser.add_argument("--md", default="reports/bench.md", help="the tables (Markdown)")
+    parser.add_argument(
+        "--only", default="", help="comma-separated names: " + ", ".join(b.name for b in BENCHES)
+    )
+    args = parser.parse_args(argv)
+    chosen = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
+
+    import torch
+
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "benchmarks": {},
+        "failed": {},
+    }
+    tables: dict[str, str] = {}
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for bench in chosen:
+            out = Path(tmp) / f"{bench.name}.json"
+            print(f"bench: {bench.name} ...", flush=True)
+            t0 = time.perf_counter()
+            done = subprocess.run(
+                [sys.executable, str(HERE / bench.script), *bench.args, "--out", str(out)],
+                capture_output=True,
+                text=True,
+            )
+            seconds = time.perf_counter() - t0
+            if done.returncode != 0 or not out.is_file():
+                results["failed"][bench.name] = done.stderr or done.stdout
+                print(f"bench: {bench.name} failed (exit {done.returncode})", file=sys.stderr)
+                print(done.stderr[-2000:], file=sys.stderr)
+                continue
+            result = json.loads(out.read_text(encoding="utf-8"))
+            result["bench_seconds"] = round(seconds, 1)
+            results["benchmarks"][bench.name] = result
+            tables[bench.name] = done.stdout.split("written to")[0]
+            rows += bench.targets(result)
+            print(done.stdout, flush=True)
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    results["targets"] = [
+        {"target": t, "measured": m, "wanted": w, "holds": h} for t, m, w, h in rows
+    ]
+    write_json(Path(args.out), results)
+    md = _markdown(results, tables, rows)
+    Path(args.md).write_text(md, encoding="utf-8")
+    print(md)
+    return 1 if results["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
