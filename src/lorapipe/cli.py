@@ -8,6 +8,7 @@ while under DVC the stage reads exactly the `params.yaml` that `dvc.lock` record
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,16 @@ def stage(
     name = module.rsplit(".", 1)[-1]
 
     def main() -> None:
+        # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary folders are cleaned up;
+        # either way the stage ends with one short line, no traceback.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            _main()
+        except KeyboardInterrupt:
+            print(f"\n{name}: interrupted; no output was replaced", file=sys.stderr)
+            sys.exit(130)
+
+    def _main() -> None:
         import hydra
         from omegaconf import DictConfig, OmegaConf
 
@@ -71,9 +82,6 @@ def stage(
                 composed = OmegaConf.to_container(cfg, resolve=True)
                 assert isinstance(composed, dict)
                 return run(composed if raw else validate(composed))  # type: ignore[arg-type]
-            except KeyboardInterrupt:
-                print(f"\n{name}: interrupted; outputs left as they were", file=sys.stderr)
-                sys.exit(130)
             except Exception as exc:
                 message = _friendly(exc)
                 if message is None:
