@@ -15,13 +15,18 @@ from lorapipe.config import Params
 from lorapipe.io import atomic_dir, write_json
 from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, build_lineage, model_card
 from lorapipe.runtime import write_runtime
-from lorapipe.training import RUNTIME_KEYS, train_adapter
+from lorapipe.training import RUNTIME_KEYS, process_rank, train_adapter
 
 
 def run(params: Params) -> None:
     paths = params.paths
     formatted = Path(paths.formatted)
     reports = Path(paths.reports)
+    if process_rank()[0] != 0:
+        # Another process of `accelerate launch -m stages.train`: it trains its share of each
+        # batch and writes nothing; rank 0 writes the adapter, lineage and metrics.
+        train_adapter(params, Path(paths.base), formatted, None, None)
+        return
     # Curves go to a temporary folder too: the plots are a DVC output, never left half-written.
     with atomic_dir(Path(paths.adapter)) as out, atomic_dir(reports / "train") as curves:
         summary = train_adapter(params, Path(paths.base), formatted, out, curves)

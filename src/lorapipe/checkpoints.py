@@ -90,6 +90,19 @@ def _owned(folder: Path) -> bool:
     return not any(folder.iterdir()) or (folder / FINGERPRINT_FILE).is_file()
 
 
+def resumable(folder: Path, inputs: dict[str, Any], *, resume: bool) -> Path | None:
+    """The checkpoint in `folder` a run with `inputs` resumes from, or None; changes nothing.
+
+    What the other processes of a distributed run use once rank 0 has prepared the folder.
+    """
+    if not resume or not folder.is_dir():
+        return None
+    previous = _read_fingerprint(folder / FINGERPRINT_FILE)
+    if not previous or previous["sha256"] != fingerprint(inputs):
+        return None
+    return latest_checkpoint(folder)
+
+
 def prepare_checkpoints(folder: Path, inputs: dict[str, Any], *, resume: bool) -> Path | None:
     """Make `folder` ready for a run with `inputs`; return the checkpoint to resume from, or None.
 
@@ -104,11 +117,12 @@ def prepare_checkpoints(folder: Path, inputs: dict[str, Any], *, resume: bool) -
                 f"paths.checkpoints: {folder} holds files that training did not write (no "
                 f"{FINGERPRINT_FILE}); empty it or point paths.checkpoints at a new folder"
             )
+        found = resumable(folder, inputs, resume=resume)
+        if found is not None:
+            print(f"train: resuming from {found} (same params, data and base)")
+            return found
         previous = _read_fingerprint(folder / FINGERPRINT_FILE)
         latest = latest_checkpoint(folder)
-        if latest is not None and previous and previous["sha256"] == digest and resume:
-            print(f"train: resuming from {latest} (same params, data and base)")
-            return latest
         if latest is not None:
             if not resume:
                 why = "train.resume is false"

@@ -22,6 +22,9 @@ LINEAGE_FILE = "lineage.json"
 CARD_FILE = "README.md"
 # What train_adapter reports that belongs in lineage: fixed for identical runs on one machine.
 TRAINING_FACTS = ("device", "precision", "trainable_params", "total_params")
+# Only distributed runs report these (processes, and the rank that wrote the adapter), so the
+# lineage of a single-process run is unchanged.
+DISTRIBUTED_FACTS = ("world_size", "writer_rank")
 LIBRARIES = (
     "torch",
     "transformers",
@@ -92,7 +95,8 @@ def build_lineage(
         "python": platform.python_version(),
     }
     if training is not None:
-        record["training"] = {key: training[key] for key in TRAINING_FACTS}
+        facts = [*TRAINING_FACTS, *(k for k in DISTRIBUTED_FACTS if k in training)]
+        record["training"] = {key: training[key] for key in facts}
     return record
 
 

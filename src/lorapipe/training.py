@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from lorapipe.checkpoints import prepare_checkpoints, remove_checkpoints, run_inputs
+from lorapipe.checkpoints import prepare_checkpoints, remove_checkpoints, resumable, run_inputs
 from lorapipe.config import Params
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl
@@ -151,6 +151,17 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
 
+def process_rank() -> tuple[int, int]:
+    """(global rank of this process, number of processes): (0, 1) for a plain run, otherwise
+    what `accelerate launch` / torchrun set up (accelerate's PartialState reads it)."""
+    from accelerate import PartialState
+
+    # cpu as the trainer will set it (use_cpu): on CPU, accelerate only sees the processes
+    # (gloo) when told so, and the trainer's later PartialState must agree with this one.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes
+
+
 def _trainables_to_fp32(model: torch.nn.Module) -> None:
     """Cast trainable weights to fp32: fp16 loss scaling and fp32 training need them so, and
     bf16 LoRA weights on CPU make every step many times slower."""
@@ -229,8 +240,8 @@ def train_adapter(
     params: Params,
     base_dir: Path,
     formatted_dir: Path,
-    out_dir: Path,
-    curves_dir: Path,
+    out_dir: Path | None,
+    curves_dir: Path | None,
     *,
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict[str, Any]:
@@ -239,6 +250,9 @@ def train_adapter(
     Checkpoints go to `params.paths.checkpoints`; a checkpoint from an interrupted run with the
     same params, data and base is resumed, a stale one is deleted, and all are removed once the
     adapter is saved. `callbacks` are added to the trainer's (for tools and tests).
+    Under `accelerate launch` (DDP, FSDP, DeepSpeed) every process calls this; only global rank 0
+    prepares and removes checkpoints, logs curves and saves: the others pass `out_dir=None` and
+    `curves_dir=None`, and rank 0 refuses to run without them.
     Returns the run summary: losses, steps, parameter counts, device, precision, seconds and
     peak memory. Raises TrainingError when no parameter would train, a name in the LoRA config
     matches nothing, the precision cannot run here, or the loss stops being finite.
@@ -286,9 +300,6 @@ def train_adapter(
             + " (check lora.target_modules and lora.layers_to_transform)"
         )
     checkpoints = Path(params.paths.checkpoints)
-    resume_from = prepare_checkpoints(
-        checkpoints, run_inputs(params, data_files, base_dir, precision), resume=cfg.resume
-    )
     early = cfg.early_stopping_patience is not None
     args = SFTConfig(
         output_dir=str(checkpoints),
@@ -325,12 +336,26 @@ def train_adapter(
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
-    live = Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None)
-    trainer_callbacks: list[TrainerCallback] = [NonFiniteLossGuard(), TrainingCurves(live)]
+    main = args.process_index == 0  # the trainer's own view of the distributed set-up
+    if main and (out_dir is None or curves_dir is None):
+        raise TrainingError("rank 0 needs an output folder for the adapter and its curves")
+    inputs = run_inputs(params, data_files, base_dir, precision)
+    # Rank 0 first clears stale checkpoints; the others then only read which one to resume.
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        if main:
+            resume_from = prepare_checkpoints(checkpoints, inputs, resume=cfg.resume)
+        else:
+            resume_from = resumable(checkpoints, inputs, resume=cfg.resume)
+    live = (
+        Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None) if main else None
+    )
+    trainer_callbacks: list[TrainerCallback] = [NonFiniteLossGuard()]
+    if live is not None:
+        trainer_callbacks.append(TrainingCurves(live))
     if cfg.early_stopping_patience is not None:
         trainer_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     with tempfile.TemporaryDirectory(prefix="lorapipe-init-") as initial:
-        if _mutates_base(params.lora.init):
+        if main and _mutates_base(params.lora.init):
             model.save_pretrained(initial)  # the adapter before training, to convert it back later
         trainer = SFTTrainer(
             model=model,
@@ -360,18 +385,29 @@ def train_adapter(
             "device": device_name(),
             "precision": precision,
         }
+        if args.world_size > 1:  # recorded in lineage: who wrote the adapter, out of how many
+            summary.update(world_size=args.world_size, writer_rank=args.process_index)
         if len(val):
             trainer.remove_callback(TrainingCurves)  # the curves already hold each epoch's eval
             summary["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+        # FSDP and DeepSpeed shard the weights: gathering them takes every process, and the
+        # trainer's save_model then writes on rank 0 only.
+        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+        if sharded:
+            trainer.save_model(str(out_dir) if main else None)
+        if not main:
+            return summary
+        assert live is not None and out_dir is not None
         live.end()
-        # PiSSA/OLoRA: save as a plain LoRA (rank 2r) that applies to the untouched base.
-        model.save_pretrained(
-            out_dir,
-            safe_serialization=True,
-            path_initial_model_for_weight_conversion=(
-                initial if _mutates_base(params.lora.init) else None
-            ),
-        )
+        if not sharded:
+            # PiSSA/OLoRA: save as a plain LoRA (rank 2r) that applies to the untouched base.
+            model.save_pretrained(
+                out_dir,
+                safe_serialization=True,
+                path_initial_model_for_weight_conversion=(
+                    initial if _mutates_base(params.lora.init) else None
+                ),
+            )
     tokenizer.save_pretrained(out_dir)
     _sort_target_modules(out_dir / "adapter_config.json")
     remove_checkpoints(checkpoints)
