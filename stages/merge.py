@@ -1,20 +1,31 @@
 """Stage `merge`: fold the adapter into the base and check merged logits match base+adapter.
 
 python -m stages.merge merge.dtype=bfloat16 merge.max_logit_diff=0.05
+python -m stages.merge merge.push_to_hub=true merge.hub_repo_id=me/model merge.push_dry_run=true
+
+Time and peak memory go to reports/runtime/merge.json, not to reports/merge.json (a DVC
+metric, identical across identical runs).
 """
 
+import time
 from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import Params
+from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
 from lorapipe.lineage import LINEAGE_FILE
-from lorapipe.merging import merge_adapter
+from lorapipe.merging import merge_adapter, merged_lineage
+from lorapipe.runtime import peak_rss_mib, write_runtime
 
 
 def run(params: Params) -> None:
-    paths = params.paths
+    paths, cfg = params.paths, params.merge
+    # A push without a token fails now, not after minutes of merging (the repo id is checked
+    # with the config). The token stays in this variable: never in a file, report or message.
+    token = push_token() if cfg.push_to_hub and not cfg.push_dry_run else None
     probes = read_jsonl(Path(paths.formatted) / "test.jsonl")[: params.merge.probe_examples]
+    started = time.perf_counter()
     with atomic_dir(Path(paths.merged)) as out:
         report = merge_adapter(
             Path(paths.base),
@@ -22,14 +33,27 @@ def run(params: Params) -> None:
             out,
             dtype=params.merge.dtype,
             probe_prompts=[ex["prompt"] + ex["completion"] for ex in probes],
-            max_logit_diff=params.merge.max_logit_diff,
+            max_logit_diff=cfg.max_logit_diff,
+            max_shard_size=cfg.max_shard_size,
         )
-        (out / LINEAGE_FILE).write_bytes((Path(paths.adapter) / LINEAGE_FILE).read_bytes())
-    write_json(Path(paths.reports) / "merge.json", report)
+        write_json(out / LINEAGE_FILE, merged_lineage(Path(paths.adapter), report))
+    seconds = time.perf_counter() - started
+    reports = Path(paths.reports)
+    write_json(reports / "merge.json", report)
+    facts = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)}
+    write_runtime(reports, "merge", {**facts, "dtype": cfg.dtype})
     print(
         f"merge: largest logit difference {report['merged_max_abs_logit_diff']:.3g} "
-        f"-> {paths.merged}"
+        f"(allowed {report['max_logit_diff_allowed']:.3g}) -> {paths.merged}; "
+        f"{facts['seconds']} s, peak {facts['peak_rss_mib']} MiB"
     )
+    if cfg.push_dry_run:
+        print(describe_plan(Path(paths.merged), str(cfg.hub_repo_id)))
+    elif token is not None:
+        url = push_folder(
+            Path(paths.merged), str(cfg.hub_repo_id), token=token, private=cfg.hub_private
+        )
+        print(f"merge: pushed {paths.merged} to {url}")
 
 
 main = stage(run)

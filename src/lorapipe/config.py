@@ -301,8 +301,36 @@ class EvalCfg(_Group):
 
 class MergeCfg(_Group):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    max_logit_diff: float = Field(gt=0)
+    # null: the dtype's default (lorapipe.merging: 1e-4 for float32, relative for half precision)
+    max_logit_diff: float | None = Field(default=None, gt=0)
     probe_examples: int = Field(gt=0)
+    # Largest safetensors shard: bytes, or a whole number with a unit as transformers reads it.
+    max_shard_size: int | str = "5GB"
+    push_to_hub: bool = False
+    hub_repo_id: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+$")
+    hub_private: bool = True
+    push_dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _shards_and_hub(self) -> MergeCfg:
+        size = self.max_shard_size
+        if (isinstance(size, int) and size <= 0) or (
+            isinstance(size, str) and not re.fullmatch(r"[1-9]\d*(KB|MB|GB|KiB|MiB|GiB)", size)
+        ):
+            raise ValueError(
+                "merge.max_shard_size must be a positive number of bytes or a whole number "
+                f"with a unit (KB, MB, GB, KiB, MiB, GiB), e.g. 5GB; got {size!r}"
+            )
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError(
+                "merge.hub_repo_id is required when merge.push_to_hub is true (e.g. user/my-model)"
+            )
+        if self.push_dry_run and not self.push_to_hub:
+            raise ValueError(
+                "merge.push_dry_run shows what a push would upload: set merge.push_to_hub: true "
+                "with it"
+            )
+        return self
 
 
 class Paths(_Group):

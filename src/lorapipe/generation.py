@@ -20,6 +20,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
+    streamer: Any = None,
 ) -> list[str]:
     """Completions for `prompts`, decoded without special tokens, in input order.
 
@@ -28,8 +29,11 @@ def generate(
     prompts and batch size give the same completions.
 
     Prompts are sorted by length so each batch carries little padding; padding is on the left
-    so every prompt ends where generation starts.
+    so every prompt ends where generation starts. A `streamer` (transformers' TextStreamer)
+    receives the tokens as they come; it follows one sequence, so it needs one prompt.
     """
+    if streamer is not None and len(prompts) != 1:
+        raise ValueError(f"a streamer follows one sequence: pass one prompt, got {len(prompts)}")
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
@@ -50,6 +54,7 @@ def generate(
             **sampling,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            streamer=streamer,
         )
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
         for i, text in zip(

@@ -1,0 +1,176 @@
+"""Merge memory and time at TinyLlama-1.1B's real shape, on CPU, with no download.
+
+python benchmarks/merge_memory.py                      # bf16, writes reports/bench_merge.json
+python benchmarks/merge_memory.py --dtype float32 --out /tmp/bench_merge.json
+
+Builds a Llama with TinyLlama-1.1B's published shape (hidden 2048, intermediate 5632, 22 layers,
+32 heads, 4 key/value heads, vocab 32000; benchmarks/shapes.py) and random weights, saves it in
+the merge dtype to a temporary folder, adds a random LoRA adapter (r=16 on all linear layers, B
+non-zero so the merge changes every targeted weight), then runs `lorapipe.merging.merge_adapter` (the merge stage's
+code, float64 equivalence check included) in a fresh subprocess and reports its wall time and
+peak RSS (the whole process: Python, torch and all, nothing subtracted) against the model's size
+in the merge dtype. The acceptance bound is a peak of at most 2.5x that size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from shapes import TINYLLAMA
+
+BOUND = 2.5  # acceptance: peak RSS <= 2.5x the model's size in the merge dtype
+PROBES = 2  # probe prompts for the equivalence check (each runs three float64 passes)
+
+QUESTIONS = ["What does `sorted([3, 1, 2])` return?", "What is `len('merge')`?"]
+
+
+def merge(work: Path, dtype: str) -> dict[str, Any]:
+    """The merge alone, as the stage runs it: timed, and this process's peak RSS read after."""
+    import time
+
+    import torch
+
+    from lorapipe.chat import build_prompt
+    from lorapipe.merging import merge_adapter
+    from lorapipe.models import load_tokenizer
+    from lorapipe.runtime import peak_rss_mib
+
+    tokenizer = load_tokenizer(work / "base")
+    probes = [build_prompt(tokenizer, q) for q in QUESTIONS[:PROBES]]
+    start_rss = peak_rss_mib()
+    t0 = time.perf_counter()
+    report = merge_adapter(
+        work / "base", work / "adapter", work / "merged", dtype=dtype, probe_prompts=probes
+    )
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_rss_mib": peak_rss_mib(),
+        "rss_after_imports_mib": start_rss,
+        "probe_prompts": len(probes),
+        "report": report,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def build(work: Path, dtype: str, layers: int) -> dict[str, Any]:
+    """Save the random TinyLlama-shaped base (benchmarks/shapes.py) and a random r=16
+    all-linear adapter under `work`; returns the base's parameter count and size in `dtype`."""
+    from peft import LoraConfig, get_peft_model
+    from shapes import build_random_base
+
+    model, info = build_random_base(work / "base", dtype=dtype, num_hidden_layers=layers)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(work / "adapter"))
+    return info
+
+
+def markdown(result: dict[str, Any]) -> str:
+    r = result
+    return "\n".join(
+        [
+            "| model | merge dtype | size in dtype (MiB) | peak RSS (MiB) | ratio | bound | "
+            "seconds | logit diff (allowed) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            f"| TinyLlama-1.1B shape, {r['layers']} layers, {r['parameters']:,} params | "
+            f"{r['dtype']} | {r['model_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['ratio']:.2f} | "
+            f"{BOUND} | {r['seconds']:.1f} | {r['merged_max_abs_logit_diff']:.3g} "
+            f"({r['max_logit_diff_allowed']:.3g}) |",
+            "",
+            f"peak RSS is the merge subprocess's whole peak ({r['rss_after_imports_mib']:.0f} MiB "
+            f"of it already after importing torch and lorapipe); {r['threads']} torch threads, "
+            f"torch {r['torch']}; {'PASS' if r['within_bound'] else 'FAIL'}: "
+            f"{r['ratio']:.2f} {'<=' if r['within_bound'] else '>'} {BOUND}",
+        ]
+    )
+
+
+def run_child(*args: str) -> dict[str, Any]:
+    """Run `build` or `merge` in a fresh interpreter and return what it prints as JSON.
+
+    Each runs alone because Linux carries a parent's peak RSS into a child's `ru_maxrss`
+    across fork/exec: had this process built the 1.1B model, the merge's peak would read as at
+    least that. So this process never imports torch, and the model is built in a process of
+    its own.
+    """
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+        "HF_HUB_OFFLINE": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"bench: error: {args[0]} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["--child"]:
+        step, work, dtype, *rest = sys.argv[2:]
+        if step == "build":
+            print(json.dumps(build(Path(work), dtype, int(rest[0]))))
+        else:
+            print(json.dumps(merge(Path(work), dtype)))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--out", default="reports/bench_merge.json", help="where to write results")
+    parser.add_argument(
+        "--layers", type=int, default=TINYLLAMA["num_hidden_layers"], help="fewer for a dry run"
+    )
+    args = parser.parse_args(argv)
+
+    from lorapipe.io import write_json  # light: this process stays small (see run_child)
+
+    with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
+        built = run_child("build", tmp, args.dtype, str(args.layers))
+        child = run_child("merge", tmp, args.dtype)
+    model_mib = built["model_bytes"] / 2**20
+    result: dict[str, Any] = {
+        "shape": {**TINYLLAMA, "num_hidden_layers": args.layers},
+        "layers": args.layers,
+        "parameters": built["parameters"],
+        "dtype": args.dtype,
+        "model_mib": round(model_mib, 1),
+        "peak_rss_mib": round(child["peak_rss_mib"], 1),
+        "rss_after_imports_mib": round(child["rss_after_imports_mib"], 1),
+        "ratio": round(child["peak_rss_mib"] / model_mib, 3),
+        "bound": BOUND,
+        "within_bound": child["peak_rss_mib"] <= BOUND * model_mib,
+        "seconds": round(child["seconds"], 1),
+        "probe_prompts": child["probe_prompts"],
+        **{
+            k: child["report"][k]
+            for k in (
+                "merged_max_abs_logit_diff",
+                "max_logit_diff_allowed",
+                "adapter_max_abs_logit_effect",
+                "max_abs_logit",
+            )
+        },
+        "shards": len(child["report"]["files"]),
+        "threads": child["threads"],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "torch": child["torch"],
+        "python": platform.python_version(),
+    }
+    write_json(Path(args.out), result)
+    print(markdown(result))
+    print(f"written to {args.out}")
+    return 0  # a benchmark, not a test: the bound's verdict is in the output
+
+
+if __name__ == "__main__":
+    sys.exit(main())

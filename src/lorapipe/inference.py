@@ -1,0 +1,154 @@
+"""Inference: one base model in memory, any number of LoRA adapters on it by name.
+
+The base weights are loaded once; each adapter is added with peft's `load_adapter` under its
+name and chosen with `set_adapter`, so switching costs nothing and adapters share the base's
+memory. The name `base` answers with every adapter disabled. Prompts are built with
+`lorapipe.chat.build_prompt`, the function the format stage used for training, with the system
+prompt each adapter was trained with (its lineage.json), so an adapter sees the same prompt
+tokens it learnt from. Generation is `lorapipe.generation.generate`, as in evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from transformers import TextStreamer
+
+from lorapipe.chat import build_prompt, render_prompt, with_system
+from lorapipe.errors import PipelineError
+from lorapipe.generation import generate
+from lorapipe.io import parse_jsonl
+from lorapipe.lineage import LINEAGE_FILE
+from lorapipe.models import load_base_model, load_tokenizer
+
+BASE = "base"  # the name that answers with the base model alone
+
+
+class InferenceError(PipelineError, ValueError):
+    """Bad adapter names, paths or prompt files; the message names what is wrong."""
+
+
+def parse_adapter(spec: str) -> tuple[str, Path]:
+    """`name=path` -> (name, path); raises InferenceError for a malformed or reserved name."""
+    name, sep, path = spec.partition("=")
+    name = name.strip()
+    if not sep or not name or not path:
+        raise InferenceError(f"--adapter {spec!r}: expected NAME=PATH, e.g. pyqa=models/adapter")
+    if name == BASE:
+        raise InferenceError(f"--adapter {spec!r}: {BASE!r} names the base alone; pick another")
+    return name, Path(path)
+
+
+def trained_system_prompt(adapter_dir: Path) -> str | None:
+    """The `format.system_prompt` the adapter was trained with, from its lineage (None if the
+    adapter has no lineage, e.g. one not made by this pipeline)."""
+    path = adapter_dir / LINEAGE_FILE
+    if not path.is_file():
+        return None
+    params = json.loads(path.read_text(encoding="utf-8")).get("params", {})
+    return params.get("format", {}).get("system_prompt")
+
+
+def read_prompts(path: Path) -> list[list[dict[str, str]]]:
+    """The conversations to answer, from `path`: JSONL rows with `instruction` (one user turn)
+    or `messages` (ending with a user turn), or else plain text, one instruction per line."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return [[{"role": "user", "content": line}] for line in text.splitlines() if line.strip()]
+    out = []
+    for i, row in enumerate(parse_jsonl(text, str(path)), start=1):
+        if isinstance(row.get("instruction"), str):
+            out.append([{"role": "user", "content": row["instruction"]}])
+        elif isinstance(row.get("messages"), list) and row["messages"]:
+            if row["messages"][-1].get("role") != "user":
+                raise InferenceError(f"{path}: row {i}: messages must end with a user turn")
+            out.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
+        else:
+            raise InferenceError(f"{path}: row {i}: needs an 'instruction' string or 'messages'")
+    return out
+
+
+class Assistant:
+    """A base model with named adapters, answering conversations with any one of them."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        adapters: dict[str, Path],
+        *,
+        dtype: str = "auto",
+        system_prompt: str | None = None,
+    ) -> None:
+        """Load the base once and every adapter onto it; `system_prompt` overrides the trained
+        one of every adapter (and is the base's)."""
+        for name, path in adapters.items():
+            if not (path / "adapter_config.json").is_file():
+                raise InferenceError(f"adapter {name!r}: {path} has no adapter_config.json")
+        self.tokenizer = load_tokenizer(base_dir)
+        model = load_base_model(base_dir, dtype=dtype)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        if adapters:
+            from peft import PeftModel
+
+            (first, first_path), *rest = adapters.items()
+            model = PeftModel.from_pretrained(model, str(first_path), adapter_name=first)
+            for name, path in rest:
+                model.load_adapter(str(path), adapter_name=name)
+        self.model = model.eval()
+        self.system_prompts = {
+            name: system_prompt if system_prompt is not None else trained_system_prompt(path)
+            for name, path in adapters.items()
+        }
+        self.system_prompts[BASE] = system_prompt
+
+    @property
+    def names(self) -> list[str]:
+        """The adapter names, in load order, then `base`."""
+        return list(self.system_prompts)
+
+    def prompt_for(self, messages: list[dict[str, str]], name: str) -> str:
+        """The prompt `name` answers: the conversation with its system prompt, chat-templated."""
+        if name not in self.system_prompts:
+            raise InferenceError(f"unknown adapter {name!r}; loaded: {', '.join(self.names)}")
+        if len(messages) == 1 and messages[0]["role"] == "user":
+            return build_prompt(self.tokenizer, messages[0]["content"], self.system_prompts[name])
+        return render_prompt(self.tokenizer, with_system(messages, self.system_prompts[name]))
+
+    def answer(
+        self,
+        messages: list[dict[str, str]],
+        name: str,
+        *,
+        stream: TextIO | None = None,
+        max_new_tokens: int = 128,
+        **sampling: Any,
+    ) -> str:
+        """`name`'s answer to the conversation, its tokens written to `stream` as they come.
+        `sampling`: do_sample, temperature, top_p, seed, as `lorapipe.generation.generate`."""
+        prompt = self.prompt_for(messages, name)
+        streamer = None if stream is None else _Streamer(self.tokenizer, stream)
+        kwargs: dict[str, Any] = {"batch_size": 1, "max_new_tokens": max_new_tokens, **sampling}
+        adapters_off = nullcontext()
+        if name == BASE and hasattr(self.model, "disable_adapter"):
+            adapters_off = self.model.disable_adapter()
+        elif name != BASE:
+            self.model.set_adapter(name)
+        with adapters_off:
+            return generate(self.model, self.tokenizer, [prompt], streamer=streamer, **kwargs)[0]
+
+
+class _Streamer(TextStreamer):
+    """transformers' TextStreamer, writing the new text to a given stream instead of print."""
+
+    def __init__(self, tokenizer: Any, stream: TextIO) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.stream = stream
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.stream.write(text + ("\n" if stream_end else ""))
+        self.stream.flush()

@@ -1,0 +1,132 @@
+"""Inference: adapters hot-swapped on one loaded base, each answering as it does alone, with the
+training prompt format, streamed; the generate command on prompt files and stdin."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import PreTrainedModel
+
+from lorapipe import inference
+from lorapipe.formatting import format_rows
+from lorapipe.inference import BASE, Assistant
+from lorapipe.models import load_tokenizer
+from tests.test_merge import random_adapter
+
+QUESTIONS = ["What does `sorted([3, 1, 2])` return?", "What is `len('abc')`?", "hi"]
+GREEDY = {"max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two adapters with deliberately different random weights."""
+    out = tmp_path_factory.mktemp("adapters")
+    return {
+        name: random_adapter(tiny_base, out / name, seed) for name, seed in (("a", 1), ("b", 2))
+    }
+
+
+def answers(assistant: Assistant, name: str) -> list[str]:
+    return [assistant.answer([{"role": "user", "content": q}], name, **GREEDY) for q in QUESTIONS]
+
+
+def test_adapters_swap_on_one_base_and_answer_as_each_does_alone(
+    tiny_base: Path, adapters: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[Any] = []
+    real_loader = inference.load_base_model
+    real_from_pretrained = PreTrainedModel.from_pretrained.__func__  # type: ignore[attr-defined]
+
+    def counting_loader(*args: Any, **kwargs: Any) -> Any:
+        loads.append(("load_base_model", args))
+        return real_loader(*args, **kwargs)
+
+    def counting_from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
+        loads.append(("from_pretrained", args))
+        return real_from_pretrained(cls, *args, **kwargs)
+
+    # Spies that count and call the real functions: the weights really load.
+    monkeypatch.setattr(inference, "load_base_model", counting_loader)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting_from_pretrained))
+    both = Assistant(tiny_base, adapters, dtype="float32")
+    assert both.names == ["a", "b", BASE]
+    got = {name: answers(both, name) for name in ("a", "b", BASE)}
+    assert answers(both, "a") == got["a"]  # switching back: nothing of b is left on
+    assert [kind for kind, _ in loads] == ["load_base_model", "from_pretrained"]  # once, ever
+
+    monkeypatch.undo()
+    assert got["a"] != got["b"] and got["a"] != got[BASE]  # the adapters really differ
+    for name in ("a", "b"):  # each adapter alone, on a fresh base, answers the same
+        assert (
+            answers(Assistant(tiny_base, {name: adapters[name]}, dtype="float32"), name)
+            == got[name]
+        )
+    assert answers(Assistant(tiny_base, {}, dtype="float32"), BASE) == got[BASE]
+
+
+def test_prompts_are_formatted_as_in_training_and_tokens_stream(
+    tiny_base: Path, adapters: dict[str, Path]
+) -> None:
+    assistant = Assistant(tiny_base, {"a": adapters["a"]}, dtype="float32")
+    row = {"id": "0", "instruction": QUESTIONS[0], "response": "[1, 2, 3]"}
+    trained = format_rows([row], load_tokenizer(tiny_base), None)[0]["prompt"]
+    assert assistant.prompt_for([{"role": "user", "content": QUESTIONS[0]}], "a") == trained
+    stream = io.StringIO()
+    answer = assistant.answer(
+        [{"role": "user", "content": QUESTIONS[0]}], "a", stream=stream, **GREEDY
+    )
+    assert answer and stream.getvalue().strip() == answer
+
+
+def test_generate_command_answers_files_and_stdin(
+    tiny_base: Path,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from stages.generate import main
+
+    common = [
+        "--base",
+        str(tiny_base),
+        "--adapter",
+        f"a={adapters['a']}",
+        "--adapter",
+        f"b={adapters['b']}",
+        "--max-new-tokens",
+        "6",
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"instruction": q}) + "\n" for q in QUESTIONS[:2]))
+    out = tmp_path / "answers.jsonl"
+    assert main([*common, "--prompts", str(prompts), "--use", "b,a", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["adapter"] for r in rows] == ["b", "a", "b", "a"]
+    alone = Assistant(tiny_base, {"b": adapters["b"]}, dtype="float32")
+    assert rows[0]["answer"] == alone.answer(
+        [{"role": "user", "content": QUESTIONS[0]}], "b", **GREEDY
+    )
+    printed = capsys.readouterr().out
+    assert all(f"[{r['adapter']}] {r['answer']}" in printed for r in rows)
+
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO(f"{QUESTIONS[0]}\n/use b\n{QUESTIONS[0]}\n/quit\n")
+    )
+    assert main([*common, "-i", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["adapter"] for r in rows] == ["a", "b"] and rows[1]["answer"] == alone.answer(
+        [{"role": "user", "content": QUESTIONS[0]}], "b", **GREEDY
+    )
+
+    assert main([*common, "--use", "c", "hi"]) == 2
+    assert "--use 'c': not a loaded adapter" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "hi"}\n')
+    assert main([*common, "--prompts", str(bad)]) == 2
+    assert "bad.jsonl: row 1: needs an 'instruction'" in capsys.readouterr().err
