@@ -5,11 +5,12 @@ python benchmarks/merge_memory.py --dtype float32 --out /tmp/bench_merge.json
 
 Builds a Llama with TinyLlama-1.1B's published shape (hidden 2048, intermediate 5632, 22 layers,
 32 heads, 4 key/value heads, vocab 32000; benchmarks/shapes.py) and random weights, saves it in
-the merge dtype to a temporary folder, adds a random LoRA adapter (r=16 on all linear layers, B
-non-zero so the merge changes every targeted weight), then runs `lorapipe.merging.merge_adapter` (the merge stage's
-code, float64 equivalence check included) in a fresh subprocess and reports its wall time and
-peak RSS (the whole process: Python, torch and all, nothing subtracted) against the model's size
-in the merge dtype. The acceptance bound is a peak of at most 2.5x that size.
+the merge dtype to a temporary folder with a random LoRA adapter (r=16 on all linear layers, B
+non-zero so the merge changes every targeted weight), then runs `lorapipe.merging.merge_adapter`
+(the merge stage's code, float64 equivalence check included) in a fresh process and reports its
+wall time and peak RSS (the whole process: Python, torch and all, nothing subtracted) against
+the model's size in the merge dtype. The acceptance bound is a peak of at most 2.5x that size.
+Measured: README, "Merge, try, ship".
 """
 
 from __future__ import annotations
