@@ -93,7 +93,7 @@ def stage(
         # and their values go first, then our defaults, then the user's overrides (`key=value`,
         # `~key`), which thereby win.
         args = sys.argv[1:]
-        overrides = [a for a in args if "=" in a or a.startswith("~")]
+        overrides = [a for a in args if not a.startswith("-") and ("=" in a or a[:1] == "~")]
         flags = [a for a in args if a not in overrides]
         sys.argv = [sys.argv[0], *flags, *HYDRA_DEFAULTS, *hydra_defaults, *overrides]
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
