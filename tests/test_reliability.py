@@ -1,0 +1,263 @@
+"""Crash safety, secrets and reproducibility of the whole pipeline (`dvc repro` on the shrunken
+default in temporary copies, as test_pipeline does).
+
+- Two clean copies run from scratch give the same output hashes in `dvc.lock`.
+- A hub token planted in the environment ends up in no file the pipeline wrote.
+- Each stage killed with SIGKILL at several points: `dvc status` never calls a stage up to date
+  unless its outputs are the complete ones, and rerunning completes with the same hashes.
+- Ctrl-C (and SIGTERM) stops a stage with one short line, leaving the previous output intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil  # a DVC dependency
+import pytest
+import yaml
+
+from lorapipe.params import write_params
+from tests.test_pipeline import SMALL, copy_project, ran, sh
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("base", "prepare", "format", "train", "evaluate", "merge")
+# Unique, token-shaped, and never a real token.
+FAKE_TOKEN = "hf_" + "PlantedByLorapipeTests" + "x9Q2r7Lk4mZt8"
+
+
+@pytest.fixture(scope="module")
+def planted_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The fake token in HF_TOKEN (and the legacy name) for every command of this module, the
+    hub's and DVC's machine-wide caches moved under one folder (so they get searched too), and
+    a fixed commit date."""
+    caches = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", FAKE_TOKEN)
+        mp.setenv("HUGGING_FACE_HUB_TOKEN", FAKE_TOKEN)
+        mp.setenv("HF_HOME", str(caches / "hf"))
+        mp.setenv("DVC_SITE_CACHE_DIR", str(caches / "dvc-site"))
+        # Each copy commits the same tree; with one date, it is the same commit, as two clones
+        # of one commit are (the lineage records the commit sha).
+        mp.setenv("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
+        mp.setenv("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
+        yield caches
+
+
+def fresh(dest: Path) -> Path:
+    copy_project(dest)
+    sh(dest, sys.executable, "-m", "lorapipe.params", *SMALL)
+    return dest
+
+
+@dataclass
+class Run:
+    project: Path
+    output: str
+
+
+@pytest.fixture(scope="module")
+def clean_runs(tmp_path_factory: pytest.TempPathFactory, planted_env: Path) -> list[Run]:
+    """Two copies of the project, each run from scratch (`dvc repro`) with the token planted."""
+    runs = []
+    for name in ("run-a", "run-b"):
+        project = fresh(tmp_path_factory.mktemp(name))
+        output = sh(project, "dvc", "repro")
+        assert ran(output) == set(STAGES), output
+        runs.append(Run(project, output))
+    return runs
+
+
+def locked_outs(project: Path) -> dict[str, dict[str, str]]:
+    """{stage: {out path: md5}} from the project's dvc.lock."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return {
+        stage: {out["path"]: out["md5"] for out in entry.get("outs", [])}
+        for stage, entry in lock["stages"].items()
+    }
+
+
+@pytest.mark.slow
+def test_two_clean_runs_give_identical_output_hashes(clean_runs: list[Run]) -> None:
+    first, second = (locked_outs(run.project) for run in clean_runs)
+    assert set(first) == set(STAGES)
+    assert sum(len(outs) for outs in first.values()) >= 12  # every out of every stage is there
+    assert first == second
+
+
+@pytest.mark.slow
+def test_planted_token_is_in_no_file_the_pipeline_wrote(
+    clean_runs: list[Run], planted_env: Path
+) -> None:
+    """Everything under both projects (outputs, reports, .dvc/cache, .dvc/tmp, dvclive, git)
+    and the moved hub/DVC caches; the commands' own output too."""
+    needle = FAKE_TOKEN.encode()
+    searched = 0
+    for folder in [run.project for run in clean_runs] + [planted_env]:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                searched += 1
+                assert needle not in path.read_bytes(), f"token written to {path}"
+    assert searched > 100  # the search covered the runs' outputs and DVC's cache
+    assert all(FAKE_TOKEN not in run.output for run in clean_runs)
+
+
+def out_files(project: Path, out: str) -> dict[str, bytes]:
+    """Every file of one DVC out (a file or a folder), by path relative to the project."""
+    path = project / out
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(project)): p.read_bytes() for p in files}
+
+
+def dvc_env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_EXP_NAME", None)
+    return env
+
+
+def status(project: Path) -> dict[str, object]:
+    """`dvc status --json`: the stages DVC would run again, with why."""
+    done = subprocess.run(
+        ["dvc", "status", "--json"], cwd=project, env=dvc_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+# Where to kill, in pipeline order: a stage, a path that appears while it runs (glob, relative to
+# the project; it must be new in this attempt), seconds to wait after it appears, and whether to
+# kill only the stage's processes (DVC sees it fail, like the OOM killer) or DVC with it (a power
+# cut, `kill -9` of the whole job).
+KILL_POINTS = [
+    ("base", "models/.tmp-base-*", 0.0, "stage"),  # building the model
+    ("prepare", "data/.tmp-prepared-*", 0.0, "group"),  # writing the splits
+    ("prepare", "data/prepared", 0.0, "stage"),  # splits swapped in, report maybe not yet
+    ("format", "data/.tmp-formatted-*", 0.0, "stage"),
+    ("format", "data/formatted", 0.0, "group"),  # before format.json and the length plots
+    ("train", "models/.tmp-adapter-*", 3.0, "stage"),  # mid-training
+    ("train", "models/adapter", 0.0, "group"),  # adapter in place, train.json not yet
+    ("evaluate", "reports/predictions.jsonl", 0.0, "stage"),  # before metrics and report
+    ("merge", "models/.tmp-merged-*", 0.0, "group"),
+    ("merge", "models/merged", 0.0, "stage"),  # merged in place, merge.json not yet
+]
+
+
+def appeared(project: Path, pattern: str, since: float) -> bool:
+    for path in project.glob(pattern):
+        try:
+            if path.lstat().st_ctime >= since:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def kill_during(project: Path, stage: str, pattern: str, delay: float, how: str) -> bool:
+    """Run `dvc repro <stage>`; SIGKILL it when `pattern` appears. False if it ended first."""
+    since = time.time() - 0.01
+    proc = subprocess.Popen(
+        ["dvc", "repro", stage],
+        cwd=project,
+        env=dvc_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        while not appeared(project, pattern, since):
+            if proc.poll() is not None:
+                return False
+            time.sleep(0.005)
+        time.sleep(delay)
+        if how == "group":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+        return True
+    finally:
+        proc.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_killed_stages_are_never_up_to_date_with_partial_outputs(
+    clean_runs: list[Run], tmp_path: Path
+) -> None:
+    reference = clean_runs[0].project
+    locked = locked_outs(reference)
+    complete = {
+        stage: {k: v for out in outs for k, v in out_files(reference, out).items()}
+        for stage, outs in locked.items()
+    }
+    project = fresh(tmp_path / "killed")
+    killed, checked = [], 0
+    for stage, pattern, delay, how in KILL_POINTS:
+        if not kill_during(project, stage, pattern, delay, how):
+            continue
+        killed.append(f"{stage}@{pattern}")
+        stale = status(project)
+        assert stage in stale, f"{stage} killed at {pattern} but dvc status calls it up to date"
+        for name in set(STAGES) - set(stale):
+            # DVC would skip it: its outputs must be exactly a complete run's.
+            now = {k: v for out in locked[name] for k, v in out_files(project, out).items()}
+            assert now == complete[name], f"{name} up to date with partial outputs"
+            checked += 1
+    print(f"killed at {len(killed)} of {len(KILL_POINTS)} points: {killed}")  # shown with -rP
+    assert len(killed) >= 7, killed  # most points were hit (a fast write can slip past one)
+    assert checked >= 10
+    out = sh(project, "dvc", "repro")
+    assert status(project) == {}, out
+    assert locked_outs(project) == locked  # and the rerun reproduces the clean run exactly
+    leftovers = [p for p in project.rglob(".*") if p.name.startswith((".tmp-", ".old-"))]
+    assert not leftovers
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_exits_cleanly_and_keeps_the_previous_output(
+    signum: int, tmp_path: Path, tiny_base: Path, formatted: Path
+) -> None:
+    """Ctrl-C or SIGTERM mid-training: one line, exit 130, no traceback, old adapter intact."""
+    for name in ("conf", "stages"):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    write_params(
+        tmp_path,
+        [
+            f"paths.base={tiny_base}",
+            f"paths.formatted={formatted}",
+            "train.max_steps=100000",
+            "train.batch_size=2",
+        ],
+    )
+    previous = tmp_path / "models" / "adapter"
+    previous.mkdir(parents=True)
+    (previous / "adapter_model.safetensors").write_bytes(b"the previous run's adapter")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not list((tmp_path / "reports").glob(".tmp-train-*")) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(3.0)  # loading the base or training: max_steps keeps it busy for hours
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.rstrip().endswith("train: interrupted; no output was replaced"), stderr
+    assert "Traceback" not in stderr
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["adapter"]  # no temp folder
+    assert (previous / "adapter_model.safetensors").read_bytes() == b"the previous run's adapter"
+    assert not list((tmp_path / "reports").glob(".tmp-*"))
