@@ -20,8 +20,18 @@ RUNTIME_DIR = "runtime"
 
 
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (getrusage: KiB on Linux, bytes on
-    macOS)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    On Linux, `VmHWM` from /proc/self/status: it belongs to this process's own address space.
+    `getrusage`'s `ru_maxrss` is inherited across fork and kept across exec, so under `dvc repro`
+    or a benchmark driver it would report the parent's peak when that is larger. Elsewhere,
+    `ru_maxrss` (bytes on macOS, KiB on other systems).
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
