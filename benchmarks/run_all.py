@@ -69,9 +69,23 @@ def _overhead_targets(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _merge_targets(r: dict[str, Any]) -> list[Row]:
+    return [
+        (
+            f"merge of a TinyLlama-shaped model ({r['dtype']}): peak RSS / model size",
+            f"{r['ratio']:.2f}x ({r['peak_rss_mib']:.0f} of {r['model_mib']:.0f} MiB, "
+            f"{r['seconds']:.0f} s; logit diff {r['merged_max_abs_logit_diff']:.3g} "
+            f"<= {r['max_logit_diff_allowed']:.3g})",
+            f"<= {r['bound']}x",
+            bool(r["within_bound"]),
+        )
+    ]
+
+
 BENCHES = [
     Bench("eval", "eval_speed.py", (), _eval_targets),
     Bench("overhead", "overhead.py", (), _overhead_targets),
+    Bench("merge", "merge_memory.py", (), _merge_targets),
 ]
 
 
