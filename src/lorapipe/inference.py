@@ -23,7 +23,7 @@ from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
 from lorapipe.io import parse_jsonl
 from lorapipe.lineage import LINEAGE_FILE
-from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.models import load_base_model, load_tokenizer, require_safetensors
 
 BASE = "base"  # the name that answers with the base model alone
 
@@ -88,6 +88,7 @@ class Assistant:
         for name, path in adapters.items():
             if not (path / "adapter_config.json").is_file():
                 raise InferenceError(f"adapter {name!r}: {path} has no adapter_config.json")
+            require_safetensors(path)  # PEFT would unpickle an adapter_model.bin
         self.tokenizer = load_tokenizer(base_dir)
         model = load_base_model(base_dir, dtype=dtype)
         if torch.cuda.is_available():
