@@ -1,0 +1,82 @@
+"""Model FLOPs of a LoRA training step, and this machine's matrix-multiply peak.
+
+Counted per token, over the real (non-padding) tokens, matrix products only (norms, RoPE,
+softmax and the optimizer are left out, as in the usual model-FLOPs-utilisation convention):
+
+- F = weights of the frozen linear layers (attention and MLP projections and lm_head),
+  R = LoRA weights (A and B of every adapted layer: r * (in + out) each).
+- forward: 2F + 2R (a multiply-add per weight).
+- backward: 2F for the activation gradients through the frozen layers (their weight gradients
+  are never computed), 2R activation gradients + 2R weight gradients through the adapters.
+- attention, per layer and sequence of length l: QK^T and PV, 2 * 2 * l^2 * d forward
+  (d = heads * head_dim) and twice that backward (dQ, dK, dV, dP), the full l x l products as
+  the CPU kernels compute them (a causal flash kernel on a GPU skips about half).
+
+So one sequence of l tokens costs l * (4F + 6R) + 12 * layers * d * l^2. The first layer's
+input gradient is not needed yet counted (< 1/layers of 2F), so this slightly overstates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+
+def linear_weights(model: Any) -> tuple[int, int]:
+    """(F, R): frozen linear weights and LoRA weights of a peft model (bitsandbytes 4-bit layers
+    counted by their logical shape, not their packed storage)."""
+    import torch
+
+    frozen = lora = 0
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+        if not isinstance(module, torch.nn.Linear) or in_f is None or out_f is None:
+            continue
+        if ".lora_A." in f".{name}." or ".lora_B." in f".{name}." or leaf.startswith("lora_"):
+            lora += in_f * out_f
+        else:
+            frozen += in_f * out_f
+    return frozen, lora
+
+
+def attention_width(config: Any) -> tuple[int, int]:
+    """(layers, heads * head_dim) of a transformers config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, heads * head_dim
+
+
+def train_flops(model: Any, lengths: Iterable[int]) -> float:
+    """Model FLOPs of one forward + backward over sequences of `lengths` tokens (see above)."""
+    frozen, lora = linear_weights(model)
+    config = model.config
+    layers, width = attention_width(config)
+    total = 0.0
+    for length in lengths:
+        total += length * (4 * frozen + 6 * lora) + 12 * layers * width * length**2
+    return total
+
+
+def matmul_peak(
+    *, size: int = 2048, repeats: int = 5, dtype: Any = None, device: str = "cpu"
+) -> float:
+    """Best FLOP/s of `torch.matmul` on two `size` x `size` matrices (fp32 unless `dtype`),
+    with this process's thread count: the reference for the achieved FLOP/s."""
+    import torch
+
+    dtype = dtype or torch.float32
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    torch.matmul(a, b)  # warm-up: allocation and kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best

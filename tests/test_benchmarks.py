@@ -1,0 +1,73 @@
+"""The training benchmarks' own logic: the FLOP count, and the GPU script's code path on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def benchmarks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the benchmark scripts importable as they import each other (from their folder)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+
+
+def test_train_flops_counts_frozen_lora_and_attention(benchmarks: None, tiny_base: Path) -> None:
+    from flops import train_flops
+    from peft import LoraConfig, get_peft_model
+
+    from lorapipe.models import load_base_model
+
+    model = get_peft_model(
+        load_base_model(tiny_base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    c = model.config
+    h, i, layers, vocab = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    # The tiny Llama has as many key/value heads as heads: q, k, v, o are all h x h.
+    frozen = layers * (4 * h * h + 3 * h * i) + h * vocab  # + lm_head; embeddings are lookups
+    lora = layers * 2 * 4 * (h + h)  # q_proj and v_proj: A (h x r) and B (r x h)
+    expected = sum(n * (4 * frozen + 6 * lora) + 12 * layers * h * n * n for n in (5, 9))
+    assert train_flops(model, [5, 9]) == expected
+
+
+def test_gpu_script_runs_its_code_path_on_cpu(benchmarks: None, tmp_path: Path) -> None:
+    from gpu_train import main
+
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    assert main([*args, "--params", str(ROOT / "params.yaml")]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["variants"]) == {"lora-bf16", "qlora-nf4"}
+    for r in result["variants"].values():
+        assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and math.isfinite(r["loss"])
+    # Same shape and adapters, so the same FLOPs per token: QLoRA's 4-bit layers are counted
+    # by their logical shape, not by their packed storage.
+    per_token = [r["model_flops_per_s"] / r["tokens_per_s"] for r in result["variants"].values()]
+    assert per_token[0] == pytest.approx(per_token[1], rel=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script really runs")
+def test_gpu_script_skips_without_cuda(
+    benchmarks: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpu_train import main
+
+    out = tmp_path / "gpu.json"
+    assert main(["--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("skipped: no CUDA")
+    assert json.loads(out.read_text())["skipped"].startswith("skipped: no CUDA")
+
+
+def test_gpu_script_rejects_a_zero_step_count(benchmarks: None) -> None:
+    from gpu_train import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--steps", "0"])
+    assert exc.value.code == 2
