@@ -13,12 +13,15 @@ from pathlib import Path
 from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.io import atomic_dir, write_json
-from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, build_lineage, model_card
 from lorapipe.runtime import write_runtime
-from lorapipe.training import RUNTIME_KEYS, process_rank, train_adapter
 
 
 def run(params: Params) -> None:
+    # Imported here, after the config is validated: torch and the training stack take ~10-25 s
+    # to import on 2 busy cores, and a typo in params should be reported before that.
+    from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, build_lineage, model_card
+    from lorapipe.training import RUNTIME_KEYS, process_rank, train_adapter
+
     paths = params.paths
     formatted = Path(paths.formatted)
     reports = Path(paths.reports)

@@ -170,7 +170,8 @@ def test_train_stage_reports_every_problem_before_loading_anything(
     tmp_path: Path, tiny_base: Path
 ) -> None:
     """The heaviest stage, run as DVC runs it, with many problems and a base whose weights are
-    garbage: had anything loaded them first, the error would be a safetensors one."""
+    garbage: had anything loaded them first, the error would be a safetensors one. The stage
+    does not even import torch before the config is valid."""
     for name in ("conf", "stages"):
         shutil.copytree(ROOT / name, tmp_path / name)
     base = Path(local_base(tiny_base, tmp_path / "models" / "base"))
@@ -190,11 +191,15 @@ def test_train_stage_reports_every_problem_before_loading_anything(
         "model.name": str(tmp_path / "missing"),
     }
     started = time.perf_counter()
-    done = run_stage(tmp_path, "stages.train", *(f"{k}={v}" for k, v in bad.items()))
+    # -X importtime lists every module the process imported (on stderr).
+    done = run_stage(
+        tmp_path, "stages.train", *(f"{k}={v}" for k, v in bad.items()), python=("-X", "importtime")
+    )
     elapsed = time.perf_counter() - started
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "safetensors" not in done.stderr.lower()
     lines = [line.strip() for line in done.stderr.splitlines() if line.startswith("  ")]
+    lines = [line for line in lines if not line.startswith("import time:")]
     keys = [line.split(":")[0] for line in lines]
     # One line per problem: model.kind/name is one (the folder), double_quant is named by group.
     expected = {k.lstrip("+") for k in bad} - {"model.kind", "quant.double_quant"} | {"quant"}
@@ -203,4 +208,7 @@ def test_train_stage_reports_every_problem_before_loading_anything(
     # Nothing was created: no adapter, no temporary folder, no checkpoints, no reports.
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["base"]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "reports").exists()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "lorapipe.config" in imported and "hydra" in imported
+    assert not {"torch", "transformers", "peft", "safetensors"} & imported  # nothing to load with
     assert elapsed < 60, elapsed

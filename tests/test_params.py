@@ -71,11 +71,14 @@ def test_missing_params_yaml_says_what_to_do(project: Path) -> None:
         check_fresh(project)
 
 
-def run_stage(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """A stage run as DVC runs it: `python -m stages.<name>` from the project root."""
+def run_stage(
+    project: Path, *args: str, python: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """A stage run as DVC runs it: `python -m stages.<name>` from the project root (`python`:
+    interpreter options before `-m`)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=project, capture_output=True, text=True, env=env
+        [sys.executable, *python, "-m", *args], cwd=project, capture_output=True, text=True, env=env
     )
 
 
