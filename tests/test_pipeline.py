@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from lorapipe.lineage import file_md5
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -116,6 +119,60 @@ def test_merge_reproduces_adapter_logits(project: Path) -> None:
     assert report["passed"] and report["merged_max_abs_logit_diff"] <= 1e-4
     merged = project / "models" / "merged"
     assert (merged / "model.safetensors").is_file() and (merged / "lineage.json").is_file()
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_records_each_member_and_a_failure(project: Path) -> None:
+    # lora.target_modules=[nope] fails inside training (no such layer): the other member still runs.
+    cmd = [sys.executable, "-m", "stages.sweep", "-m", "hydra/launcher=submitit_local"]
+    cmd += ["hydra.sweep.dir=sweeps/t", "lora.r=2", "lora.target_modules=all-linear,[nope]"]
+    cmd += ["train.max_steps=3", "eval.max_examples=4"]
+    out = sh(project, *cmd, status=1)  # a member failed: the sweep's exit status says so
+    assert "1 member(s) failed" in out
+    sweep = project / "sweeps" / "t"
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [(r["rank"], r["status"]) for r in rows] == [("1", "completed"), ("", "failed")]
+    good, bad = rows
+    assert "lora.target_modules: nope match no layer" in bad["error"]
+    assert int(good["trainable_params"]) > 0 and float(good["train_seconds"]) > 0
+    assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert good["member"] in (sweep / "summary.md").read_text()
+
+    record = json.loads((sweep / good["member"] / "member.json").read_text())
+    assert record["overrides"] == ["lora.r=2", "lora.target_modules=all-linear", *cmd[-2:]]
+    assert record["metrics"]["adapter"]["exact_match"] == float(good["exact_match"])
+    lineage = json.loads((sweep / good["member"] / "adapter" / "lineage.json").read_text())
+    assert lineage["params"]["composed_with"] == [*SMALL, *record["overrides"]]
+    assert lineage["params"]["lora"]["r"] == 2
+    # It trained on the formatted data dvc repro made, which is still what dvc.lock records.
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    outs = {o["path"]: o["md5"] for o in lock["stages"]["format"]["outs"]}
+    assert lineage["data"]["train"]["md5"] == outs["data/formatted/train.jsonl"]
+    assert not (sweep / good["member"] / "checkpoints").exists()  # its own, removed when done
+    assert ran(sh(project, "dvc", "repro", "--dry", "format")) == set()
+
+
+@pytest.mark.slow
+def test_dvc_remote_round_trip_restores_the_adapter(project: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    sh(project, "dvc", "remote", "add", "-d", "store", str(remote))
+    sh(project, "dvc", "push")
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    # The metrics and plots DVC keeps in git (cache: false) go with the lock file, as in a repo.
+    sh(project, *git, "add", "dvc.lock", "params.yaml", ".dvc/config", "reports")
+    sh(project, *git, "commit", "-qm", "pipeline run")
+    clone = tmp_path / "clone"
+    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
+    sh(clone, "dvc", "pull")
+    adapter = Path("models") / "adapter"
+    files = sorted(p.relative_to(project / adapter) for p in (project / adapter).rglob("*"))
+    assert "adapter_model.safetensors" in {str(f) for f in files}
+    for rel in files:
+        if (project / adapter / rel).is_file():
+            assert file_md5(clone / adapter / rel) == file_md5(project / adapter / rel), rel
+    assert sorted(p.relative_to(clone / adapter) for p in (clone / adapter).rglob("*")) == files
+    assert ran(sh(clone, "dvc", "repro", "--dry", "train")) == set()  # nothing to recompute
+    shutil.rmtree(clone)
 
 
 @pytest.mark.slow

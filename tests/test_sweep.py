@@ -1,22 +1,14 @@
-"""Sweeps and artifacts: ranking members, a Hydra sweep through submitit's local launcher on a
-shrunken pipeline copy (one member fails, the other completes), and a DVC remote round trip."""
+"""Sweep summaries: ranking members, and which overrides a sweep refuses (the sweep itself and
+the DVC remote round trip run on the pipeline copy in test_pipeline.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from lorapipe.lineage import file_md5
-from lorapipe.sweep import SweepError, check_sweepable, rank
-from tests.test_pipeline import SMALL, copy_project, ran, sh
-
-FEW = ["train.max_steps=3", "eval.max_examples=6", "eval.max_new_tokens=6"]
+from lorapipe.sweep import MEMBER_FILE, SweepError, check_sweepable, rank, write_summary
 
 
 def member(name: str, status: str = "completed", **adapter: float) -> dict[str, object]:
@@ -52,66 +44,20 @@ def test_sweep_refuses_keys_that_shape_the_shared_formatted_data() -> None:
             check_sweepable(["lora.r=4", bad])
 
 
-@pytest.fixture(scope="module")
-def formatted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A shrunken pipeline copy with `dvc repro train` done: base, data, formatted, adapter."""
-    dest = copy_project(tmp_path_factory.mktemp("sweep-project"))
-    sh(dest, sys.executable, "-m", "lorapipe.params", *SMALL, *FEW)
-    out = sh(dest, "dvc", "repro", "train")
-    assert ran(out) == {"base", "prepare", "format", "train"}, out
-    return dest
-
-
-@pytest.mark.slow
-def test_submitit_local_sweep_records_each_member_and_a_failure(formatted_project: Path) -> None:
-    project = formatted_project
-    # lora.target_modules=[nope] fails inside training (no such layer): the other member still runs.
-    cmd = [sys.executable, "-m", "stages.sweep", "-m", "hydra/launcher=submitit_local"]
-    cmd += ["hydra.sweep.dir=sweeps/t", "lora.r=2", "lora.target_modules=all-linear,[nope]"]
-    out = sh(project, *cmd, status=1)  # a member failed: the sweep's exit status says so
-    assert "1 member(s) failed" in out
-    sweep = project / "sweeps" / "t"
-    rows = list(csv.DictReader((sweep / "summary.csv").open()))
-    assert [(r["rank"], r["status"]) for r in rows] == [("1", "completed"), ("", "failed")]
-    good, bad = rows
-    assert "lora.target_modules: nope match no layer" in bad["error"]
-    assert int(good["trainable_params"]) > 0 and float(good["train_seconds"]) > 0
-    assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
-    assert good["member"] in (sweep / "summary.md").read_text()
-
-    record = json.loads((sweep / good["member"] / "member.json").read_text())
-    assert record["overrides"] == ["lora.r=2", "lora.target_modules=all-linear"]
-    assert record["metrics"]["adapter"]["exact_match"] == float(good["exact_match"])
-    lineage = json.loads((sweep / good["member"] / "adapter" / "lineage.json").read_text())
-    assert lineage["params"]["composed_with"][-2:] == record["overrides"]
-    assert lineage["params"]["lora"]["r"] == 2
-    # It trained on the formatted data dvc repro made, which is still what dvc.lock records.
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    outs = {o["path"]: o["md5"] for o in lock["stages"]["format"]["outs"]}
-    assert lineage["data"]["train"]["md5"] == outs["data/formatted/train.jsonl"]
-    assert not (sweep / good["member"] / "checkpoints").exists()  # its own, removed when done
-    assert ran(sh(project, "dvc", "repro", "--dry", "format")) == set()
-
-
-@pytest.mark.slow
-def test_dvc_remote_round_trip_restores_the_adapter(
-    formatted_project: Path, tmp_path: Path
-) -> None:
-    project, remote = formatted_project, tmp_path / "remote"
-    sh(project, "dvc", "remote", "add", "-d", "store", str(remote))
-    sh(project, "dvc", "push")
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
-    sh(project, *git, "add", "dvc.lock", "params.yaml", ".dvc/config")
-    sh(project, *git, "commit", "-qm", "pipeline run")
-    clone = tmp_path / "clone"
-    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
-    sh(clone, "dvc", "pull", "train")
-    adapter = Path("models") / "adapter"
-    files = sorted(p.relative_to(project / adapter) for p in (project / adapter).rglob("*"))
-    assert "adapter_model.safetensors" in {str(f) for f in files}
-    for rel in files:
-        if (project / adapter / rel).is_file():
-            assert file_md5(clone / adapter / rel) == file_md5(project / adapter / rel), rel
-    assert sorted(p.relative_to(clone / adapter) for p in (clone / adapter).rglob("*")) == files
-    assert ran(sh(clone, "dvc", "repro", "--dry", "train")) == set()  # nothing to recompute
-    shutil.rmtree(clone)
+def test_summary_files_rank_members_read_from_their_folders(tmp_path: Path) -> None:
+    for record in (
+        member("a", exact_match=0.2),
+        member("b", exact_match=0.7),
+        member("c", "failed"),
+    ):
+        (tmp_path / str(record["member"])).mkdir()
+        (tmp_path / str(record["member"]) / MEMBER_FILE).write_text(json.dumps(record))
+    rows = write_summary(tmp_path, "adapter.exact_match")
+    assert [r["member"] for r in rows] == ["b", "a", "c"]
+    csv_lines = (tmp_path / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("rank,member,status,metric") and csv_lines[1].startswith("1,b,")
+    assert "| 1 | b | completed | 0.7000 |" in (tmp_path / "summary.md").read_text()
+    assert "2 of 3 members completed" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SweepError, match="no member"):
+        write_summary(tmp_path / "a", "adapter.exact_match")
