@@ -25,6 +25,7 @@ import psutil  # a DVC dependency
 import pytest
 import yaml
 
+from lorapipe.io import atomic_dir
 from lorapipe.params import write_params
 from tests.test_pipeline import SMALL, copy_project, ran, sh
 
@@ -261,3 +262,26 @@ def test_interrupt_exits_cleanly_and_keeps_the_previous_output(
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["adapter"]  # no temp folder
     assert (previous / "adapter_model.safetensors").read_bytes() == b"the previous run's adapter"
     assert not list((tmp_path / "reports").glob(".tmp-*"))
+
+
+def test_atomic_dir_clears_a_killed_runs_leftovers(tmp_path: Path) -> None:
+    """A SIGKILLed run leaves its temporary sibling; the next run removes it, and an output folder
+    gets an ordinary folder's mode (mkdtemp's is 0700)."""
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    for leftover in (".tmp-adapter-k1ll3d", ".old-adapter-0dd"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "weights").write_text("partial")
+    (tmp_path / ".tmp-merged-other").mkdir()  # another output's: not ours to remove
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("failed mid-write")
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-merged-other", "adapter"]
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (target / "weights").read_text() == "new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask

@@ -40,6 +40,10 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     ):
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; never read
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    # mkdtemp makes it private (0700); the output gets a plain folder's mode, as mkdir gives it.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
         # Move the old folder aside rather than deleting it first: if the swap fails, it comes back.
