@@ -141,11 +141,11 @@ def rank(records: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]
     return done + rest
 
 
-def _cell(value: Any) -> str:
+def _cell(key: str, value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.1f}" if key.endswith("seconds") else f"{value:.4f}"
     return str(value)
 
 
@@ -166,7 +166,7 @@ def render_markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
         "| " + " | ".join("---" for _ in COLUMNS) + " |",
     ]
     for r in rows:
-        cells = [_cell(r.get(k)).replace("|", "\\|").replace("\n", " ") for k in COLUMNS]
+        cells = [_cell(k, r.get(k)).replace("|", "\\|").replace("\n", " ") for k in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     failed = sum(r["status"] != "completed" for r in rows)
     lines += ["", f"{len(rows) - failed} of {len(rows)} members completed.", ""]
@@ -182,6 +182,7 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, out: Path) -> bool:
 
     matplotlib.use("Agg")  # files only: no display on servers and cluster nodes
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     done = [r for r in rows if r["rank"] is not None]
     if not done:
@@ -210,6 +211,9 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, out: Path) -> bool:
         xs = [r[key] for r in done if r[key]]
         if key == "trainable_params" and xs and max(xs) >= 10 * min(xs):
             ax.set_xscale("log")
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(5))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3, zorder=0)
