@@ -7,6 +7,7 @@ while under DVC the stage reads exactly the `params.yaml` that `dvc.lock` record
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -54,9 +55,15 @@ def stage(
         # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary folders are cleaned up;
         # either way the stage ends with one short line, no traceback.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        interrupted = False
         try:
             _main()
         except KeyboardInterrupt:
+            interrupted = True
+        if interrupted:
+            # Outside the except block the traceback is gone, so the trainer and its progress
+            # bar are freed now; collected, the bar prints its last line before ours, not after.
+            gc.collect()
             print(f"\n{name}: interrupted; no output was replaced", file=sys.stderr)
             sys.exit(130)
 
