@@ -271,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from lorapipe.io import write_json
 
-    result = measure(layers=args.layers, seq_len=args.seq_len, params_file=Path(args.params))
+    try:
+        result = measure(layers=args.layers, seq_len=args.seq_len, params_file=Path(args.params))
+    except RuntimeError as exc:  # a subprocess failed: its stderr tail is in the message
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
     write_json(Path(args.out), result)
     print(markdown(result))
     print(f"written to {args.out}")

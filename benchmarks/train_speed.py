@@ -154,7 +154,7 @@ def measure(
     formatted = Path(raw["paths"]["formatted"])
     for path in (base / "config.json", formatted / "train.jsonl", formatted / "val.jsonl"):
         if not path.is_file():
-            raise SystemExit(f"bench: error: needs {path}: run `make repro` (or dvc repro format)")
+            raise FileNotFoundError(f"needs {path}: run `make repro` (or dvc repro format)")
     train = read_jsonl(formatted / "train.jsonl")
     total = len(train)
     train = train[:examples] if examples else train
@@ -268,12 +268,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from lorapipe.io import write_json
 
-    result = measure(
-        Path(args.params),
-        examples=args.examples,
-        sweep=sweep,
-        epochs=args.epochs,  # type: ignore[arg-type]
-    )
+    pairs = [(b, a) for b, a in sweep]
+    try:
+        result = measure(Path(args.params), examples=args.examples, sweep=pairs, epochs=args.epochs)
+    except FileNotFoundError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
     write_json(Path(args.out), result)
     print(markdown(result))
     print(f"written to {args.out}")
