@@ -82,10 +82,60 @@ def _merge_targets(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _train_targets(r: dict[str, Any]) -> list[Row]:
+    a, p = r["sides"]["article"], r["sides"]["pipeline"]
+    return [
+        (
+            "training: supervised tokens/s, pipeline vs the article's recipe, val loss beside",
+            f"{r['speedup']:.2f}x; val loss {p['val_loss']:.4f} vs {a['val_loss']:.4f}",
+            ">= 2x at equal or better val loss",
+            bool(r["holds"]),
+        ),
+        (
+            "training step: achieved FLOP/s / measured fp32 matmul peak",
+            f"pipeline {100 * p['matmul_peak_fraction']:.1f}%, article "
+            f"{100 * a['matmul_peak_fraction']:.1f}% of "
+            f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s",
+            "(reported)",
+            None,
+        ),
+    ]
+
+
+def _memory_targets(r: dict[str, Any]) -> list[Row]:
+    v = r["variants"]
+    return [
+        (
+            "TinyLlama-shaped LoRA step (seq 256, batch 1): NF4 peak RSS / fp32 peak RSS",
+            f"{100 * r['ratio']:.1f}% ({v['nf4']['peak_rss_mib']:.0f} / "
+            f"{v['fp32']['peak_rss_mib']:.0f} MiB; anonymous memory {100 * r['anon_ratio']:.1f}%)",
+            f"<= {100 * r['bound']:.0f}%",
+            bool(r["within_bound"]),
+        )
+    ]
+
+
+def _gpu_targets(r: dict[str, Any]) -> list[Row]:
+    if "skipped" in r:
+        return [("GPU: LoRA bf16 / QLoRA tokens/s and MFU", r["skipped"], "(reported)", None)]
+    return [
+        (
+            f"GPU {name}: tokens/s, MFU",
+            f"{v['tokens_per_s']:.0f} tokens/s, MFU {100 * v['mfu']:.1f}%",
+            "(reported)",
+            None,
+        )
+        for name, v in r["variants"].items()
+    ]
+
+
 BENCHES = [
+    Bench("train", "train_speed.py", (), _train_targets),
     Bench("eval", "eval_speed.py", (), _eval_targets),
     Bench("overhead", "overhead.py", (), _overhead_targets),
+    Bench("memory", "train_memory.py", (), _memory_targets),
     Bench("merge", "merge_memory.py", (), _merge_targets),
+    Bench("gpu", "gpu_train.py", (), _gpu_targets),
 ]
 
 
