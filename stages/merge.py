@@ -16,6 +16,7 @@ from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
 from lorapipe.lineage import LINEAGE_FILE
 from lorapipe.merging import merge_adapter, merged_lineage
+from lorapipe.models import check_merge_dtype, require_safetensors
 from lorapipe.runtime import peak_rss_mib, write_runtime
 
 
@@ -24,6 +25,9 @@ def run(params: Params) -> None:
     # A push without a token fails now, not after minutes of merging (the repo id is checked
     # with the config). The token stays in this variable: never in a file, report or message.
     token = push_token() if cfg.push_to_hub and not cfg.push_dry_run else None
+    # Both read only small files, so a bad merge.dtype or a pickled adapter stops before loading.
+    check_merge_dtype(Path(paths.base), params.merge.dtype)
+    require_safetensors(Path(paths.adapter))
     probes = read_jsonl(Path(paths.formatted) / "test.jsonl")[: params.merge.probe_examples]
     started = time.perf_counter()
     with atomic_dir(Path(paths.merged)) as out:
