@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 import yaml
+from output import publish
 
 from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
-from lorapipe.io import read_jsonl, write_json
+from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.scoring import score
 
@@ -205,10 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    write_json(Path(args.out), result)
-    print(markdown(result))
-    print(f"written to {args.out}")
-    return 0
+    return publish(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

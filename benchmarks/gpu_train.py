@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 from flops import matmul_peak, train_flops
+from output import publish
 from shapes import build_random_base
 
 VARIANTS = ("lora-bf16", "qlora-nf4")
@@ -226,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = measure(args)
-    write_json(Path(args.out), result)
-    print(markdown(result))
-    print(f"written to {args.out}")
-    return 0
+    return publish(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from output import publish  # light: no torch, this process stays small
 from shapes import TINYLLAMA
 
 BOUND = 2.5  # acceptance: peak RSS <= 2.5x the model's size in the merge dtype
@@ -132,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from lorapipe.io import write_json  # light: this process stays small (see run_child)
-
     with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
         built = run_child("build", tmp, args.dtype, str(args.layers))
         child = run_child("merge", tmp, args.dtype)
@@ -167,10 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": child["torch"],
         "python": platform.python_version(),
     }
-    write_json(Path(args.out), result)
-    print(markdown(result))
-    print(f"written to {args.out}")
-    return 0  # a benchmark, not a test: the bound's verdict is in the output
+    return publish(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from output import publish
+
 from lorapipe.errors import PipelineError
-from lorapipe.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    write_json(Path(args.out), result)
-    print(markdown(result))
-    return 0
+    return publish(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

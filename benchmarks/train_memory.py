@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from output import publish
 from shapes import TINYLLAMA, build_random_base
 
 BOUND = 0.35  # acceptance: NF4 peak RSS <= 35% of the fp32 peak
@@ -269,17 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(Path(args.base), args.child, args.seq_len, Path(args.params))))
         return 0
-    from lorapipe.io import write_json
 
     try:
         result = measure(layers=args.layers, seq_len=args.seq_len, params_file=Path(args.params))
     except RuntimeError as exc:  # a subprocess failed: its stderr tail is in the message
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
-    write_json(Path(args.out), result)
-    print(markdown(result))
-    print(f"written to {args.out}")
-    return 0  # measured; whether the bound holds is in the JSON (`within_bound`) and the table
+    return publish(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 from flops import matmul_peak, train_flops
+from output import publish
 from transformers import TrainerCallback
 
 # The article's TrainingArguments (seed article, "Training with SFTTrainer").
@@ -266,18 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     if any(len(s) != 2 or min(s) < 1 for s in sweep):
         parser.error("--sweep takes BATCH,ACCUM pairs of positive integers, e.g. 8,1 16,1")
 
-    from lorapipe.io import write_json
-
     pairs = [(b, a) for b, a in sweep]
     try:
         result = measure(Path(args.params), examples=args.examples, sweep=pairs, epochs=args.epochs)
     except FileNotFoundError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
-    write_json(Path(args.out), result)
-    print(markdown(result))
-    print(f"written to {args.out}")
-    return 0
+    return publish(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":
