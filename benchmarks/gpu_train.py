@@ -49,20 +49,15 @@ TINY = {
 def load_variant(base: Path, variant: str, params: Any, device: str) -> Any:
     """The base loaded as the pipeline's train stage loads it for `variant`, with LoRA."""
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     from lorapipe.config import QuantCfg
     from lorapipe.models import load_base_model
-    from lorapipe.training import lora_config
+    from lorapipe.training import load_for_training, lora_config
 
     if variant == "qlora-nf4":
         quant = QuantCfg(mode="nf4", compute_dtype="bfloat16", double_quant=True)
-        model = load_base_model(base, dtype="bfloat16", quant=quant)
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=params.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model, _ = load_for_training(base, params.model_copy(update={"quant": quant}), "bfloat16")
         model = get_peft_model(model, lora_config(params))
         trainable_dtype = torch.bfloat16  # what TRL casts QLoRA adapters to under bf16
     else:

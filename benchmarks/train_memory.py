@@ -8,14 +8,17 @@ Builds a Llama with TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, 22 l
 safetensors (the dtype TinyLlama is published in) to a temporary folder, then, each variant in
 a fresh subprocess so that each peak is its own:
 
-- fp32: `lorapipe.models.load_base_model(dtype="float32")`, as `train.precision: auto` loads on CPU;
-- nf4:  the same call with `quant=nf4` (bitsandbytes 4-bit NormalFloat, double quantisation,
-  float32 compute: `quant.compute_dtype: auto` on CPU), then peft's
-  `prepare_model_for_kbit_training`, as lorapipe.training does,
+- fp32: the base loaded in float32, as `train.precision: auto` loads it on CPU;
+- nf4:  `quant=nf4` (bitsandbytes 4-bit NormalFloat, double quantisation, float32 compute:
+  `quant.compute_dtype: auto` on CPU),
 
-then `get_peft_model` with the pipeline's LoRA config (params.yaml `lora`) and one training step:
-forward and backward on one sequence of `--seq-len` random tokens (batch 1, labels = inputs) and
-one AdamW step on the LoRA weights. Peak RSS is `getrusage(RUSAGE_SELF).ru_maxrss` of the child:
+each through `lorapipe.training.load_for_training`, the train stage's own loading: a converting
+load reads the checkpoint one tensor at a time (`lorapipe.models.read_by_tensor`); a quantised
+base gets glibc's fixed mmap threshold (`lorapipe.runtime.fix_mmap_threshold`), peft's
+`prepare_model_for_kbit_training` and, with `train.gradient_checkpointing: auto`, recomputed
+activations (fp32: none). Then `get_peft_model` with the pipeline's LoRA config (params.yaml
+`lora`) and one training step: forward and backward on one sequence of `--seq-len` random tokens
+(batch 1, labels = inputs) and one AdamW step on the LoRA weights. Peak RSS is the child's VmHWM:
 the whole process (Python, torch, the libraries and the model), nothing subtracted. Acceptance:
 NF4's peak at most 35% of fp32's.
 """
@@ -103,24 +106,17 @@ def child(base_dir: Path, variant: str, seq_len: int, params_file: Path) -> dict
     """Load the base the pipeline's way, add LoRA, run one training step; the measurements."""
     import torch
     import yaml
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     from lorapipe.config import validate
-    from lorapipe.models import load_base_model
-    from lorapipe.training import _trainables_to_fp32, lora_config
+    from lorapipe.training import _trainables_to_fp32, load_for_training, lora_config
 
     params = validate(yaml.safe_load(params_file.read_text()))
+    params = params.model_copy(update={"quant": quant_for(variant)})
     sampler = MemorySampler()
     after_imports = sampler.snapshot()
-    quant = quant_for(variant)
     t0 = time.perf_counter()
-    model = load_base_model(base_dir, dtype="float32", quant=quant)
-    if quant.mode != "none":  # as lorapipe.training.train_adapter prepares a quantized base
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=params.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    model, recompute = load_for_training(base_dir, params, "float32")  # as the train stage
     model = get_peft_model(model, lora_config(params))
     _trainables_to_fp32(model)
     load_seconds = time.perf_counter() - t0
@@ -148,6 +144,7 @@ def child(base_dir: Path, variant: str, seq_len: int, params_file: Path) -> dict
         "load_seconds": round(load_seconds, 2),
         "step_seconds": round(step_seconds, 2),
         "loss": round(float(loss), 4),
+        "gradient_checkpointing": recompute,
         "base_weights_mib": round(base_bytes / 2**20, 1),
         "trainable_params": sum(p.numel() for p in trainable),
         "threads": torch.get_num_threads(),
@@ -158,9 +155,8 @@ def child(base_dir: Path, variant: str, seq_len: int, params_file: Path) -> dict
 def _subprocess(*args: str) -> dict[str, Any]:
     """This script with `args` in a fresh interpreter; the JSON its last line prints.
 
-    Every measurement runs in its own process, and this parent never imports torch: on Linux a
-    child's getrusage peak starts from the parent's RSS at fork, so a parent holding the model
-    would raise every child's peak.
+    Every measurement runs in its own process, so each peak (and each process's allocator
+    settings: `fix_mmap_threshold` is for the process's lifetime) is that variant's alone.
     """
     src = Path(__file__).resolve().parents[1] / "src"
     path = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
@@ -175,8 +171,8 @@ def _subprocess(*args: str) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     rows = [
         "| variant | base weights (MiB) | peak RSS (MiB) | % of fp32 | of which file pages "
-        "| peak anonymous (MiB) | % of fp32 | load s | step s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak anonymous (MiB) | % of fp32 | load s | step s | recomputes activations |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     fp32 = result["variants"]["fp32"]
     for name, v in result["variants"].items():
@@ -185,7 +181,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{100 * v['peak_rss_mib'] / fp32['peak_rss_mib']:.1f}% | "
             f"{v['file_pages_at_peak_mib']:.0f} | {v['peak_anon_mib']:.0f} | "
             f"{100 * v['peak_anon_mib'] / fp32['peak_anon_mib']:.1f}% | "
-            f"{v['load_seconds']:.1f} | {v['step_seconds']:.1f} |"
+            f"{v['load_seconds']:.1f} | {v['step_seconds']:.1f} | "
+            f"{'yes' if v['gradient_checkpointing'] else 'no'} |"
         )
     verdict = "PASS" if result["within_bound"] else "FAIL"
     return "\n".join(

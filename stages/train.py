@@ -41,9 +41,10 @@ def run(params: Params) -> None:
         )
         write_json(out / LINEAGE_FILE, lineage)
         (out / CARD_FILE).write_text(model_card(lineage), encoding="utf-8")  # replaces PEFT's
-    # Numbers only, for `dvc metrics diff`; device and precision are in lineage.json. Seconds
-    # and memory go to reports/runtime/train.json (git, not DVC): they differ on every run.
-    metrics = {k: v for k, v in summary.items() if not isinstance(v, str)}
+    # Numbers only, for `dvc metrics diff`; device, precision and gradient checkpointing are in
+    # lineage.json. Seconds and memory go to reports/runtime/train.json (git, not DVC): they
+    # differ on every run.
+    metrics = {k: v for k, v in summary.items() if not isinstance(v, (str, bool))}
     write_json(reports / "train.json", {k: v for k, v in metrics.items() if k not in RUNTIME_KEYS})
     write_runtime(reports, "train", {k: v for k, v in metrics.items() if k in RUNTIME_KEYS})
     print(

@@ -45,3 +45,22 @@ def test_tiny_model_needs_an_architecture(raw: dict) -> None:
     bad["model"]["architecture"] = None
     with pytest.raises(ConfigError, match=r"needs model\.architecture"):
         validate(bad)
+
+
+@pytest.mark.parametrize(
+    ("setting", "quant", "recompute"),
+    [("auto", "none", False), ("auto", "nf4", True), (False, "nf4", False), (True, "none", True)],
+)
+def test_gradient_checkpointing_auto_is_on_for_qlora_only(
+    raw: dict, setting: bool | str, quant: str, recompute: bool
+) -> None:
+    raw["train"]["gradient_checkpointing"] = setting
+    raw["quant"] = {"mode": quant}
+    params = validate(raw)
+    assert params.train.checkpointing(params.quant) is recompute
+
+
+def test_gradient_checkpointing_takes_auto_or_a_boolean(raw: dict) -> None:
+    raw["train"]["gradient_checkpointing"] = "sometimes"
+    with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing"):
+        validate(raw)

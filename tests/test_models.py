@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,110 @@ def test_unreachable_hub_model_says_what_to_do(
     cfg = ModelCfg(kind="hub", name="TinyLlama/TinyLlama-1.1B-Chat-v1.0", revision="main")
     with pytest.raises(ModelSourceError, match="kind: local"):
         build_base(cfg, tmp_path / "base")
+
+
+def test_a_converting_load_reads_tensor_by_tensor_and_equals_from_pretrained(
+    tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 from the fp32 tiny base and NF4 go through read_by_tensor (pread, one tensor at a
+    time, every shard of a sharded checkpoint) and give exactly what transformers' own
+    from_pretrained gives; a load in the stored dtype stays memory-mapped."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import lorapipe.models as models
+    from lorapipe.config import QuantCfg
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_base, sharded)
+    (sharded / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(sharded, max_shard_size="300KB")
+    reads: list[int] = []
+    real = models.read_by_tensor
+
+    def counted(folder: Path) -> models.TensorReader | None:
+        reader = real(folder)
+        reads.append(len(reader.files) if reader is not None else 0)
+        return reader
+
+    monkeypatch.setattr(models, "read_by_tensor", counted)
+
+    load_base_model(sharded, dtype="float32")  # stored dtype: no conversion, mmap
+    assert reads == []
+    ours = load_base_model(sharded, dtype="bfloat16")
+    assert reads == [len(list(sharded.glob("*.safetensors")))] and reads[0] > 1  # every shard
+    theirs = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.bfloat16)
+    mine, want = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == want.keys() and all(torch.equal(mine[k], want[k]) for k in want)
+    assert ours.dtype == torch.bfloat16
+    assert ours.generation_config == theirs.generation_config
+    assert ours.name_or_path == ours.config._name_or_path == str(sharded)
+
+    nf4 = QuantCfg(mode="nf4", compute_dtype="float32", double_quant=True)
+    quantized = load_base_model(sharded, quant=nf4)
+    assert len(reads) == 2
+    reference = AutoModelForCausalLM.from_pretrained(
+        sharded,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    quantized.train(), reference.train()  # bitsandbytes' CPU inference kernel needs other shapes
+    assert type(quantized.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert torch.equal(quantized(ids).logits, reference(ids).logits)
+
+
+FRAGMENT = """
+import sys
+from pathlib import Path
+from lorapipe.runtime import fix_mmap_threshold
+if sys.argv[1] == "fixed":
+    assert fix_mmap_threshold()
+def anon():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) // 1024
+big = b"1" * (24 << 20)  # served by mmap; freeing it raises glibc's adaptive threshold to 24 MiB
+del big
+before = anon()
+# 128 MiB in 4 MiB blocks, each followed by a small block that stays (as the tensors a step
+# keeps do), so that freed, the big ones are holes the heap cannot shrink past
+pairs = [(b"2" * (4 << 20), b"3" * (64 << 10)) for _ in range(32)]
+kept = [small for _, small in pairs]
+del pairs
+print(anon() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+@pytest.mark.parametrize(
+    ("mode", "kept_at_least", "kept_at_most"), [("adaptive", 100, None), ("fixed", None, 16)]
+)
+def test_a_fixed_mmap_threshold_gives_freed_blocks_back(
+    mode: str, kept_at_least: int | None, kept_at_most: int | None
+) -> None:
+    """After a big block is freed, glibc serves 4 MiB blocks from the heap and keeps them once
+    freed (the QLoRA step's ~700 MiB); with fix_mmap_threshold they go back to the system."""
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run(
+        [sys.executable, "-c", FRAGMENT, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    kept = int(done.stdout.strip())
+    if kept_at_least is not None:
+        assert kept >= kept_at_least, kept
+    if kept_at_most is not None:
+        assert kept <= kept_at_most, kept

@@ -56,6 +56,7 @@ def test_identical_runs_write_identical_adapter_folders(
     assert lineage["training"] == {
         "device": "cpu",
         "precision": "fp32",
+        "gradient_checkpointing": False,  # auto: off without quantisation
         "trainable_params": first_report["trainable_params"],
         "total_params": first_report["total_params"],
     }

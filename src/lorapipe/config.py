@@ -248,12 +248,20 @@ class TrainCfg(_Group):
     logging_steps: int = Field(gt=0)
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    # auto: on when the base is quantised (QLoRA's usual setting, as peft's
+    # prepare_model_for_kbit_training defaults), off otherwise (faster); true / false force it.
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
     early_stopping_patience: int | None = Field(default=None, gt=0)
     save_strategy: Literal["epoch", "steps", "no"] = "epoch"
     save_steps: int = Field(default=500, gt=0)
     save_total_limit: int | None = Field(default=2, gt=0)
     resume: bool = True
+
+    def checkpointing(self, quant: QuantCfg) -> bool:
+        """Whether training recomputes activations: `gradient_checkpointing`, auto resolved."""
+        if self.gradient_checkpointing == "auto":
+            return quant.mode != "none"
+        return bool(self.gradient_checkpointing)
 
     @field_validator("max_steps")
     @classmethod

@@ -21,7 +21,13 @@ from lorapipe.models import read_pin
 LINEAGE_FILE = "lineage.json"
 CARD_FILE = "README.md"
 # What train_adapter reports that belongs in lineage: fixed for identical runs on one machine.
-TRAINING_FACTS = ("device", "precision", "trainable_params", "total_params")
+TRAINING_FACTS = (
+    "device",
+    "precision",
+    "gradient_checkpointing",
+    "trainable_params",
+    "total_params",
+)
 # Only distributed runs report these (processes, and the rank that wrote the adapter), so the
 # lineage of a single-process run is unchanged.
 DISTRIBUTED_FACTS = ("world_size", "writer_rank")

@@ -222,8 +222,18 @@ def resolve_dtype(name: str) -> torch.dtype:
 def load_base_model(
     base_dir: Path, *, dtype: str = "float32", quant: QuantCfg | None = None
 ) -> Any:
-    """Load the base causal LM in `dtype`, or 4-/8-bit per `quant` (bitsandbytes, CPU or GPU)."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    """Load the base causal LM in `dtype`, or 4-/8-bit per `quant` (bitsandbytes, CPU or GPU).
+
+    A local checkpoint that the load converts (quantises, or casts to another dtype) is read one
+    tensor at a time (`read_by_tensor`); one loaded as it is stored stays memory-mapped.
+    """
+    from transformers import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        AutoConfig,
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        GenerationConfig,
+    )
 
     name, revision, trust = source_of(base_dir)
     kwargs: dict[str, Any] = {
@@ -246,4 +256,69 @@ def load_base_model(
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     else:
         kwargs["dtype"] = resolve_dtype(dtype)
-    return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+    state = read_by_tensor(Path(name)) if not trust and _converts(Path(name), kwargs) else None
+    config: Any = AutoConfig.from_pretrained(name) if state is not None else None
+    if state is None or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+    kwargs.pop("trust_remote_code")  # False here: the class is transformers' own
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    # Without a folder to read from, from_pretrained leaves out what it would take from there.
+    model.name_or_path = model.config._name_or_path = name
+    if (Path(name) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    return model
+
+
+def _converts(folder: Path, kwargs: dict[str, Any]) -> bool:
+    """Whether loading the checkpoint in `folder` with `kwargs` turns every weight into
+    something else: quantises it, or casts it to another dtype than it is stored in. False for
+    a checkpoint saved quantised, which loads as it is."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return False
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("quantization_config"):
+        return False
+    if "quantization_config" in kwargs:
+        return True
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored is not None and stored != str(kwargs["dtype"]).removeprefix("torch.")
+
+
+class TensorReader(dict[str, Any]):
+    """Tensor name -> safetensors slice, read only when the loader asks for that tensor; it
+    holds the open files for as long as it lives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: list[Any] = []
+
+
+def read_by_tensor(folder: Path) -> TensorReader | None:
+    """The checkpoint in `folder` as lazily read tensors, or None when it has no safetensors.
+
+    Written here because transformers memory-maps every shard for the whole load: when each
+    weight is converted (quantised, or cast from bfloat16 to float32) the new copy is what the
+    model keeps, yet every page of the file that was read stays in the process's resident memory
+    until the load ends (2.2 GB at TinyLlama's shape, more than its NF4 weights). Reading one
+    tensor at a time with pread puts the file in the page cache instead, where the kernel drops
+    it as it likes, and lets the loader quantise one weight at a time.
+    """
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        return None
+    state = TensorReader()
+    for file in files:
+        handle = safe_open(str(folder / file), framework="pt", device="cpu", backend="pread")
+        state.files.append(handle)
+        for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+            state[key] = handle.get_slice(key)
+    return state

@@ -23,7 +23,7 @@ from lorapipe.config import Params
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
-from lorapipe.runtime import peak_rss_mib
+from lorapipe.runtime import fix_mmap_threshold, peak_rss_mib
 
 # Logged values that measure the machine, not the model (eval_runtime, ..._per_second): left out
 # of the curves, which are a DVC output and must hash the same on every identical run.
@@ -236,6 +236,31 @@ def _mean_train_loss(log_history: list[dict[str, Any]], result: Any, resumed_ste
     return (weighted + float(result.training_loss) * this_call) / max(previous + this_call, 1)
 
 
+CHECKPOINTING = {"use_reentrant": False}  # non-reentrant: works with frozen inputs under PEFT
+
+
+def load_for_training(base_dir: Path, params: Params, dtype: str) -> tuple[Any, bool]:
+    """The base as training takes it, before LoRA: in `dtype`, or quantised per `params.quant`
+    and prepared by peft's prepare_model_for_kbit_training (norms in fp32, input gradients),
+    with glibc's mmap threshold fixed first (`fix_mmap_threshold`). Returns the model and
+    whether training recomputes activations (`train.gradient_checkpointing`, auto resolved)."""
+    from peft import prepare_model_for_kbit_training
+
+    quantized = params.quant.mode != "none"
+    if quantized:
+        fix_mmap_threshold()
+    model = load_base_model(base_dir, dtype=dtype, quant=params.quant)
+    recompute = params.train.checkpointing(params.quant)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recompute, gradient_checkpointing_kwargs=CHECKPOINTING
+        )
+    if recompute:
+        # The KV cache is useless in training and clashes with recomputing activations.
+        model.config.use_cache = False
+    return model, recompute
+
+
 def train_adapter(
     params: Params,
     base_dir: Path,
@@ -259,7 +284,7 @@ def train_adapter(
     """
     from datasets import Dataset
     from dvclive import Live
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     from transformers import EarlyStoppingCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -277,19 +302,9 @@ def train_adapter(
 
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(base_dir)
-    model = load_base_model(base_dir, dtype=MODEL_DTYPES[precision], quant=params.quant)
+    model, recompute = load_for_training(base_dir, params, MODEL_DTYPES[precision])
     check_target_modules(model, params.lora.target_modules)
     check_modules_to_save(model, params.lora.modules_to_save)
-    checkpointing = {"use_reentrant": False}  # non-reentrant: works with frozen inputs under PEFT
-    if params.quant.mode != "none":
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=cfg.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing,
-        )
-    if cfg.gradient_checkpointing:
-        # The KV cache is useless in training and clashes with recomputing activations.
-        model.config.use_cache = False
     model = get_peft_model(model, lora_config(params))
     trainable, total = trainable_parameters(model)
     print(f"train: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -323,8 +338,8 @@ def train_adapter(
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
         restore_callback_states_from_checkpoint=True,  # early stopping's patience count resumes too
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs=checkpointing if cfg.gradient_checkpointing else None,
+        activation_checkpointing=recompute,
+        activation_checkpointing_kwargs=CHECKPOINTING if recompute else None,
         logging_steps=cfg.logging_steps,
         logging_nan_inf_filter=False,  # a NaN step must reach the logged loss, not be averaged away
         report_to="none",
@@ -384,6 +399,7 @@ def train_adapter(
             "total_params": total,
             "device": device_name(),
             "precision": precision,
+            "gradient_checkpointing": recompute,
         }
         if args.world_size > 1:  # recorded in lineage: who wrote the adapter, out of how many
             summary.update(world_size=args.world_size, writer_rank=args.process_index)
