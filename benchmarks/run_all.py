@@ -87,8 +87,9 @@ def _train_targets(r: dict[str, Any]) -> list[Row]:
     return [
         (
             "training: supervised tokens/s, pipeline vs the article's recipe, val loss beside",
-            f"{r['speedup']:.2f}x; val loss {p['val_loss']:.4f} vs {a['val_loss']:.4f}",
-            ">= 2x at equal or better val loss",
+            f"{r['speedup']:.2f}x (mean of {r['rounds']} runs each); val loss "
+            f"{p['val_loss']:.6f} vs {a['val_loss']:.6f}",
+            f">= 2x at equal (within {100 * r['val_loss_tolerance']:g}%) or better val loss",
             bool(r["holds"]),
         ),
         (
