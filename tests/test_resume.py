@@ -120,7 +120,8 @@ def test_checkpoints_from_other_params_are_discarded(
 
     began = FirstStep()
     capsys.readouterr()
-    other = train_params(*RESUMABLE, "train.learning_rate=1e-3")
+    rate = params.train.learning_rate / 2
+    other = train_params(*RESUMABLE, f"train.learning_rate={rate}")
     summary = run(other, tiny_base, formatted, tmp_path / "other", callbacks=[began])
     out = capsys.readouterr().out
     assert "discarding checkpoints" in out and "train.learning_rate" in out

@@ -91,7 +91,9 @@ def test_model_card_has_hub_front_matter_and_the_recipe(
         "library_name": "peft",
         "tags": ["lora", "sft", "trl", "lorapipe", "qlora"],
     }
-    assert "r=16, alpha=32.0" in body and "learning rate 0.002" in body
+    lora, train = params.lora, params.train
+    assert f"r={lora.r}, alpha={float(lora.alpha)}" in body
+    assert f"learning rate {train.learning_rate}" in body
     assert file_md5(formatted / "val.jsonl") in body
     assert "reports/metrics.json" in body
     assert "Model Card for Model ID" not in card  # ours replaced the template PEFT writes
