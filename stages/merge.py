@@ -14,7 +14,7 @@ from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
-from lorapipe.lineage import LINEAGE_FILE
+from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, model_card
 from lorapipe.merging import merge_adapter, merged_lineage
 from lorapipe.models import check_merge_dtype, require_safetensors
 from lorapipe.runtime import peak_rss_mib, write_runtime
@@ -40,7 +40,9 @@ def run(params: Params) -> None:
             max_logit_diff=cfg.max_logit_diff,
             max_shard_size=cfg.max_shard_size,
         )
-        write_json(out / LINEAGE_FILE, merged_lineage(Path(paths.adapter), report))
+        lineage = merged_lineage(Path(paths.adapter), report)
+        write_json(out / LINEAGE_FILE, lineage)
+        (out / CARD_FILE).write_text(model_card(lineage), encoding="utf-8")  # the hub's page
     seconds = time.perf_counter() - started
     reports = Path(paths.reports)
     write_json(reports / "merge.json", report)

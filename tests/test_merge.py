@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from lorapipe.config import ConfigError, Params, validate
 from lorapipe.hub import HubPushError, push_folder
 from lorapipe.io import write_json, write_jsonl
-from lorapipe.lineage import LINEAGE_FILE, build_lineage
+from lorapipe.lineage import LINEAGE_FILE, build_lineage, file_md5
 from lorapipe.merging import (
     RELATIVE_MAX_LOGIT_DIFF,
     MergeCheckError,
@@ -209,9 +210,18 @@ def test_merge_stage_keeps_runtime_out_of_its_report_and_dry_runs_a_push(
     lineage = json.loads((merged / LINEAGE_FILE).read_text())
     assert lineage["params"]["lora"] == params.model_dump(mode="json")["lora"]
     assert lineage["merge"]["dtype"] == "float32" and lineage["merge"]["passed"]
+    # The model card the hub shows: a plain transformers model, with the merge check's result.
+    _, front, body = (merged / "README.md").read_text().split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and "merged" in meta["tags"]
+    assert meta["base_model"] == lineage["base_model"]["name"]
+    assert "no peft needed" in body and "weights in float32" in body
+    assert f"{report['merged_max_abs_logit_diff']:.3g} (allowed 0.0001)" in body
+    assert file_md5(adapter_with_lineage / "adapter_model.safetensors") in body
     size = (merged / "model.safetensors").stat().st_size
     assert "would upload" in printed and "someone/tiny-merged" in printed
     assert f"{size / 2**20:10.2f} MiB  model.safetensors" in printed
+    assert "README.md" in printed  # the card goes up with the weights
     for path in [*merged.rglob("*"), *reports.rglob("*")]:
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in printed

@@ -107,15 +107,19 @@ def build_lineage(
 
 
 def model_card(lineage: dict[str, Any]) -> str:
-    """A Hugging Face model card (README.md) for the adapter described by `lineage`.
+    """A Hugging Face model card (README.md) for the adapter described by `lineage`, or, when
+    the lineage has a `merge` entry (the merge stage's), for the merged model.
 
     Deterministic: built only from the lineage record, so identical runs write identical cards.
     """
     params = lineage["params"]
     lora, train, quant = params["lora"], params["train"], params["quant"]
     base = lineage["base_model"]
+    merge = lineage.get("merge")
     quantized = quant["mode"] != "none"
     tags = ["lora", "sft", "trl", "lorapipe", *(["qlora"] if quantized else [])]
+    tags += ["merged"] if merge else []
+    method = "QLoRA (4-bit NF4 base)" if quant["mode"] == "nf4" else "LoRA"
     targets = lora["target_modules"]
     targets = ", ".join(targets) if isinstance(targets, list) else targets
     revision = base.get("revision") or base.get("config_hash") or "-"
@@ -123,15 +127,23 @@ def model_card(lineage: dict[str, Any]) -> str:
     lines = [
         "---",
         f"base_model: {json.dumps(base['name'])}",
-        "library_name: peft",
+        f"library_name: {'transformers' if merge else 'peft'}",
         "tags:",
         *(f"- {tag}" for tag in tags),
         "---",
         "",
-        f"# LoRA adapter for {base['name']}",
+        f"# {base['name']} fine-tuned with {method}, merged"
+        if merge
+        else f"# LoRA adapter for {base['name']}",
         "",
-        f"{'QLoRA (4-bit NF4 base)' if quant['mode'] == 'nf4' else 'LoRA'} supervised fine-tuning "
-        "with TRL's SFTTrainer, loss on completions only, made by the lorapipe DVC pipeline.",
+        f"{method} supervised fine-tuning with TRL's SFTTrainer, loss on completions only, made by "
+        "the lorapipe DVC pipeline"
+        + (
+            ", with the adapter folded into the base's weights: it loads with "
+            "`AutoModelForCausalLM.from_pretrained` alone, no peft needed."
+            if merge
+            else "."
+        ),
         "",
         "## Training",
         "",
@@ -152,13 +164,24 @@ def model_card(lineage: dict[str, Any]) -> str:
             "- the base ran its own Python code when loaded (`trust_remote_code: true`): "
             "load it only from the pinned revision above"
         )
+    if merge:
+        lines += [
+            "",
+            "## Merge",
+            "",
+            f"- weights in {merge['dtype']}; adapter weights md5 `{merge['adapter_weights_md5']}`",
+            "- checked before saving: on the test prompts, the largest logit difference between "
+            f"this model and base + adapter is {merge['merged_max_abs_logit_diff']:.3g} "
+            f"(allowed {merge['max_logit_diff_allowed']:.3g})",
+        ]
     lines += ["", "## Data", "", "| split | file | md5 |", "| --- | --- | --- |"]
     lines += [f"| {name} | `{d['path']}` | `{d['md5']}` |" for name, d in lineage["data"].items()]
     lines += [
         "",
         "## Evaluation and provenance",
         "",
-        "Exact match and ROUGE, base model vs this adapter on the held-out test split, are in "
+        f"Exact match and ROUGE, base model vs {'the adapter' if merge else 'this adapter'} on "
+        "the held-out test split, are in "
         "`reports/metrics.json` (the pipeline's `evaluate` stage). `lineage.json` beside this "
         f"card records the full params, base pin and library versions; git commit "
         f"`{lineage['git']['commit'] or 'unknown'}`.",
