@@ -8,9 +8,11 @@ Without CUDA (and without `--device cpu`) it prints "skipped: no CUDA device" an
 writing `{"skipped": ...}` to `--out`, so `make bench` on a CPU machine runs on.
 
 Builds TinyLlama-1.1B's shape with random weights (benchmarks/shapes.py, bf16 safetensors in a
-temporary folder), then per variant loads it the pipeline's way (`lorapipe.models.load_base_model`:
-`dtype=bfloat16` for LoRA, `quant=nf4` with double quantisation for QLoRA, then peft's
-`prepare_model_for_kbit_training`), adds the pipeline's LoRA (params.yaml `lora`) and times
+temporary folder), then per variant loads it the pipeline's way: `lorapipe.models.load_base_model`
+with `dtype=bfloat16` for LoRA; for QLoRA the train stage's `lorapipe.training.load_for_training`
+(`quant=nf4` with double quantisation, peft's `prepare_model_for_kbit_training` and, with
+`train.gradient_checkpointing: auto`, recomputed activations, whose FLOPs the MFU does not
+count). Then it adds the pipeline's LoRA (params.yaml `lora`) and times
 `--steps` training steps (forward, backward, AdamW) on `--batch` random sequences of `--seq-len`
 tokens under bf16 autocast, after `--warmup` untimed ones. LoRA weights train in fp32 (as
 `train.precision: bf16` keeps them), QLoRA's in bf16 (as TRL casts them). Reported: tokens/s,
