@@ -155,3 +155,37 @@ def test_a_fixed_mmap_threshold_gives_freed_blocks_back(
         assert kept >= kept_at_least, kept
     if kept_at_most is not None:
         assert kept <= kept_at_most, kept
+
+
+def test_a_qlora_evaluation_on_cpu_leaves_training_gradients_exact(tiny_base: Path) -> None:
+    """bitsandbytes repacks 4-bit weights for a bf16 CPU kernel with no backward the first
+    time a layer runs in eval mode without gradients (the trainer's evaluation); training after
+    that got wrong gradients. The pipeline's load keeps the training layout: gradients after an
+    evaluation equal those before it, and eval-mode logits equal training-mode logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorapipe.config import QuantCfg
+
+    nf4 = QuantCfg(mode="nf4", compute_dtype="float32", double_quant=True)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(load_base_model(tiny_base, quant=nf4), lora)
+    ids = torch.randint(5, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.train()
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.logits.detach(), grads
+
+    logits, before = gradients()
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids=ids).logits
+    torch.testing.assert_close(evaluated, logits)
+    _, after = gradients()
+    assert before.keys() == after.keys() and len(before) == 2 * 7 * 2  # A, B x 7 x 2 layers
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)

@@ -259,15 +259,39 @@ def load_base_model(
     state = read_by_tensor(Path(name)) if not trust and _converts(Path(name), kwargs) else None
     config: Any = AutoConfig.from_pretrained(name) if state is not None else None
     if state is None or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
-    kwargs.pop("trust_remote_code")  # False here: the class is transformers' own
-    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
-    # Without a folder to read from, from_pretrained leaves out what it would take from there.
-    model.name_or_path = model.config._name_or_path = name
-    if (Path(name) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+    else:
+        kwargs.pop("trust_remote_code")  # False here: the class is transformers' own
+        model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
+        # Without a folder to read from, from_pretrained leaves out what it would take there.
+        model.name_or_path = model.config._name_or_path = name
+        if (Path(name) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(name)
+    if "quantization_config" in kwargs and not torch.cuda.is_available():
+        keep_4bit_layout_on_cpu(model)
     return model
+
+
+def keep_4bit_layout_on_cpu(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns how
+    many layers it turned off.
+
+    Written here because bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a Linear4bit's
+    weight the first time it runs in eval mode without gradients (as the trainer's evaluation
+    does), and keeps it repacked. The kernel for that layout computes in bfloat16, whatever
+    `quant.compute_dtype` says; it requires out_features divisible by 32 (the tiny default's
+    688-wide MLP fails an assertion); and it has no backward, so when training resumes after an
+    evaluation the gradients through every 4-bit layer are wrong, silently (measured: LoRA
+    gradients off by up to 95%; tests/test_models.py). With this flag off every forward
+    dequantises and multiplies in the compute dtype, as training does.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _converts(folder: Path, kwargs: dict[str, Any]) -> bool:
