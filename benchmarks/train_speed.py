@@ -193,7 +193,8 @@ def measure(
     settings.update({f"batch {b} x {a}": {"batch_size": b, "grad_accum": a} for b, a in sweep})
     # Rounds in ABBA order (article, pipeline, pipeline, article, ...): a machine that speeds up
     # or slows down during the benchmark weighs on both sides alike. The sweep runs once.
-    order = [s for r in range(rounds) for s in (("article", "pipeline")[:: 1 - 2 * (r % 2)])]
+    pair = ("article", "pipeline")
+    order = [name for r in range(rounds) for name in (pair if r % 2 == 0 else pair[::-1])]
     order += [name for name in settings if name not in ("article", "pipeline")]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
