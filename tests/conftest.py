@@ -51,12 +51,14 @@ def formatted(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture()
 def train_params(tmp_path: Path) -> Callable[..., object]:
-    """Params from conf/ for a few steps of batch 4, checkpoints under tmp_path, plus overrides."""
+    """Params from conf/ for the tiny model, a few steps of batch 4, checkpoints under tmp_path,
+    plus overrides."""
     from lorapipe.config import validate
     from lorapipe.params import compose
 
     def make(*overrides: str) -> object:
         base = [
+            "model=tiny",
             "train.max_steps=4",
             "train.batch_size=4",
             "train.logging_steps=1",

@@ -322,6 +322,26 @@ def test_split_counts_are_exact_and_never_take_a_train_row(tmp_path: Path) -> No
         split_by_counts(recs, {"val": 200, "test": 150})
 
 
+def test_a_train_count_takes_the_next_rows_and_leaves_the_rest_out(tmp_path: Path) -> None:
+    recs = [Record.single(f"Q{i}", f"A{i}", str(i)) for i in range(300)]
+    all_train = split_by_counts(recs, {"val": 20, "test": 30})
+    some = split_by_counts(recs, {"train": 100, "val": 20, "test": 30})
+    assert {k: len(v) for k, v in some.items()} == {"train": 100, "val": 20, "test": 30}
+    for name in ("val", "test"):  # a train count never changes which rows are held out
+        assert some[name] == all_train[name]
+    assert {r.source for r in some["train"]} < {r.source for r in all_train["train"]}
+    reordered = split_by_counts(recs[::-1], {"train": 100, "val": 20, "test": 30})
+    assert {r.source for r in reordered["train"]} == {r.source for r in some["train"]}
+    with pytest.raises(DataError, match="ask for 400 rows but only 300"):
+        split_by_counts(recs, {"train": 350, "test": 50})
+    raw = tmp_path / "q.jsonl"
+    raw.write_bytes(jsonl(*[{"instruction": f"q{i}", "response": "a"} for i in range(50)]))
+    report = prepare(
+        raw, tmp_path / "out", fractions=FRACTIONS, split_counts={"train": 30, "test": 5}
+    )
+    assert report["splits"] == {"train": 30, "val": 0, "test": 5} and report["rows_unused"] == 15
+
+
 def test_split_column_decides_and_accepts_validation(tmp_path: Path) -> None:
     raw = tmp_path / "s.jsonl"
     names = ["train", "validation", "test", "TRAIN", "val"]
@@ -372,10 +392,11 @@ def test_data_config_takes_overrides_and_refuses_conflicts() -> None:
     from lorapipe.params import compose
 
     root = Path(__file__).resolve().parents[1] / "conf"
-    ok = validate(compose(root, ["data.fields={q: instruction}", "data.split_counts={val: 5}"]))
+    counts = ["data.split_counts=null", "data.split_counts={val: 5}"]  # replace, not merge
+    ok = validate(compose(root, ["data.fields={q: instruction}", *counts]))
     assert ok.data.fields == {"q": "instruction"} and ok.data.split_counts == {"val": 5}
     with pytest.raises(ConfigError, match="not both"):
-        validate(compose(root, ["data.split_counts={val: 5}", "data.split_column=split"]))
+        validate(compose(root, [*counts, "data.split_column=split"]))
     with pytest.raises(ConfigError, match=r"data\.fields\.q"):
         validate(compose(root, ["data.fields={q: question}"]))
     with pytest.raises(ConfigError, match=r"format\.truncation"):

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def params(tmp_path: Path, base: Path, raw: Path, *overrides: str) -> Params:
     """The project's params with every path under tmp_path and the small tiny base."""
     paths = [
+        "model=tiny",
+        "data.split_counts=null",
         f"data.path={raw}",
         f"paths.prepared={tmp_path / 'prepared'}",
         f"paths.formatted={tmp_path / 'formatted'}",

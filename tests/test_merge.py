@@ -156,6 +156,7 @@ def stage_params(tiny_base: Path, adapter: Path, tmp_path: Path, *overrides: str
         compose(
             ROOT / "conf",
             [
+                "model=tiny",
                 f"paths.base={tiny_base}",
                 f"paths.adapter={adapter}",
                 f"paths.formatted={formatted}",

@@ -19,6 +19,7 @@ from lorapipe.lineage import file_md5
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
+    "model=tiny",
     "model.architecture.hidden_size=64",
     "model.architecture.intermediate_size=128",
     "model.architecture.num_layers=2",
@@ -84,7 +85,7 @@ def test_reports_hold_both_models_metrics(project: Path) -> None:
     assert metrics["examples"] == 12
     scores = {"exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum"}
     for model in ("base", "adapter"):
-        assert set(metrics[model]) == scores | {"val_loss", "val_perplexity"}
+        assert set(metrics[model]) == scores | {"val_loss", "val_perplexity", "stopped_at_eos"}
         assert all(0.0 <= metrics[model][k] <= 1.0 for k in scores)
         assert metrics[model]["val_perplexity"] == pytest.approx(
             math.exp(metrics[model]["val_loss"]), rel=1e-3

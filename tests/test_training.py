@@ -175,3 +175,47 @@ def test_a_corrupted_adapter_fails_the_merge_check(tiny_base: Path, tmp_path: Pa
             max_logit_diff=1e-4,
         )
     assert not (tmp_path / "merged").exists()
+
+
+def test_scoring_only_supervised_positions_gives_the_full_loss_and_gradients(
+    tiny_base: Path, formatted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output layer over supervised positions only (what training runs on CPU) gives the
+    loss and LoRA gradients of TRL's all-position computation on the same batch."""
+    import trl.trainer.utils as trl_utils
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    from lorapipe.io import read_jsonl
+    from lorapipe.models import load_base_model
+    from lorapipe.training import score_only_supervised_positions
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian")
+    model = get_peft_model(load_base_model(tiny_base), lora)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(tmp_path), completion_only_loss=True, report_to="none", use_cpu=True
+        ),
+        train_dataset=Dataset.from_list(read_jsonl(formatted / "train.jsonl")[:6]),
+        processing_class=load_tokenizer(tiny_base),
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    assert (batch["labels"] == -100).float().mean() > 0.5  # mostly prompt and padding
+
+    def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # TRL's CPU default
+    full_loss, full_grads = loss_and_grads()
+    score_only_supervised_positions()
+    assert trl_utils._use_triton(torch.device("cpu"))
+    loss, grads = loss_and_grads()
+    assert loss == pytest.approx(full_loss, rel=1e-6)
+    for got, want in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)

@@ -55,9 +55,14 @@ COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 
 class ModelCfg(_Group):
-    kind: Literal["tiny", "hub", "local"]
+    kind: Literal["tiny", "hub", "local", "gguf"]
     name: str = Field(min_length=1)
     revision: str | None = None
+    # gguf only: the .gguf file (a path, or a path inside the installed distribution
+    # `package`), and its sha256 (any other file is refused).
+    file: str | None = Field(default=None, min_length=1)
+    package: str | None = Field(default=None, min_length=1)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     # hub only: refuse a revision that is not a full commit sha (a branch or tag can move).
     strict_pin: bool = False
     snapshot: bool = False
@@ -69,6 +74,18 @@ class ModelCfg(_Group):
     def _tiny_needs_architecture(self) -> ModelCfg:
         if self.kind == "tiny" and self.architecture is None:
             raise ValueError("model.kind 'tiny' needs model.architecture")
+        return self
+
+    @model_validator(mode="after")
+    def _gguf_options(self) -> ModelCfg:
+        gguf_keys = (self.file, self.package, self.sha256)
+        if self.kind != "gguf" and any(v is not None for v in gguf_keys):
+            raise ValueError(
+                "model.file, model.package and model.sha256 name and pin a GGUF file (kind: "
+                f"gguf), but model.kind is {self.kind!r}"
+            )
+        if self.kind == "gguf" and (self.file is None or not self.file.endswith(".gguf")):
+            raise ValueError(f"model.file: kind gguf needs a .gguf file, got {self.file!r}")
         return self
 
     @model_validator(mode="after")
@@ -144,7 +161,7 @@ class DataCfg(_Group):
     format: Literal["auto", "instruction", "alpaca", "messages", "prompt_completion"] = "auto"
     fields: dict[str, DataField] | None = None
     splits: dict[Literal["train", "val", "test"], float]
-    split_counts: dict[Literal["val", "test"], int] | None = None
+    split_counts: dict[Literal["train", "val", "test"], int] | None = None
     split_column: str | None = Field(default=None, min_length=1)
     on_error: Literal["fail", "skip"] = "fail"
     max_reject_fraction: float = Field(default=0.0, ge=0.0, le=1.0)

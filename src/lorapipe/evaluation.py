@@ -11,7 +11,7 @@ from typing import Any
 from lorapipe.config import EvalCfg
 from lorapipe.errors import PipelineError
 from lorapipe.formatting import common_prefix_length
-from lorapipe.generation import generate
+from lorapipe.generation import generate_with_stops
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.scoring import score
 
@@ -115,7 +115,8 @@ def evaluate_models(
     tokenizer = load_tokenizer(base_dir)
     model = load_base_model(base_dir, dtype="float32")
     losses: dict[str, float] = {}
-    outputs = {"base": generate(model, tokenizer, prompts, **gen_kwargs)}
+    outputs, stops = {}, {}
+    outputs["base"], stops["base"] = generate_with_stops(model, tokenizer, prompts, **gen_kwargs)
     if val:
         losses["base"] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
     adapters = {"adapter": Path(adapter_dir), **(extra_adapters or {})}
@@ -125,7 +126,7 @@ def evaluate_models(
         else:
             model.load_adapter(str(folder), adapter_name=name)
         model.set_adapter(name)
-        outputs[name] = generate(model, tokenizer, prompts, **gen_kwargs)
+        outputs[name], stops[name] = generate_with_stops(model, tokenizer, prompts, **gen_kwargs)
         if val:
             losses[name] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
 
@@ -138,6 +139,8 @@ def evaluate_models(
             preds, references, use_stemmer=cfg.use_stemmer, ignore_case=cfg.ignore_case
         )
         metrics[name] = {k: round(v, 6) for k, v in aggregate.items()}
+        # The share of generations that ended with the end-of-turn token, not at max_new_tokens.
+        metrics[name]["stopped_at_eos"] = round(sum(stops[name]) / len(stops[name]), 6)
         if name in losses:
             metrics[name].update(_val_metrics(losses[name]))
         per_example[name] = rows

@@ -8,8 +8,13 @@ from typing import Any
 import torch
 
 
+def generate(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
+    """Completions for `prompts` (see `generate_with_stops`, which also says where each ended)."""
+    return generate_with_stops(model, tokenizer, prompts, **kwargs)[0]
+
+
 @torch.no_grad()
-def generate(
+def generate_with_stops(
     model: Any,
     tokenizer: Any,
     prompts: list[str],
@@ -21,8 +26,9 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     streamer: Any = None,
-) -> list[str]:
-    """Completions for `prompts`, decoded without special tokens, in input order.
+) -> tuple[list[str], list[bool]]:
+    """Completions for `prompts`, decoded without special tokens, in input order, and for each
+    whether it ended with the end-of-turn (EOS) token rather than at `max_new_tokens`.
 
     Greedy by default. With `do_sample`, tokens are sampled with `temperature` and `top_p`;
     `seed` (when given) seeds torch's generator once before the first batch, so the same seed,
@@ -37,6 +43,7 @@ def generate(
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
+    stopped: list[bool] = [False] * len(prompts)
     sampling: dict[str, Any] = {"do_sample": False}
     if do_sample:
         # Only passed when sampling: transformers warns about sampling knobs under greedy.
@@ -57,8 +64,8 @@ def generate(
             streamer=streamer,
         )
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
-        for i, text in zip(
-            idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-        ):
-            outputs[i] = text.strip()
-    return outputs
+        ended = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        for i, text, end in zip(idx, texts, ended, strict=True):
+            outputs[i], stopped[i] = text.strip(), bool(end)
+    return outputs, stopped

@@ -112,7 +112,8 @@ def pin_warning(cfg: ModelCfg, sha: str) -> str | None:
 def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     """Materialise the base named by `cfg` into `out_dir` and return its pin.
 
-    tiny: build the seeded model and tokenizer. hub: resolve `revision` to a commit sha (and
+    tiny: build the seeded model and tokenizer. gguf: dequantise the file into a safetensors
+    model (`lorapipe.gguf_source`). hub: resolve `revision` to a commit sha (and
     download that commit when `snapshot`). local: copy the folder. Raises ModelSourceError.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,10 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
         assert cfg.architecture is not None
         pin = build_tiny_model(cfg.architecture.model_dump(), cfg.seed, out_dir)
         pin["name"] = cfg.name
+    elif cfg.kind == "gguf":
+        from lorapipe.gguf_source import convert
+
+        pin = convert(cfg, out_dir)
     elif cfg.kind == "local":
         src = Path(cfg.name)
         problems = model_folder_problems(src)

@@ -394,29 +394,33 @@ def _position(key: str) -> float:
 def split_by_counts(
     records: Sequence[Record], counts: Mapping[str, int]
 ) -> dict[str, list[Record]]:
-    """Exactly `counts["test"]` and `counts["val"]` records in test and val, the rest in train.
+    """Exactly `counts["test"]` and `counts["val"]` records in test and val; the rest in train,
+    or, when `counts["train"]` is given, that many in train and the others left out.
 
-    Test takes the records hashed to the highest positions, val the next ones, so the choice
-    still depends only on content. Adding rows can move a row from test to val or from val to
-    train (the sizes are fixed), but never a train row into val or test. Each split keeps input
-    order. Raises DataError if the counts ask for more records than there are, ValueError if a
-    count is negative or names another split.
+    Test takes the records hashed to the highest positions, val the next ones, train the next,
+    so the choice still depends only on content. Adding rows can move a row from test to val or
+    from val to train (the sizes are fixed), but never a train row into val or test. Each split
+    keeps input order. Raises DataError if the counts ask for more records than there are,
+    ValueError if a count is negative or names another split.
     """
-    unknown = sorted(set(counts) - {"val", "test"})
+    unknown = sorted(set(counts) - set(SPLITS))
     if unknown or any(n < 0 for n in counts.values()):
-        raise ValueError(f"split counts must be >= 0 and name val and/or test, got {dict(counts)}")
+        raise ValueError(f"split counts must be >= 0 and name splits {SPLITS}, got {dict(counts)}")
     n_test, n_val = counts.get("test", 0), counts.get("val", 0)
-    if n_test + n_val > len(records):
+    n_train = counts.get("train", len(records) - n_test - n_val)
+    if n_test + n_val + n_train > len(records) or n_train < 0:
         raise DataError(
-            f"split_counts {dict(counts)} ask for {n_test + n_val} rows but only "
+            f"split_counts {dict(counts)} ask for {n_test + n_val + max(n_train, 0)} rows but only "
             f"{len(records)} unique rows remain; lower the counts"
         )
     ranked = sorted(range(len(records)), key=lambda i: _position(records[i].key), reverse=True)
     split_of = {i: "test" for i in ranked[:n_test]}
     split_of.update({i: "val" for i in ranked[n_test : n_test + n_val]})
+    split_of.update({i: "train" for i in ranked[n_test + n_val : n_test + n_val + n_train]})
     splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
     for i, record in enumerate(records):
-        splits[split_of.get(i, "train")].append(record)
+        if i in split_of:
+            splits[split_of[i]].append(record)
     return splits
 
 
@@ -553,5 +557,6 @@ def prepare(
         "duplicates_removed": duplicates,
         "near_duplicates_across_splits": near_duplicates(splits),
         "splits": {name: len(split) for name, split in splits.items()},
+        "rows_unused": len(unique) - sum(len(split) for split in splits.values()),
         "split_by": split_by,
     }
