@@ -6,10 +6,10 @@ dvc exp run -S model=tinyllama             # pin a hub model to its commit sha
 
 from pathlib import Path
 
+from lorapipe.base_model import build_base
 from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.io import atomic_dir
-from lorapipe.models import build_base
 
 
 def run(params: Params) -> None:

@@ -25,8 +25,8 @@ SMALL_ARCH = {
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models/base-like folder: the small tiny Llama, its tokenizer and pin.json."""
+    from lorapipe.base_model import build_base
     from lorapipe.config import ModelCfg
-    from lorapipe.models import build_base
 
     out = tmp_path_factory.mktemp("base")
     build_base(ModelCfg(kind="tiny", name="tiny-test", seed=0, architecture=SMALL_ARCH), out)

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from lorapipe.base_model import pin_warning
 from lorapipe.config import ConfigError, validate
-from lorapipe.models import ModelSourceError, check_merge_dtype, pin_warning
+from lorapipe.models import ModelSourceError, check_merge_dtype
 from lorapipe.params import write_params
 from tests.test_params import run_stage
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from lorapipe.base_model import build_base
 from lorapipe.config import ModelCfg
-from lorapipe.models import ModelSourceError, build_base, load_base_model, source_of
+from lorapipe.models import ModelSourceError, load_base_model, source_of
 from tests.conftest import SMALL_ARCH
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lorapipe.base_model import build_base
 from lorapipe.config import ModelCfg
 from lorapipe.gguf_source import GgufSourceError, locate
-from lorapipe.models import build_base, load_base_model, load_tokenizer
+from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.params import write_params
 
 ROOT = Path(__file__).resolve().parents[1]

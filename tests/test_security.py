@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lorapipe.base_model import build_base
 from lorapipe.config import ModelCfg, validate
 from lorapipe.lineage import model_card
-from lorapipe.models import ModelSourceError, build_base, hub_token, require_safetensors
+from lorapipe.models import ModelSourceError, hub_token, require_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
