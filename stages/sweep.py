@@ -4,10 +4,12 @@ python -m stages.sweep -m lora.r=4,8,16 lora.alpha=8,16,32
 python -m stages.sweep -m lora.r=4,8 train.learning_rate=1e-3,2e-3 hydra/launcher=joblib
 python -m stages.sweep -m lora.r=4,8 hydra/launcher=submitit_slurm   # or ray, submitit_local
 
-Members reuse the formatted data and base model that `dvc repro` made (params.paths), so
-prepare and format never run again; each writes sweeps/<time>/<overrides>/ (see
-lorapipe.sweep), and a Hydra callback ranks them at the end. A member that fails is recorded
-(member.json status and error, error.log with the traceback) and the others still run.
+Members start from params.yaml as it stands (its values, then each member's overrides on
+conf/; group choices such as lora=llama_all work) and reuse the formatted data and base model
+that `dvc repro` made (params.paths), so prepare and format never run again; each writes
+sweeps/<time>/<overrides>/ (see lorapipe.sweep), and a Hydra callback ranks them at the end. A
+member that fails is recorded (member.json status and error, error.log with the traceback) and
+the others still run.
 """
 
 import json
@@ -25,12 +27,11 @@ from lorapipe.sweep import MEMBER_FILE, MEMBER_PATHS, SWEEP_ROOT, SweepError, ch
 from stages import evaluate, train
 
 # The sweep's folders and summary; `hydra.sweep.dir=...` on the command line still wins.
-# conf/ joins the search path for the launcher presets in conf/hydra/launcher/.
+# Members are named by their own overrides, not by those params.yaml contributes.
 SWEEP_DEFAULTS = [
     f"hydra.sweep.dir={SWEEP_ROOT}/${{now:%Y-%m-%d_%H-%M-%S}}",
     "hydra.sweep.subdir=${hydra:job.override_dirname}",
     "+hydra.callbacks.sweep_summary._target_=lorapipe.sweep.SweepSummary",
-    "hydra.searchpath=[file://conf]",
 ]
 
 
@@ -74,7 +75,8 @@ def run(composed: dict[str, Any]) -> dict[str, Any]:
         raise SweepError("add -m: `python -m stages.sweep -m lora.r=4,8 lora.alpha=8,16`")
     root = Path(hydra.runtime.cwd)
     member = Path(hydra.runtime.output_dir)
-    overrides = list(hydra.overrides.task)
+    base, task = composed["composed_with"], list(hydra.overrides.task)
+    overrides = task[len(base) :] if task[: len(base)] == base else task
     record: dict[str, Any] = {"member": member.name, "overrides": overrides, "status": "running"}
     write_json(member / MEMBER_FILE, record)
     started = time.perf_counter()

@@ -20,7 +20,18 @@ def raw() -> dict:
 
 def test_committed_params_validate(raw: dict) -> None:
     params = validate(raw)
-    assert params.lora.r > 0 and params.model.kind == "tiny"
+    assert params.lora.r > 0 and params.model.kind == "gguf"
+    assert params.model.sha256 is not None  # the default refuses any other file
+
+
+def test_gguf_keys_belong_to_a_gguf_model(raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["model"]["file"] = "weights.bin"
+    with pytest.raises(ConfigError, match=r"model\.file: kind gguf needs a \.gguf file"):
+        validate(bad)
+    bad["model"].update(kind="local", name="some/folder", file=None)
+    with pytest.raises(ConfigError, match="kind is 'local'"):
+        validate(bad)
 
 
 def test_every_problem_is_listed_by_key(raw: dict) -> None:
@@ -42,7 +53,7 @@ def test_every_problem_is_listed_by_key(raw: dict) -> None:
 
 def test_tiny_model_needs_an_architecture(raw: dict) -> None:
     bad = copy.deepcopy(raw)
-    bad["model"]["architecture"] = None
+    bad["model"] = {"kind": "tiny", "name": "tiny", "architecture": None}
     with pytest.raises(ConfigError, match=r"needs model\.architecture"):
         validate(bad)
 

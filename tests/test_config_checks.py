@@ -116,10 +116,9 @@ def test_each_bad_config_gives_one_message_naming_its_key(
     mutate(bad, tmp_path)
     with pytest.raises(ConfigError) as err:
         validate(bad)
-    header, *problems = str(err.value).splitlines()
-    assert header == "invalid configuration:"
+    problems = str(err.value).splitlines()  # one problem: one line, no header
     assert len(problems) == 1, problems
-    assert problems[0].strip().startswith(f"{key}: ") and words in problems[0], problems[0]
+    assert problems[0].startswith(f"{key}: ") and words in problems[0], problems[0]
     assert FAKE_TOKEN not in str(err.value)  # the token itself is never echoed
 
 
@@ -177,7 +176,7 @@ def test_train_stage_reports_every_problem_before_loading_anything(
         shutil.copytree(ROOT / name, tmp_path / name)
     base = Path(local_base(tiny_base, tmp_path / "models" / "base"))
     (base / "model.safetensors").write_bytes(b"\xff" * 64)
-    write_params(tmp_path, [])
+    write_params(tmp_path, ["model=tiny"])
     bad = {
         "lora.r": "0",
         "lora.alpha": "-1",

@@ -28,6 +28,7 @@ def params(tmp_path: Path, base: Path, raw: Path, *overrides: str) -> Params:
     paths = [
         "model=tiny",
         "data.split_counts=null",
+        "format.system_prompt=null",
         f"data.path={raw}",
         f"paths.prepared={tmp_path / 'prepared'}",
         f"paths.formatted={tmp_path / 'formatted'}",

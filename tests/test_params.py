@@ -1,4 +1,5 @@
-"""params.yaml composition and the staleness check."""
+"""params.yaml and conf/: composition, overrides on top of params.yaml as it stands, and the
+report of what params.yaml sets beyond conf/."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lorapipe.params import StaleParamsError, check_fresh, load_params, write_params
+from lorapipe.config import ConfigError
+from lorapipe.params import compose_run, describe_drift, load_params, main, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,21 +21,28 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture()
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
-def test_committed_params_yaml_is_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    check_fresh(ROOT)
+def set_value(project: Path, group: str, key: str, value: object) -> None:
+    """Change params.yaml as `dvc exp apply` or `dvc exp run -S` would: the value only."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[group][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_overrides_are_recorded_and_replayed(project: Path) -> None:
+def test_the_committed_params_yaml_is_what_conf_composes() -> None:
+    assert describe_drift(ROOT) == []
+
+
+def test_overrides_are_recorded_and_agree_with_conf(project: Path) -> None:
     write_params(project, ["lora.r=4", "eval.batch_size=8"])
     params = load_params(project)
     assert params["lora"]["r"] == 4
     assert params["composed_with"] == ["lora.r=4", "eval.batch_size=8"]
-    check_fresh(project)
+    assert describe_drift(project) == []
 
 
 def test_group_override_selects_another_model(project: Path) -> None:
@@ -40,35 +50,40 @@ def test_group_override_selects_another_model(project: Path) -> None:
     assert params["model"]["name"] == "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
 
 
-def test_editing_conf_without_recomposing_is_refused(project: Path) -> None:
+def test_an_applied_value_is_kept_by_every_run_with_overrides(project: Path) -> None:
+    """params.yaml after `dvc exp apply` (lora.r 16 -> 4): a stage's own overrides go on top of
+    it, and nothing puts 16 back; an override of lora.r itself, or choosing the lora group
+    anew, wins."""
     write_params(project, [])
+    set_value(project, "lora", "r", 4)
+    assert compose_run(project, ["train.max_steps=1"])["lora"]["r"] == 4
+    assert compose_run(project, ["quant=nf4"])["lora"]["r"] == 4
+    assert compose_run(project, ["quant=nf4"])["quant"]["mode"] == "nf4"
+    assert compose_run(project, ["lora.r=8"])["lora"]["r"] == 8
+    assert compose_run(project, ["lora=llama_all"])["lora"]["r"] == 16
+    assert compose_run(project, ["train.max_steps=1"])["composed_with"] == [
+        "++lora.r=4",
+        "train.max_steps=1",
+    ]
+
+
+def test_values_beyond_conf_are_reported_truthfully(project: Path, capsys) -> None:
+    write_params(project, [])
+    set_value(project, "lora", "r", 4)
     lora = project / "conf" / "lora" / "default.yaml"
-    lora.write_text(lora.read_text().replace("r: 16", "r: 64"))
-    with pytest.raises(StaleParamsError) as err:
-        check_fresh(project)
-    assert "lora.r: params.yaml has 16, conf/ composes 64" in str(err.value)
-    assert "make params" in str(err.value)
-
-
-def test_hand_edited_params_yaml_is_refused(project: Path) -> None:
-    write_params(project, [])
-    path = project / "params.yaml"
-    path.write_text(path.read_text().replace("max_new_tokens: 48", "max_new_tokens: 4"))
-    with pytest.raises(StaleParamsError, match=r"eval\.max_new_tokens"):
-        check_fresh(project)
-
-
-def test_dvc_experiments_skip_the_check(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_params(project, [])
-    path = project / "params.yaml"
-    path.write_text(path.read_text().replace("r: 16", "r: 4"))
-    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")  # dvc exp run composed params.yaml itself
-    check_fresh(project)
+    lora.write_text(lora.read_text().replace("alpha: 32", "alpha: 64"))
+    assert describe_drift(project) == [
+        "lora.alpha: params.yaml has 32, conf/ composes 64",
+        "lora.r: params.yaml has 4, conf/ composes 16",
+    ]
+    assert main(["--check"]) == 1
+    out = capsys.readouterr().out
+    assert "stages use them as they stand" in out and "lora.r: params.yaml has 4" in out
 
 
 def test_missing_params_yaml_says_what_to_do(project: Path) -> None:
-    with pytest.raises(StaleParamsError, match="make params"):
-        check_fresh(project)
+    with pytest.raises(ConfigError, match="make params"):
+        load_params(project)
 
 
 def run_stage(
@@ -76,29 +91,41 @@ def run_stage(
 ) -> subprocess.CompletedProcess[str]:
     """A stage run as DVC runs it: `python -m stages.<name>` from the project root (`python`:
     interpreter options before `-m`)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    env.pop("DVC_EXP_NAME", None)
     return subprocess.run(
         [sys.executable, *python, "-m", *args], cwd=project, capture_output=True, text=True, env=env
     )
 
 
-def test_a_stage_refuses_stale_params_without_a_traceback(project: Path) -> None:
-    shutil.copytree(ROOT / "stages", project / "stages")
+MISSPELT = {
+    "lora.rank=8": "lora.rank: unknown key (use lora.r)",
+    "train.lr=1e-3": "train.lr: unknown key (use train.learning_rate)",
+    "train.epoch=3": "train.epoch: unknown key (did you mean train.epochs?)",
+    "eval.max_new_token=8": "eval.max_new_token: unknown key (did you mean eval.max_new_tokens?)",
+    "foo=1": "foo: unknown key (check the spelling against conf/; a new key needs '+'",
+    "lora=llama": "lora=llama: conf/lora/ has no llama.yaml (options: default, ",
+}
+
+
+@pytest.mark.parametrize("override", list(MISSPELT))
+def test_a_misspelt_override_is_one_line_with_a_hint(project: Path, override: str) -> None:
+    import time
+
     write_params(project, [])
-    lora = project / "conf" / "lora" / "default.yaml"
-    lora.write_text(lora.read_text().replace("r: 16", "r: 64"))
-    done = run_stage(project, "stages.train")
-    assert done.returncode == 2
-    assert "train: error: params.yaml is stale against conf/" in done.stderr
-    assert "lora.r: params.yaml has 16, conf/ composes 64" in done.stderr
-    assert "Traceback" not in done.stderr
+    started = time.perf_counter()
+    done = run_stage(project, "stages.train", override)
+    assert time.perf_counter() - started < 3
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"train: error: {MISSPELT[override]}"), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not (project / "models").exists()
 
 
-def test_a_bad_override_is_reported_by_key(project: Path) -> None:
-    shutil.copytree(ROOT / "stages", project / "stages")
+def test_a_bad_override_value_is_reported_by_key(project: Path) -> None:
     write_params(project, [])
-    done = run_stage(project, "stages.base", "model.architecture.num_layers=0")
+    done = run_stage(project, "stages.base", "model=tiny", "model.architecture.num_layers=0")
     assert done.returncode == 2
-    assert "model.architecture.num_layers: Input should be greater than 0, got 0" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        "base: error: model.architecture.num_layers: Input should be greater than 0, got 0"
+    )

@@ -18,18 +18,25 @@ import yaml
 from lorapipe.lineage import file_md5
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = [
-    "model=tiny",
-    "model.architecture.hidden_size=64",
-    "model.architecture.intermediate_size=128",
-    "model.architecture.num_layers=2",
-    "model.architecture.num_heads=2",
-    "train.max_steps=12",
-    "train.batch_size=8",
-    "eval.max_examples=12",
-    "eval.max_new_tokens=8",
-    "merge.probe_examples=4",
-]
+# The shrunken default the copies run: the tiny model, smaller still, and a few steps. Written
+# into the copy's conf/config.yaml (not given as overrides), so `dvc exp run -S`, which composes
+# conf/ afresh, keeps it too.
+SMALL = {
+    "model": {"architecture": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2}},
+    "train": {"max_steps": 12, "batch_size": 8},
+    "eval": {"max_examples": 12, "max_new_tokens": 8},
+    "merge": {"probe_examples": 4},
+}
+
+
+def shrink(dest: Path) -> Path:
+    """Make the copy at `dest` run the SMALL tiny pipeline from its conf/, and compose it."""
+    config = dest / "conf" / "config.yaml"
+    text = config.read_text().replace("  - model: smollm2\n", "  - model: tiny\n")
+    config.write_text(text + yaml.safe_dump(SMALL))
+    sh(dest, sys.executable, "-m", "lorapipe.params")
+    sh(dest, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "small")
+    return dest
 
 
 def sh(cwd: Path, *cmd: str, status: int = 0) -> str:
@@ -72,8 +79,7 @@ def copy_project(dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git + DVC copy of the tracked tree, composed with the shrunken config and run once."""
-    dest = copy_project(tmp_path_factory.mktemp("project"))
-    sh(dest, sys.executable, "-m", "lorapipe.params", *SMALL)
+    dest = shrink(copy_project(tmp_path_factory.mktemp("project")))
     out = sh(dest, "dvc", "repro")
     assert ran(out) == {"base", "prepare", "format", "train", "evaluate", "merge"}, out
     return dest
@@ -110,7 +116,12 @@ def test_adapter_carries_lineage_matching_dvc_lock(project: Path) -> None:
         assert locked[entry["path"]] == entry["md5"]
     assert lineage["params"]["lora"]["r"] == 16
     assert lineage["base_model"]["kind"] == "tiny"
-    assert len(lineage["git"]["commit"]) == 40
+    assert "git" not in lineage  # the run's commit is a run-time fact: reports/runtime/
+    runtime = json.loads((project / "reports" / "runtime" / "train.json").read_text())
+    assert len(runtime["git"]["commit"]) == 40
+    assert lineage["code"] == {
+        d["path"]: d["md5"] for d in lock["stages"]["train"]["deps"] if d["path"].endswith(".py")
+    }
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
 
 
@@ -143,7 +154,7 @@ def test_submitit_local_sweep_records_each_member_and_a_failure(project: Path) -
     assert record["overrides"] == ["lora.r=2", "lora.target_modules=all-linear", *cmd[-2:]]
     assert record["metrics"]["adapter"]["exact_match"] == float(good["exact_match"])
     lineage = json.loads((sweep / good["member"] / "adapter" / "lineage.json").read_text())
-    assert lineage["params"]["composed_with"] == [*SMALL, *record["overrides"]]
+    assert lineage["params"]["composed_with"] == record["overrides"]
     assert lineage["params"]["lora"]["r"] == 2
     # It trained on the formatted data dvc repro made, which is still what dvc.lock records.
     lock = yaml.safe_load((project / "dvc.lock").read_text())
@@ -179,18 +190,52 @@ def test_dvc_remote_round_trip_restores_the_adapter(project: Path, tmp_path: Pat
 @pytest.mark.slow
 def test_only_changed_stages_rerun(project: Path) -> None:
     assert ran(sh(project, "dvc", "repro")) == set()
-    sh(project, sys.executable, "-m", "lorapipe.params", *SMALL, "eval.max_new_tokens=6")
+    sh(project, sys.executable, "-m", "lorapipe.params", "eval.max_new_tokens=6")
     assert ran(sh(project, "dvc", "repro")) == {"evaluate"}
     sh(
         project,
         sys.executable,
         "-m",
         "lorapipe.params",
-        *SMALL,
         "eval.max_new_tokens=6",
         "lora.r=4",
     )
     assert ran(sh(project, "dvc", "repro")) == {"train", "evaluate", "merge"}
+
+
+@pytest.mark.slow
+def test_keeping_the_winner_of_an_experiment_leaves_a_repository_that_runs(project: Path) -> None:
+    """`dvc exp run -S`, `dvc exp apply`, commit: params.yaml now holds a value conf/ does not,
+    and every way of running accepts it as it stands and keeps it."""
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    sh(project, sys.executable, "-m", "lorapipe.params")
+    sh(project, "dvc", "repro")
+    sh(project, *git, "add", "-A")
+    sh(project, *git, "commit", "-qm", "baseline")
+    out = sh(project, "dvc", "exp", "run", "-S", "lora.r=4")
+    assert ran(out) == {"train", "evaluate", "merge"}, out
+    (name,) = sh(project, "dvc", "exp", "list", "--name-only").split()
+    sh(project, "dvc", "exp", "apply", name)
+    sh(project, *git, "commit", "-qam", "LoRA r=4")
+    params = lambda: yaml.safe_load((project / "params.yaml").read_text())  # noqa: E731
+    assert params()["lora"]["r"] == 4
+    sh(project, sys.executable, "-m", "stages.evaluate", "eval.max_examples=4")
+    sh(
+        project,
+        sys.executable,
+        "-m",
+        "stages.sweep",
+        "-m",
+        "hydra.sweep.dir=sweeps/w",
+        "train.max_steps=2",
+    )
+    (member,) = [p for p in (project / "sweeps" / "w").iterdir() if p.is_dir()]
+    lineage = json.loads((member / "adapter" / "lineage.json").read_text())
+    assert lineage["params"]["lora"]["r"] == 4 and lineage["params"]["train"]["max_steps"] == 2
+    assert ran(sh(project, "dvc", "repro")) <= {"evaluate"}  # the ad-hoc evaluate wrote reports
+    assert params()["lora"]["r"] == 4
+    out = sh(project, sys.executable, "-m", "lorapipe.params", "--check", status=1)
+    assert "lora.r: params.yaml has 4, conf/ composes 16" in out
 
 
 def write_chat_parquet(project: Path) -> tuple[str, list[str]]:
@@ -242,7 +287,7 @@ def test_real_world_shapes_run_end_to_end(
 ) -> None:
     """Data shapes people bring (chat turns in Parquet, alpaca in CSV) through every stage."""
     path, overrides = make_data(project)
-    sh(project, sys.executable, "-m", "lorapipe.params", *SMALL, f"data.path={path}", *overrides)
+    sh(project, sys.executable, "-m", "lorapipe.params", f"data.path={path}", *overrides)
     out = sh(project, "dvc", "repro")
     assert {"prepare", "format", "train", "evaluate", "merge"} <= ran(out), out
     metrics = json.loads((project / "reports" / "metrics.json").read_text())

@@ -253,6 +253,7 @@ def test_prepare_writes_splits_in_input_order_with_content_ids(tmp_path: Path) -
         "duplicates_removed": 0,
         "near_duplicates_across_splits": {"groups": 0, "rows": 0, "examples": []},
         "splits": report["splits"],
+        "rows_unused": 0,
         "split_by": "content hash",
     }
     expected = split_records(dedupe(read_records(raw)[0])[0], FRACTIONS)

@@ -28,7 +28,7 @@ import yaml
 
 from lorapipe.io import atomic_dir
 from lorapipe.params import write_params
-from tests.test_pipeline import SMALL, copy_project, ran, sh
+from tests.test_pipeline import copy_project, ran, sh, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("base", "prepare", "format", "train", "evaluate", "merge")
@@ -39,25 +39,18 @@ FAKE_TOKEN = "hf_" + "PlantedByLorapipeTests" + "x9Q2r7Lk4mZt8"
 @pytest.fixture(scope="module")
 def planted_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The fake token in HF_TOKEN (and the legacy name) for every command of this module, the
-    hub's and DVC's machine-wide caches moved under one folder (so they get searched too), and
-    a fixed commit date."""
+    hub's and DVC's machine-wide caches moved under one folder (so they get searched too)."""
     caches = tmp_path_factory.mktemp("caches")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_TOKEN", FAKE_TOKEN)
         mp.setenv("HUGGING_FACE_HUB_TOKEN", FAKE_TOKEN)
         mp.setenv("HF_HOME", str(caches / "hf"))
         mp.setenv("DVC_SITE_CACHE_DIR", str(caches / "dvc-site"))
-        # Each copy commits the same tree; with one date, it is the same commit, as two clones
-        # of one commit are (the lineage records the commit sha).
-        mp.setenv("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
-        mp.setenv("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
         yield caches
 
 
 def fresh(dest: Path) -> Path:
-    copy_project(dest)
-    sh(dest, sys.executable, "-m", "lorapipe.params", *SMALL)
-    return dest
+    return shrink(copy_project(dest))
 
 
 @dataclass
@@ -68,10 +61,17 @@ class Run:
 
 @pytest.fixture(scope="module")
 def clean_runs(tmp_path_factory: pytest.TempPathFactory, planted_env: Path) -> list[Run]:
-    """Two copies of the project, each run from scratch (`dvc repro`) with the token planted."""
+    """Two copies of the project, each run from scratch (`dvc repro`) with the token planted:
+    at two different commits that change no stage's code, each with an untracked file (a dirty
+    tree, as a working copy usually is)."""
     runs = []
     for name in ("run-a", "run-b"):
         project = fresh(tmp_path_factory.mktemp(name))
+        (project / "scratch.txt").write_text(f"notes of {name}\n")
+        if name == "run-b":
+            with (project / "README.md").open("a") as readme:
+                readme.write("\nA later commit that changes no stage.\n")
+            sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "doc")
         output = sh(project, "dvc", "repro")
         assert ran(output) == set(STAGES), output
         runs.append(Run(project, output))
@@ -89,6 +89,9 @@ def locked_outs(project: Path) -> dict[str, dict[str, str]]:
 
 @pytest.mark.slow
 def test_two_clean_runs_give_identical_output_hashes(clean_runs: list[Run]) -> None:
+    """Byte-identical adapters (and every other output) from different commits."""
+    commits = {sh(run.project, "git", "rev-parse", "HEAD").strip() for run in clean_runs}
+    assert len(commits) == 2
     first, second = (locked_outs(run.project) for run in clean_runs)
     assert set(first) == set(STAGES)
     assert sum(len(outs) for outs in first.values()) >= 12  # every out of every stage is there

@@ -50,7 +50,6 @@ def test_trust_remote_code_is_warned_and_recorded(
         "params": params.model_dump(mode="json"),
         "base_model": pin,
         "data": {},
-        "git": {"commit": None},
     }
     assert "trust_remote_code: true" in model_card(lineage)
     assert "trust_remote_code" not in model_card(

@@ -1,26 +1,36 @@
-"""The shell every stage runs in: Hydra on `params.yaml`, validation, errors for people.
+"""The shell every stage runs in: params in, validation, errors for people.
 
 A stage module defines `run(params: Params) -> None` and ends with `main = stage(run)`.
-`python -m stages.train lora.r=4` then works like any Hydra app (overrides, `-m` multirun),
-while under DVC the stage reads exactly the `params.yaml` that `dvc.lock` records.
+`python -m stages.train` reads `params.yaml` exactly as DVC recorded it; with overrides
+(`python -m stages.train quant=nf4 train.max_steps=1`, group choices, values, `+key=value`)
+it runs on `conf/` composed with them on top of `params.yaml` (`lorapipe.params.compose_run`).
+The sweep (`python -m stages.sweep -m ...`) is a Hydra multirun on `conf/`, for its launchers.
+Any bad key or value: one line per problem, exit 2, no traceback.
 """
 
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import validate
+from lorapipe.config import ConfigError, validate
 from lorapipe.errors import PipelineError
-from lorapipe.params import PARAMS_FILE, StaleParamsError, check_fresh
+from lorapipe.params import (
+    CONF_DIR,
+    CONFIG_NAME,
+    RECORD_KEY,
+    base_overrides,
+    compose_run,
+    load_params,
+    override_key,
+)
 
-# Hydra settings that keep a stage run from writing logs or `outputs/` into the project;
-# given first, so a user's own `hydra.*` overrides still win.
+# Hydra settings that keep a sweep from writing logs or `outputs/` into the project; given
+# first, so a user's own `hydra.*` overrides still win.
 HYDRA_DEFAULTS = [
     "hydra.output_subdir=null",
     "hydra.run.dir=.",
@@ -29,21 +39,19 @@ HYDRA_DEFAULTS = [
 ]
 
 
-def _friendly(exc: BaseException) -> str | None:
-    """The message to show for errors a person can act on, or None for real bugs."""
-    if isinstance(exc, PipelineError | FileNotFoundError):
-        return str(exc)
-    return None
+def is_override(arg: str) -> bool:
+    return not arg.startswith("-") and ("=" in arg or arg.startswith("~"))
 
 
 def stage(
     run: Callable[[Any], Any], hydra_defaults: Sequence[str] = (), *, raw: bool = False
 ) -> Callable[[], None]:
-    """Wrap `run` into a Hydra entrypoint on `./params.yaml` that reports errors without traces.
+    """Wrap `run` into the entry point of a stage, reporting errors without traces.
 
-    `hydra_defaults` are Hydra overrides given after HYDRA_DEFAULTS and before the user's own
-    (the sweep's output folders and summary callback). With `raw`, `run` gets the composed dict
-    unvalidated and validates it itself (a sweep records one member's bad values and goes on).
+    `hydra_defaults` make the stage a Hydra multirun app (the sweep): overrides given after
+    HYDRA_DEFAULTS and before the user's own (its output folders and summary callback). With
+    `raw`, `run` gets the composed dict unvalidated and validates it itself (a sweep records one
+    member's bad values and goes on).
     """
     module = run.__module__
     if module == "__main__":  # `python -m stages.train`: the real name is on the module spec
@@ -57,7 +65,10 @@ def stage(
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         interrupted = False
         try:
-            _main()
+            if hydra_defaults:
+                _multirun(run, name, hydra_defaults)
+            else:
+                _single(run, name, raw)
         except KeyboardInterrupt:
             interrupted = True
         if interrupted:
@@ -67,43 +78,62 @@ def stage(
             print(f"\n{name}: interrupted; no output was replaced", file=sys.stderr)
             sys.exit(130)
 
-    def _main() -> None:
-        import hydra
-        from omegaconf import DictConfig, OmegaConf
-
-        root = Path.cwd()
-        try:
-            if not (root / PARAMS_FILE).exists():
-                raise StaleParamsError(
-                    f"{root / PARAMS_FILE} not found: run stages from the project root "
-                    "(where dvc.yaml is), after `make params`"
-                )
-            check_fresh(root)
-        except StaleParamsError as exc:
-            print(f"{name}: error: {exc}", file=sys.stderr)
-            sys.exit(2)
-
-        @hydra.main(config_path=str(root), config_name="params", version_base=None)
-        def app(cfg: DictConfig) -> Any:
-            try:
-                composed = OmegaConf.to_container(cfg, resolve=True)
-                assert isinstance(composed, dict)
-                return run(composed if raw else validate(composed))  # type: ignore[arg-type]
-            except Exception as exc:
-                message = _friendly(exc)
-                if message is None:
-                    raise
-                print(f"{name}: error: {message}", file=sys.stderr)
-                sys.exit(2)
-
-        # Hydra's argparse takes the overrides as one positional run, so flags (`-m`, `--cfg job`)
-        # and their values go first, then our defaults, then the user's overrides (`key=value`,
-        # `~key`), which thereby win.
-        args = sys.argv[1:]
-        overrides = [a for a in args if not a.startswith("-") and ("=" in a or a[:1] == "~")]
-        flags = [a for a in args if a not in overrides]
-        sys.argv = [sys.argv[0], *flags, *HYDRA_DEFAULTS, *hydra_defaults, *overrides]
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-        app()
-
     return main
+
+
+def _fail(name: str, message: str) -> None:
+    print(f"{name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _single(run: Callable[[Any], Any], name: str, raw: bool) -> None:
+    args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args):
+        print(sys.modules["__main__"].__doc__ or f"python -m stages.{name} [key=value ...]")
+        return
+    flags = [a for a in args if not is_override(a)]
+    if flags:
+        hint = " (sweeps: python -m stages.sweep -m ...)" if "-m" in flags else ""
+        _fail(name, f"unknown argument(s) {' '.join(flags)}: give overrides as key=value{hint}")
+    root = Path.cwd()
+    try:
+        composed = compose_run(root, args) if args else load_params(root)
+        params = composed if raw else validate(composed)
+    except ConfigError as exc:
+        _fail(name, str(exc))
+    try:
+        run(params)
+    except Exception as exc:
+        if not isinstance(exc, PipelineError | FileNotFoundError):
+            raise  # a bug: its traceback is what a report needs
+        _fail(name, str(exc))
+
+
+def _multirun(run: Callable[[Any], Any], name: str, hydra_defaults: Sequence[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig, OmegaConf
+
+    root = Path.cwd()
+    args = sys.argv[1:]
+    overrides = [a for a in args if is_override(a)]
+    flags = [a for a in args if a not in overrides]
+    try:
+        base = base_overrides(root, overrides, sweep=True)
+    except ConfigError as exc:
+        _fail(name, str(exc))
+
+    @hydra.main(config_path=str(root / CONF_DIR), config_name=CONFIG_NAME, version_base=None)
+    def app(cfg: DictConfig) -> Any:
+        composed = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(composed, dict)
+        composed[RECORD_KEY] = list(base)  # the member's own overrides are added by `run`
+        return run(composed)
+
+    # Hydra's argparse takes the overrides as one positional run, so flags (`-m`, `--cfg job`)
+    # and their values go first, then our defaults, then params.yaml's, then the user's.
+    sys.argv = [sys.argv[0], *flags, *HYDRA_DEFAULTS, *hydra_defaults]
+    if base:  # members' folders are named by their own overrides only
+        keys = ",".join(override_key(o) for o in base)
+        sys.argv.append(f"hydra.job.config.override_dirname.exclude_keys=[{keys}]")
+    sys.argv += [*base, *overrides]
+    app()

@@ -381,7 +381,8 @@ class Params(_Group):
     composed_with: list[str] = []
 
 
-# Keys people carry over from BitsAndBytesConfig / older scripts, with what this schema uses.
+# Keys people carry over from BitsAndBytesConfig, TrainingArguments, peft or older scripts, with
+# what this schema uses.
 RENAMED = {
     "load_in_4bit": "quant.mode: nf4 (one mode, so 4-bit and 8-bit cannot both be on)",
     "load_in_8bit": "quant.mode: int8 (one mode, so 4-bit and 8-bit cannot both be on)",
@@ -389,6 +390,14 @@ RENAMED = {
     "bnb_4bit_compute_dtype": "quant.compute_dtype",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
+    "lora_r": "lora.r",
+    "rank": "lora.r",
+    "lr": "train.learning_rate",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "max_seq_length": "train.max_length",
+    "warmup_steps": "train.warmup_ratio (a fraction of all steps)",
     "token": "the HF_TOKEN environment variable (a token never goes into params)",
     "hub_token": "the HF_TOKEN environment variable (a token never goes into params)",
 }
@@ -479,6 +488,8 @@ def validate(raw: dict[str, Any]) -> Params:
         unknown = [e["loc"] for e in errors if e["type"] == "extra_forbidden"]
         if unknown:
             problems += [p for p in _problems(_without(raw, unknown)) if p not in problems]
+    if len(problems) == 1:
+        raise ConfigError(problems[0]) from None
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
     return params

@@ -11,7 +11,6 @@ import hashlib
 import importlib.metadata
 import json
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from lorapipe.config import Params
 from lorapipe.models import read_pin
 
 LINEAGE_FILE = "lineage.json"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/lorapipe/lineage.py -> the checkout
 CARD_FILE = "README.md"
 # What train_adapter reports that belongs in lineage: fixed for identical runs on one machine.
 TRAINING_FACTS = (
@@ -55,20 +55,17 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def git_state(root: Path) -> dict[str, Any]:
-    """The commit checked out at `root` and whether tracked files differ from it."""
+def code_version(stage: str) -> dict[str, str]:
+    """md5 of each code file `dvc.yaml` lists for `stage` (what DVC hashes for the stage's code
+    deps), read from the project this package belongs to; {} outside a project checkout."""
+    import yaml
 
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": dirty}
+    dvc_yaml = PROJECT_ROOT / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return {}
+    deps = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"][stage]["deps"]
+    files = [d for d in deps if isinstance(d, str) and d.endswith(".py")]
+    return {f: file_md5(PROJECT_ROOT / f) for f in sorted(files) if (PROJECT_ROOT / f).is_file()}
 
 
 def library_versions() -> dict[str, str]:
@@ -87,16 +84,19 @@ def build_lineage(
     base_dir: Path,
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The lineage record: data md5s, composed params, base pin, git state, library versions.
+    """The lineage record: data md5s, composed params, base pin, the train stage's code md5s,
+    library versions.
 
     `training` adds what the run itself decided: device, precision, trainable and total
-    parameters. Nothing time- or memory-dependent belongs here (that goes to reports/train.json).
+    parameters. Only what determines the adapter belongs here: the git commit, time and memory
+    of the run go to reports/runtime/train.json, so identical inputs give identical bytes on any
+    commit and in any working tree.
     """
     record = {
         "data": {name: {"path": str(p), "md5": file_md5(p)} for name, p in data_files.items()},
         "params": params.model_dump(mode="json"),
         "base_model": read_pin(base_dir),
-        "git": git_state(Path.cwd()),
+        "code": code_version("train"),
         "libraries": library_versions(),
         "python": platform.python_version(),
     }
@@ -183,8 +183,8 @@ def model_card(lineage: dict[str, Any]) -> str:
         f"Exact match and ROUGE, base model vs {'the adapter' if merge else 'this adapter'} on "
         "the held-out test split, are in "
         "`reports/metrics.json` (the pipeline's `evaluate` stage). `lineage.json` beside this "
-        f"card records the full params, base pin and library versions; git commit "
-        f"`{lineage['git']['commit'] or 'unknown'}`.",
+        "card records the full params, the base pin, the md5 of each code file and the library "
+        "versions.",
         "",
     ]
     return "\n".join(lines)

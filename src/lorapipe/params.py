@@ -1,50 +1,66 @@
-"""Compose `conf/` into `params.yaml`, and refuse to run on a `params.yaml` that is stale.
+"""`params.yaml` and `conf/`: compose one from the other, and apply command-line overrides.
 
 `params.yaml` is what DVC tracks and what every stage reads. It is made from `conf/` by Hydra:
 by `dvc exp run -S key=value` (DVC's Hydra composition) or by this module's command, which
-composes without running anything:
+composes without running anything and records the overrides under `composed_with`:
 
-    python -m lorapipe.params                 # recompose from conf/
-    python -m lorapipe.params lora.r=4 model=tinyllama
+    python -m lorapipe.params                   # recompose from conf/
+    python -m lorapipe.params lora.r=4 quant=nf4
+    python -m lorapipe.params --check           # what params.yaml sets that conf/ does not
 
-The overrides given here are recorded in `params.yaml` under `composed_with`, so the staleness
-check can replay them: a stage refuses to run when `params.yaml` differs from what `conf/`
-composes to with those overrides (someone edited `conf/` or `params.yaml` by hand and forgot to
-recompose). Under `dvc exp run` DVC has just composed `params.yaml` itself, so the check is off.
+`params.yaml` as it stands is always a valid state, also after `dvc exp run -S` or
+`dvc exp apply` changed it: a stage run without overrides reads it exactly. A stage run with
+overrides (`python -m stages.train quant=nf4 train.max_steps=1`) composes `conf/` with the
+recorded overrides, then the values `params.yaml` holds beyond them (written as overrides, so
+nothing applied is lost), then the new overrides; values that a new override changes, or a group
+it selects anew, take the new value.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lorapipe.errors import PipelineError
+from lorapipe.config import RENAMED, ConfigError
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
 CONFIG_NAME = "config"
+RECORD_KEY = "composed_with"
+# conf/ folders that are not groups of params.yaml (Hydra's own and accelerate's configs).
+NOT_PARAMS = ("hydra", "accelerate")
 
 
-class StaleParamsError(PipelineError, RuntimeError):
-    """`params.yaml` does not match what `conf/` composes to."""
+class ParamsFileError(ConfigError):
+    """`params.yaml` is missing or not a mapping of config groups."""
 
 
-def compose(conf_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Compose `conf_dir/config.yaml` with Hydra `overrides` into a plain, resolved dict."""
+def compose(conf_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """Compose `conf_dir/config.yaml` with Hydra `overrides` into a plain, resolved dict whose
+    `composed_with` lists the overrides. Raises ConfigError with Hydra's reason on failure."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
-        cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
-    OmegaConf.resolve(cfg)
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
+            cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"cannot compose {conf_dir}/ with {list(overrides)}: {reason}") from None
     container = OmegaConf.to_container(cfg)
     assert isinstance(container, dict)
-    container["composed_with"] = list(overrides)
+    container[RECORD_KEY] = list(overrides)
     return container  # type: ignore[return-value]
 
 
@@ -55,8 +71,9 @@ def dump(params: dict[str, Any]) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(params))
 
 
-def write_params(root: Path, overrides: list[str]) -> dict[str, Any]:
+def write_params(root: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Compose `root/conf` with `overrides` and write `root/params.yaml` atomically."""
+    check_overrides(root / CONF_DIR, [], overrides)
     params = compose(root / CONF_DIR, overrides)
     target = root / PARAMS_FILE
     tmp = target.with_name(f".{target.name}.tmp")
@@ -66,52 +83,234 @@ def write_params(root: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def load_params(root: Path) -> dict[str, Any]:
-    """Read `root/params.yaml`; raises StaleParamsError when it is missing or not a mapping."""
+    """Read `root/params.yaml`; raises ParamsFileError when it is missing or not a mapping."""
     path = root / PARAMS_FILE
     if not path.exists():
-        raise StaleParamsError(f"{path} not found: run `make params` to compose it from conf/")
+        raise ParamsFileError(
+            f"{path} not found: run stages from the project root (where dvc.yaml is), after "
+            "`make params` composed it from conf/"
+        )
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise StaleParamsError(f"{path}: expected a mapping of config groups")
+        raise ParamsFileError(f"{path}: expected a mapping of config groups")
+    recorded = data.get(RECORD_KEY) or []
+    if not isinstance(recorded, list):
+        raise ParamsFileError(f"{path}: {RECORD_KEY} must be a list of overrides")
     return data
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys where `a` and `b` differ, each with both values."""
-    if isinstance(a, dict) and isinstance(b, dict):
+def hydra_value(value: Any) -> str:
+    """`value` in Hydra's override grammar (null, true, 1e-05, 'text', [a, b], {k: v})."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
+    escaped = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def as_overrides(target: Any, source: Any, prefix: str = "") -> list[str]:
+    """The overrides that turn the composed dict `source` into `target`: `++key=value` for a
+    changed or added value, `~key` for a key `target` lacks (`composed_with` is not compared)."""
+    if isinstance(target, dict) and isinstance(source, dict):
         out: list[str] = []
-        for key in sorted(set(a) | set(b), key=str):
+        for key in target:
             name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in a:
-                out.append(f"{name}: missing from params.yaml (conf/ has {b[key]!r})")
-            elif key not in b:
-                out.append(f"{name}: in params.yaml but not in conf/")
+            if name == RECORD_KEY:
+                continue
+            if key not in source:
+                out.append(f"++{name}={hydra_value(target[key])}")
             else:
-                out.extend(_diff(a[key], b[key], name))
+                out.extend(as_overrides(target[key], source[key], name))
+        out += [f"~{prefix}.{k}" if prefix else f"~{k}" for k in source if k not in target]
+        return [o for o in out if o != f"~{RECORD_KEY}"]
+    return [] if target == source else [f"++{prefix}={hydra_value(target)}"]
+
+
+def override_key(override: str) -> str:
+    """The dotted key (or group) an override names: `lora.r` for `++lora.r=4` or `~lora.r`."""
+    return override.lstrip("+~").split("=", 1)[0].split("@", 1)[0].replace("/", ".")
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        out: set[str] = set()
+        for key in keys:
+            name = f"{prefix}.{key}" if prefix else str(key)
+            out |= _changed_keys(a.get(key), b.get(key), name) if key in a and key in b else {name}
         return out
-    return [] if a == b else [f"{prefix}: params.yaml has {a!r}, conf/ composes {b!r}"]
+    return set() if a == b else {prefix}
 
 
-def check_fresh(root: Path) -> None:
-    """Raise StaleParamsError unless `params.yaml` equals `conf/` composed with its overrides.
+def _overlaps(key: str, keys: set[str]) -> bool:
+    return any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys)
 
-    Skipped inside `dvc exp run` (DVC sets DVC_EXP_NAME), where DVC has just composed the file.
-    """
-    if os.environ.get("DVC_EXP_NAME"):
-        return
-    params = load_params(root)
-    overrides = params.get("composed_with") or []
-    if not isinstance(overrides, list):
-        raise StaleParamsError(f"{root / PARAMS_FILE}: composed_with must be a list of overrides")
-    expected = compose(root / CONF_DIR, [str(o) for o in overrides])
-    problems = _diff(params, expected)
-    if problems:
-        listed = "\n  ".join(problems[:20])
-        raise StaleParamsError(
-            f"params.yaml is stale against conf/:\n  {listed}\n"
-            "Recompose it with `make params` (add overrides: "
-            "`python -m lorapipe.params lora.r=4`), or change conf/ instead of params.yaml."
+
+def groups(conf_dir: Path) -> list[str]:
+    """The config groups of `conf_dir` (its folders holding params options)."""
+    return sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and p.name not in NOT_PARAMS)
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [prefix] * bool(prefix) + [
+        k for key, value in tree.items() for k in _leaf_keys(value, f"{prefix}.{key}".strip("."))
+    ]
+
+
+def _key_hint(key: str, composed: dict[str, Any]) -> str:
+    name = key.rsplit(".", 1)[-1]
+    if name in RENAMED:
+        return f"use {RENAMED[name]}"
+    parent = key.rpartition(".")[0]
+    siblings = _get(composed, parent) if parent else composed
+    close = [
+        f"{parent}.{c}".strip(".")
+        for c in difflib.get_close_matches(
+            name, list(siblings) if isinstance(siblings, dict) else [], n=1
         )
+    ] or difflib.get_close_matches(key, _leaf_keys(composed), n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}?"
+    return "check the spelling against conf/; a new key needs '+' (+key=value)"
+
+
+def check_overrides(
+    conf_dir: Path, base: Sequence[str], overrides: Sequence[str], *, sweep: bool = False
+) -> None:
+    """Raise ConfigError, one line per problem with a hint, when `overrides` name a key the
+    composed config does not have (without '+'), a group option conf/ does not hold, or cannot
+    be parsed. `base` are the overrides composed before them. `sweep` allows comma lists and
+    hydra/... settings."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    known = groups(conf_dir)
+    chosen = [o for o in _first_values(overrides) if override_key(o) in known]
+    try:  # keys are looked up in the groups as the overrides choose them
+        composed = compose(conf_dir, [*base, *chosen])
+    except ConfigError:
+        composed = compose(conf_dir, base)  # a bad choice is reported below
+    problems = []
+    for text in overrides:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except HydraException as exc:
+            problems.append(f"{text}: not an override ({' '.join(str(exc).split())})")
+            continue
+        key = override.key_or_group
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
+        if key.startswith("hydra"):
+            if not sweep:
+                problems.append(f"{text}: hydra settings apply to sweeps (python -m stages.sweep)")
+            continue
+        if override.is_sweep_override() and not sweep:
+            problems.append(
+                f"{text}: a list of values is a sweep; use python -m stages.sweep -m {text}"
+            )
+            continue
+        if key in known and not override.is_add():
+            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            problems += [
+                f"{key}={value}: conf/{key}/ has no {value}.yaml (options: {', '.join(options)})"
+                for value in values
+                if value not in options and not override.is_delete()
+            ]
+            continue
+        if override.is_add() or override.is_force_add():
+            continue  # a new key: the schema says whether the stage reads it
+        node: Any = composed
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                problems.append(f"{key}: unknown key ({_key_hint(key, composed)})")
+                break
+            node = node[part]
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError("\n  ".join([f"{len(problems)} invalid overrides:", *problems]))
+
+
+def compose_run(root: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The params a stage runs with given command-line `overrides`: `conf/` composed with the
+    overrides `params.yaml` records, then its values beyond them, then `overrides` (see the
+    module docstring). `composed_with` lists all three. Raises ConfigError."""
+    recorded = [*base_overrides(root, overrides), *overrides]
+    return compose(root / CONF_DIR, recorded)
+
+
+def base_overrides(root: Path, overrides: Sequence[str], *, sweep: bool = False) -> list[str]:
+    """The overrides composed before `overrides`: those `params.yaml` records, then those that
+    give its values beyond them, less any on a key that `overrides` change."""
+    params = load_params(root)
+    conf_dir = root / CONF_DIR
+    recorded = [str(o) for o in params.get(RECORD_KEY) or []]
+    recorded_params = compose(conf_dir, recorded)
+    applied = as_overrides(params, recorded_params)
+    check_overrides(conf_dir, [*recorded, *applied], overrides, sweep=sweep)
+    # A group chosen anew takes all of its values; otherwise what the overrides change.
+    touched = {override_key(o) for o in overrides if override_key(o) in groups(conf_dir)}
+    for variant in _variants(overrides) if overrides else []:
+        touched |= _changed_keys(recorded_params, compose(conf_dir, [*recorded, *variant]))
+    return [*recorded, *(o for o in applied if not _overlaps(override_key(o), touched))]
+
+
+def _variants(overrides: Sequence[str]) -> list[list[str]]:
+    """Each single choice of a sweep's comma lists, one override at a time (the rest at their
+    first value), so every key any member changes is found."""
+    first = _first_values(overrides)
+    out = [first]
+    for i, text in enumerate(overrides):
+        key, sep, value = text.partition("=")
+        if sep and "," in value and not re.search(r"[\[{(]", value):
+            out += [[*first[:i], f"{key}={v}", *first[i + 1 :]] for v in value.split(",")[1:]]
+    return out
+
+
+def _first_values(overrides: Sequence[str]) -> list[str]:
+    out = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if key.startswith("hydra"):
+            continue
+        if sep and "," in value and not re.search(r"[\[{(]", value):
+            value = value.split(",")[0]
+        out.append(f"{key}{sep}{value}")
+    return out
+
+
+def describe_drift(root: Path) -> list[str]:
+    """What `params.yaml` sets beyond `conf/` composed with its recorded overrides, one line per
+    key with both values; [] when they agree."""
+    params = load_params(root)
+    recorded = [str(o) for o in params.get(RECORD_KEY) or []]
+    composed = compose(root / CONF_DIR, recorded)
+    lines = []
+    for key in sorted(_changed_keys(params, composed) - {RECORD_KEY}):
+        mine, theirs = _get(params, key), _get(composed, key)
+        lines.append(f"{key}: params.yaml has {mine!r}, conf/ composes {theirs!r}")
+    return lines
+
+
+def _get(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return "(absent)"
+        tree = tree[part]
+    return tree
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +319,23 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
+        if args == ["--check"]:
+            drift = describe_drift(Path.cwd())
+            if not drift:
+                print(f"{PARAMS_FILE} is what conf/ composes (with its recorded overrides)")
+                return 0
+            print(
+                f"{PARAMS_FILE} sets values beyond conf/ (from dvc exp run -S, dvc exp apply or "
+                "a hand edit); stages use them as they stand:\n  " + "\n  ".join(drift) + "\n"
+                "To keep one in conf/, write it into the group's file under conf/; "
+                "`make params` recomposes params.yaml from conf/ and drops the others."
+            )
+            return 1
         params = write_params(Path.cwd(), args)
-    except Exception as exc:  # Hydra's own errors name the bad override or file
-        print(f"error: cannot compose conf/: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"params: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {PARAMS_FILE} (overrides: {params['composed_with'] or 'none'})")
+    print(f"wrote {PARAMS_FILE} (overrides: {params[RECORD_KEY] or 'none'})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Run-time facts of a stage (wall time, peak memory), kept apart from its DVC outputs.
+"""Run-time facts of a stage (wall time, peak memory, git commit), kept apart from its outputs.
 
 Seconds and bytes change from run to run even when every output is bit-identical. Were they in
 a DVC output (e.g. `reports/train.json`), two clean runs would record different hashes in
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import resource
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,8 +63,25 @@ def fix_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
+def git_state(root: Path) -> dict[str, Any]:
+    """The commit checked out at `root` and whether tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
 def write_runtime(reports_dir: Path, stage: str, facts: Mapping[str, Any]) -> Path:
-    """Write `facts` to `<reports_dir>/runtime/<stage>.json` and return that path."""
+    """Write `facts`, with the git commit and dirty flag of the working tree, to
+    `<reports_dir>/runtime/<stage>.json` and return that path."""
     path = Path(reports_dir) / RUNTIME_DIR / f"{stage}.json"
-    write_json(path, dict(facts))
+    write_json(path, {**facts, "git": git_state(Path.cwd())})
     return path
