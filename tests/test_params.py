@@ -129,3 +129,9 @@ def test_a_bad_override_value_is_reported_by_key(project: Path) -> None:
     assert done.stderr.strip() == (
         "base: error: model.architecture.num_layers: Input should be greater than 0, got 0"
     )
+
+
+def test_a_mapping_value_is_assigned_without_plus(project: Path) -> None:
+    write_params(project, [])
+    params = compose_run(project, ["eval.adapters={r4: sweeps/x/adapter, old: /tmp/a}"])
+    assert params["eval"]["adapters"] == {"r4": "sweeps/x/adapter", "old": "/tmp/a"}

@@ -227,14 +227,16 @@ def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
         assert [n for n in f.keys() if "embed" in n or "lm_head" in n] == [  # noqa: SIM118
             "model.embed_tokens.weight"
         ]
-    model = load_base_model(merged)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(merged)  # alone: no peft, no pin
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     # The merged model alone answers the test prompts exactly as base + adapter did.
     from lorapipe.generation import generate
 
     rows = [json.loads(line) for line in (project / "reports/predictions.jsonl").open()]
-    tok = load_tokenizer(merged)
+    tok = AutoTokenizer.from_pretrained(merged)
     answers = generate(model, tok, [r["prompt"] for r in rows], batch_size=8, max_new_tokens=16)
     assert answers == [r["adapter"] for r in rows]
     shutil.rmtree(project / "models")

@@ -23,6 +23,7 @@ from lorapipe.params import (
     CONF_DIR,
     CONFIG_NAME,
     RECORD_KEY,
+    assignable,
     base_overrides,
     compose_run,
     load_params,
@@ -135,5 +136,5 @@ def _multirun(run: Callable[[Any], Any], name: str, hydra_defaults: Sequence[str
     if base:  # members' folders are named by their own overrides only
         keys = ",".join(override_key(o) for o in base)
         sys.argv.append(f"hydra.job.config.override_dirname.exclude_keys=[{keys}]")
-    sys.argv += [*base, *overrides]
+    sys.argv += [*base, *assignable(load_params(root), overrides)]
     app()

@@ -248,14 +248,28 @@ def compose_run(root: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """The params a stage runs with given command-line `overrides`: `conf/` composed with the
     overrides `params.yaml` records, then its values beyond them, then `overrides` (see the
     module docstring). `composed_with` lists all three. Raises ConfigError."""
-    recorded = [*base_overrides(root, overrides), *overrides]
+    recorded = [*base_overrides(root, overrides), *assignable(load_params(root), overrides)]
     return compose(root / CONF_DIR, recorded)
+
+
+def assignable(params: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """`overrides` with `group.key={...}` on a mapping (eval.adapters, data.fields) written as
+    `++group.key={...}`, which Hydra needs to add entries to a mapping (it merges them into
+    it). A group choice (`quant=nf4`) has no dot and stays as it is."""
+    out = []
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        if not text.startswith(("+", "~")) and "." in key and isinstance(_get(params, key), dict):
+            text = f"++{text}"
+        out.append(text)
+    return out
 
 
 def base_overrides(root: Path, overrides: Sequence[str], *, sweep: bool = False) -> list[str]:
     """The overrides composed before `overrides`: those `params.yaml` records, then those that
     give its values beyond them, less any on a key that `overrides` change."""
     params = load_params(root)
+    overrides = assignable(params, overrides)
     conf_dir = root / CONF_DIR
     recorded = [str(o) for o in params.get(RECORD_KEY) or []]
     recorded_params = compose(conf_dir, recorded)
