@@ -2,6 +2,7 @@
 
 python -m stages.merge merge.dtype=bfloat16 merge.max_logit_diff=0.05
 python -m stages.merge merge.push_to_hub=true merge.hub_repo_id=me/model merge.push_dry_run=true
+python -m stages.merge 'merge.gguf=[f16,q8_0]'   # also GGUF files + Ollama Modelfiles, read back
 
 Time and peak memory go to reports/runtime/merge.json, not to reports/merge.json (a DVC
 metric, identical across identical runs).
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import Params
+from lorapipe.gguf_export import check_before_merge, export_checked, gguf_lineage, model_name
 from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
 from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, model_card
@@ -28,31 +30,52 @@ def run(params: Params) -> None:
     # Both read only small files, so a bad merge.dtype or a pickled adapter stops before loading.
     check_merge_dtype(Path(paths.base), params.merge.dtype)
     require_safetensors(Path(paths.adapter))
+    if cfg.gguf:
+        check_before_merge(Path(paths.base))
     probes = read_jsonl(Path(paths.formatted) / "test.jsonl")[: params.merge.probe_examples]
+    prompts = [ex["prompt"] + ex["completion"] for ex in probes]
     started = time.perf_counter()
+    gguf_seconds = 0.0
     with atomic_dir(Path(paths.merged)) as out:
         report = merge_adapter(
             Path(paths.base),
             Path(paths.adapter),
             out,
             dtype=params.merge.dtype,
-            probe_prompts=[ex["prompt"] + ex["completion"] for ex in probes],
+            probe_prompts=prompts,
             max_logit_diff=cfg.max_logit_diff,
             max_shard_size=cfg.max_shard_size,
         )
         lineage = merged_lineage(Path(paths.adapter), report)
+        if cfg.gguf:  # a file that fails its read-back raises: nothing of this run is kept
+            report["gguf"], gguf_seconds = export_checked(
+                out,
+                cfg.gguf,
+                name=model_name(lineage["base_model"]["name"]),
+                probe_prompts=prompts,
+                system_prompt=params.format.system_prompt,
+            )
+            lineage["merge"]["gguf"] = gguf_lineage(report["gguf"])
         write_json(out / LINEAGE_FILE, lineage)
         (out / CARD_FILE).write_text(model_card(lineage), encoding="utf-8")  # the hub's page
     seconds = time.perf_counter() - started
     reports = Path(paths.reports)
     write_json(reports / "merge.json", report)
     facts = {"seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mib(), 1)}
+    if cfg.gguf:
+        facts["gguf_seconds"] = round(gguf_seconds, 2)
     write_runtime(reports, "merge", {**facts, "dtype": cfg.dtype})
     print(
         f"merge: largest logit difference {report['merged_max_abs_logit_diff']:.3g} "
         f"(allowed {report['max_logit_diff_allowed']:.3g}) -> {paths.merged}; "
         f"{facts['seconds']} s, peak {facts['peak_rss_mib']} MiB"
     )
+    for gguf_type, g in report.get("gguf", {}).items():
+        print(
+            f"merge: {g['file']} read back: largest logit difference "
+            f"{g['max_abs_logit_diff']:.3g} (allowed {g['max_logit_diff_allowed']:.3g} for "
+            f"{gguf_type}); `ollama create NAME -f {Path(paths.merged) / g['modelfile']}`"
+        )
     if cfg.push_dry_run:
         print(describe_plan(Path(paths.merged), str(cfg.hub_repo_id)))
     elif token is not None:

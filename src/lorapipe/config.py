@@ -335,6 +335,9 @@ class MergeCfg(_Group):
     hub_repo_id: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+$")
     hub_private: bool = True
     push_dry_run: bool = False
+    # GGUF files to write beside the merged model, each checked by reading it back
+    # (lorapipe.gguf_export.GGUF_TYPES); empty: none.
+    gguf: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _shards_and_hub(self) -> MergeCfg:

@@ -119,6 +119,7 @@ def model_card(lineage: dict[str, Any]) -> str:
     quantized = quant["mode"] != "none"
     tags = ["lora", "sft", "trl", "lorapipe", *(["qlora"] if quantized else [])]
     tags += ["merged"] if merge else []
+    tags += ["gguf"] if merge and merge.get("gguf") else []
     method = "QLoRA (4-bit NF4 base)" if quant["mode"] == "nf4" else "LoRA"
     targets = lora["target_modules"]
     targets = ", ".join(targets) if isinstance(targets, list) else targets
@@ -173,6 +174,12 @@ def model_card(lineage: dict[str, Any]) -> str:
             "- checked before saving: on the test prompts, the largest logit difference between "
             f"this model and base + adapter is {merge['merged_max_abs_logit_diff']:.3g} "
             f"(allowed {merge['max_logit_diff_allowed']:.3g})",
+        ]
+        lines += [
+            f"- GGUF for llama.cpp / Ollama: `{file}` ({g['type']}, sha256 `{g['sha256']}`), read "
+            f"back before saving: largest logit difference {g['max_abs_logit_diff']:.3g} "
+            f"(allowed {g['max_logit_diff_allowed']:.3g}); `ollama create NAME -f {g['modelfile']}`"
+            for file, g in merge.get("gguf", {}).items()
         ]
     lines += ["", "## Data", "", "| split | file | md5 |", "| --- | --- | --- |"]
     lines += [f"| {name} | `{d['path']}` | `{d['md5']}` |" for name, d in lineage["data"].items()]
