@@ -1,6 +1,7 @@
-"""Stage `base`: materialise the base model into models/base (build, pin or copy it).
+"""Stage `base`: materialise the base model into models/base (convert, build, copy or pin it).
 
-python -m stages.base                      # the tiny default, built from conf/model/tiny.yaml
+python -m stages.base                      # the default: SmolLM2-135M-Instruct from its GGUF file
+python -m stages.base model=tiny           # the tiny random Llama the tests use
 dvc exp run -S model=tinyllama             # pin a hub model to its commit sha
 """
 

@@ -2,7 +2,7 @@
 
 python -m stages.sweep -m lora.r=4,8,16 lora.alpha=8,16,32
 python -m stages.sweep -m lora.r=4,8 train.learning_rate=1e-3,2e-3 hydra/launcher=joblib
-python -m stages.sweep -m lora.r=4,8 hydra/launcher=submitit_slurm   # or ray, submitit_local
+python -m stages.sweep -m lora.r=4,8 hydra/launcher=submitit_local   # or slurm, ray_local
 
 Members start from params.yaml as it stands (its values, then each member's overrides on
 conf/; group choices such as lora=llama_all work) and reuse the formatted data and base model
