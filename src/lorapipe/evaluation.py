@@ -72,6 +72,42 @@ def _val_metrics(loss: float) -> dict[str, float]:
     return {"val_loss": round(loss, 6), "val_perplexity": round(math.exp(min(loss, 700.0)), 6)}
 
 
+def run_models(
+    cfg: EvalCfg,
+    base_dir: Path,
+    adapters: Mapping[str, Path],
+    prompts: list[str],
+    val: list[dict[str, Any]],
+) -> tuple[dict[str, list[str]], dict[str, list[bool]], dict[str, float]]:
+    """Each model's completions for `prompts`, whether each stopped at EOS, and its loss on
+    `val` (when given): the base first, then each adapter of `adapters` attached in turn to the
+    base loaded once (PEFT `load_adapter` / `set_adapter`)."""
+    from peft import PeftModel
+
+    gen_kwargs: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "max_new_tokens": cfg.max_new_tokens,
+        "do_sample": cfg.do_sample,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "seed": cfg.seed,
+    }
+    tokenizer = load_tokenizer(base_dir)
+    model = load_base_model(base_dir, dtype="float32")
+    outputs, stops, losses = {}, {}, {}
+    for name in ["base", *adapters]:
+        if name == "adapter":
+            model = PeftModel.from_pretrained(model, str(adapters[name]), adapter_name=name)
+        elif name != "base":
+            model.load_adapter(str(adapters[name]), adapter_name=name)
+        if name != "base":
+            model.set_adapter(name)
+        outputs[name], stops[name] = generate_with_stops(model, tokenizer, prompts, **gen_kwargs)
+        if val:
+            losses[name] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
+    return outputs, stops, losses
+
+
 def evaluate_models(
     cfg: EvalCfg,
     base_dir: Path,
@@ -93,8 +129,6 @@ def evaluate_models(
     holds `val_loss` (mean completion-only loss per token) and `val_perplexity`, and
     `metrics["val_examples"]` their number.
     """
-    from peft import PeftModel
-
     if cfg.max_examples is not None:
         examples = examples[: cfg.max_examples]
     if not examples:
@@ -104,31 +138,8 @@ def evaluate_models(
         val = val[: cfg.val_loss_examples]
     prompts = [ex["prompt"] for ex in examples]
     references = [ex["reference"] for ex in examples]
-    gen_kwargs: dict[str, Any] = {
-        "batch_size": cfg.batch_size,
-        "max_new_tokens": cfg.max_new_tokens,
-        "do_sample": cfg.do_sample,
-        "temperature": cfg.temperature,
-        "top_p": cfg.top_p,
-        "seed": cfg.seed,
-    }
-    tokenizer = load_tokenizer(base_dir)
-    model = load_base_model(base_dir, dtype="float32")
-    losses: dict[str, float] = {}
-    outputs, stops = {}, {}
-    outputs["base"], stops["base"] = generate_with_stops(model, tokenizer, prompts, **gen_kwargs)
-    if val:
-        losses["base"] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
     adapters = {"adapter": Path(adapter_dir), **(extra_adapters or {})}
-    for name, folder in adapters.items():
-        if name == "adapter":
-            model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
-        else:
-            model.load_adapter(str(folder), adapter_name=name)
-        model.set_adapter(name)
-        outputs[name], stops[name] = generate_with_stops(model, tokenizer, prompts, **gen_kwargs)
-        if val:
-            losses[name] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
+    outputs, stops, losses = run_models(cfg, base_dir, adapters, prompts, val)
 
     metrics: dict[str, Any] = {"examples": len(examples)}
     if val:

@@ -112,19 +112,12 @@ def model_card(lineage: dict[str, Any]) -> str:
 
     Deterministic: built only from the lineage record, so identical runs write identical cards.
     """
-    params = lineage["params"]
-    lora, train, quant = params["lora"], params["train"], params["quant"]
-    base = lineage["base_model"]
-    merge = lineage.get("merge")
-    quantized = quant["mode"] != "none"
-    tags = ["lora", "sft", "trl", "lorapipe", *(["qlora"] if quantized else [])]
+    params, base, merge = lineage["params"], lineage["base_model"], lineage.get("merge")
+    quant = params["quant"]
+    tags = ["lora", "sft", "trl", "lorapipe", *(["qlora"] if quant["mode"] != "none" else [])]
     tags += ["merged"] if merge else []
     tags += ["gguf"] if merge and merge.get("gguf") else []
     method = "QLoRA (4-bit NF4 base)" if quant["mode"] == "nf4" else "LoRA"
-    targets = lora["target_modules"]
-    targets = ", ".join(targets) if isinstance(targets, list) else targets
-    revision = base.get("revision") or base.get("config_hash") or "-"
-    facts = lineage.get("training", {})
     lines = [
         "---",
         f"base_model: {json.dumps(base['name'])}",
@@ -145,45 +138,14 @@ def model_card(lineage: dict[str, Any]) -> str:
             if merge
             else "."
         ),
+        *_training_lines(lineage),
+        *(_merge_lines(merge) if merge else []),
         "",
-        "## Training",
+        "## Data",
         "",
-        f"- base: `{base['name']}` at `{revision}`",
-        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
-        f"targets: {targets}",
-        f"- epochs {train['epochs']}, learning rate {train['learning_rate']}, "
-        f"batch size {train['batch_size']} x {train['grad_accum']} accumulation, "
-        f"{train['lr_scheduler']} schedule, seed {train['seed']}",
-    ]
-    if facts:
-        lines.append(
-            f"- {facts['trainable_params']:,} trainable of {facts['total_params']:,} parameters, "
-            f"{facts['precision']} on {facts['device']}"
-        )
-    if base.get("trust_remote_code"):
-        lines.append(
-            "- the base ran its own Python code when loaded (`trust_remote_code: true`): "
-            "load it only from the pinned revision above"
-        )
-    if merge:
-        lines += [
-            "",
-            "## Merge",
-            "",
-            f"- weights in {merge['dtype']}; adapter weights md5 `{merge['adapter_weights_md5']}`",
-            "- checked before saving: on the test prompts, the largest logit difference between "
-            f"this model and base + adapter is {merge['merged_max_abs_logit_diff']:.3g} "
-            f"(allowed {merge['max_logit_diff_allowed']:.3g})",
-        ]
-        lines += [
-            f"- GGUF for llama.cpp / Ollama: `{file}` ({g['type']}, sha256 `{g['sha256']}`), read "
-            f"back before saving: largest logit difference {g['max_abs_logit_diff']:.3g} "
-            f"(allowed {g['max_logit_diff_allowed']:.3g}); `ollama create NAME -f {g['modelfile']}`"
-            for file, g in merge.get("gguf", {}).items()
-        ]
-    lines += ["", "## Data", "", "| split | file | md5 |", "| --- | --- | --- |"]
-    lines += [f"| {name} | `{d['path']}` | `{d['md5']}` |" for name, d in lineage["data"].items()]
-    lines += [
+        "| split | file | md5 |",
+        "| --- | --- | --- |",
+        *(f"| {name} | `{d['path']}` | `{d['md5']}` |" for name, d in lineage["data"].items()),
         "",
         "## Evaluation and provenance",
         "",
@@ -195,3 +157,52 @@ def model_card(lineage: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _training_lines(lineage: dict[str, Any]) -> list[str]:
+    params, base = lineage["params"], lineage["base_model"]
+    lora, train = params["lora"], params["train"]
+    targets = lora["target_modules"]
+    targets = ", ".join(targets) if isinstance(targets, list) else targets
+    pin = base.get("revision") or base.get("sha256") or base.get("config_hash") or "-"
+    lines = [
+        "",
+        "## Training",
+        "",
+        f"- base: `{base['name']}` at `{pin}`",
+        f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+        f"targets: {targets}",
+        f"- epochs {train['epochs']}, learning rate {train['learning_rate']}, "
+        f"batch size {train['batch_size']} x {train['grad_accum']} accumulation, "
+        f"{train['lr_scheduler']} schedule, seed {train['seed']}",
+    ]
+    facts = lineage.get("training", {})
+    if facts:
+        lines.append(
+            f"- {facts['trainable_params']:,} trainable of {facts['total_params']:,} parameters, "
+            f"{facts['precision']} on {facts['device']}"
+        )
+    if base.get("trust_remote_code"):
+        lines.append(
+            "- the base ran its own Python code when loaded (`trust_remote_code: true`): "
+            "load it only from the pinned revision above"
+        )
+    return lines
+
+
+def _merge_lines(merge: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        "## Merge",
+        "",
+        f"- weights in {merge['dtype']}; adapter weights md5 `{merge['adapter_weights_md5']}`",
+        "- checked before saving: on the test prompts, the largest logit difference between "
+        f"this model and base + adapter is {merge['merged_max_abs_logit_diff']:.3g} "
+        f"(allowed {merge['max_logit_diff_allowed']:.3g})",
+        *(
+            f"- GGUF for llama.cpp / Ollama: `{file}` ({g['type']}, sha256 `{g['sha256']}`), read "
+            f"back before saving: largest logit difference {g['max_abs_logit_diff']:.3g} "
+            f"(allowed {g['max_logit_diff_allowed']:.3g}); `ollama create NAME -f {g['modelfile']}`"
+            for file, g in merge.get("gguf", {}).items()
+        ),
+    ]

@@ -468,6 +468,30 @@ def _listing(header: str, rejects: Sequence[Reject]) -> str:
     return "\n".join(lines)
 
 
+def check_rejects(
+    raw: Path, rows_read: int, rejects: Sequence[Reject], on_error: str, max_fraction: float
+) -> None:
+    """Raise DataError listing the bad rows when any is rejected and `on_error` is "fail", or
+    when more than `max_fraction` of the rows are with "skip"."""
+    if rejects and on_error == "fail":
+        raise DataError(
+            _listing(
+                f"{len(rejects)} of {rows_read} rows in {raw} are invalid; fix them, or set "
+                "on_error to 'skip' to drop them:",
+                rejects,
+            )
+        )
+    if rejects and len(rejects) / rows_read > max_fraction:
+        raise DataError(
+            _listing(
+                f"{len(rejects)} of {rows_read} rows in {raw} are invalid "
+                f"({len(rejects) / rows_read:.2%}), more than max_reject_fraction="
+                f"{max_fraction}; fix them or raise the limit:",
+                rejects,
+            )
+        )
+
+
 def prepare(
     raw: Path,
     out_dir: Path,
@@ -512,26 +536,9 @@ def prepare(
         raw, max_chars=max_chars, fmt=fmt, fields=fields, split_column=split_column
     )
     rows_read = len(records) + len(rejects)
-    if rejects and on_error == "fail":
-        raise DataError(
-            _listing(
-                f"{len(rejects)} of {rows_read} rows in {raw} are invalid; fix them, or set "
-                "on_error to 'skip' to drop them:",
-                rejects,
-            )
-        )
-    if rejects and len(rejects) / rows_read > max_reject_fraction:
-        raise DataError(
-            _listing(
-                f"{len(rejects)} of {rows_read} rows in {raw} are invalid "
-                f"({len(rejects) / rows_read:.2%}), more than max_reject_fraction="
-                f"{max_reject_fraction}; fix them or raise the limit:",
-                rejects,
-            )
-        )
+    check_rejects(raw, rows_read, rejects, on_error, max_reject_fraction)
     if not records:
         raise DataError(f"{raw}: no valid rows (read {rows_read})")
-
     unique, duplicates = dedupe(records)
     if split_column is not None:
         splits, split_by = split_by_column(unique), f"column {split_column}"

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from lorapipe.checkpoints import prepare_checkpoints, remove_checkpoints, resumable, run_inputs
-from lorapipe.config import Params
+from lorapipe.config import Params, TrainCfg
 from lorapipe.errors import PipelineError
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
@@ -286,48 +286,23 @@ def load_for_training(base_dir: Path, params: Params, dtype: str) -> tuple[Any, 
     return model, recompute
 
 
-def train_adapter(
-    params: Params,
-    base_dir: Path,
-    formatted_dir: Path,
-    out_dir: Path | None,
-    curves_dir: Path | None,
-    *,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> dict[str, Any]:
-    """Train a LoRA adapter on `formatted_dir/{train,val}.jsonl` and save it to `out_dir`.
-
-    Checkpoints go to `params.paths.checkpoints`; a checkpoint from an interrupted run with the
-    same params, data and base is resumed, a stale one is deleted, and all are removed once the
-    adapter is saved. `callbacks` are added to the trainer's (for tools and tests).
-    Under `accelerate launch` (DDP, FSDP, DeepSpeed) every process calls this; only global rank 0
-    prepares and removes checkpoints, logs curves and saves: the others pass `out_dir=None` and
-    `curves_dir=None`, and rank 0 refuses to run without them.
-    Returns the run summary: losses, steps, parameter counts, device, precision, seconds and
-    peak memory. Raises TrainingError when no parameter would train, a name in the LoRA config
-    matches nothing, the precision cannot run here, or the loss stops being finite.
-    """
+def _datasets(formatted_dir: Path, cfg: TrainCfg) -> tuple[Any, Any, dict[str, Path]]:
+    """The formatted train and val splits as datasets, and their files."""
     from datasets import Dataset
-    from dvclive import Live
-    from peft import get_peft_model
-    from transformers import EarlyStoppingCallback
-    from trl import SFTConfig, SFTTrainer
 
-    started = time.perf_counter()
-    score_only_supervised_positions()
-    cfg = params.train
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    precision = resolve_precision(cfg.precision)
-    data_files = {split: formatted_dir / f"{split}.jsonl" for split in ("train", "val")}
-    train = Dataset.from_list(read_jsonl(data_files["train"]))
-    val = Dataset.from_list(read_jsonl(data_files["val"]))
+    files = {split: formatted_dir / f"{split}.jsonl" for split in ("train", "val")}
+    train = Dataset.from_list(read_jsonl(files["train"]))
+    val = Dataset.from_list(read_jsonl(files["val"]))
     if cfg.early_stopping_patience is not None and not len(val):
         raise TrainingError("train.early_stopping_patience needs a non-empty val split")
+    return train, val, files
 
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(base_dir)
+
+def setup_model(params: Params, base_dir: Path, precision: str) -> tuple[Any, bool, int, int]:
+    """The base with LoRA attached: (peft model, recomputes activations, trainable, total).
+    Raises TrainingError when a LoRA name matches nothing or no parameter would train."""
+    from peft import get_peft_model
+
     model, recompute = load_for_training(base_dir, params, MODEL_DTYPES[precision])
     check_target_modules(model, params.lora.target_modules)
     check_modules_to_save(model, params.lora.modules_to_save)
@@ -340,10 +315,18 @@ def train_adapter(
             + ", ".join(adaptable_module_names(model))
             + " (check lora.target_modules and lora.layers_to_transform)"
         )
-    checkpoints = Path(params.paths.checkpoints)
+    return model, recompute, trainable, total
+
+
+def trainer_arguments(params: Params, precision: str, recompute: bool, has_val: bool) -> Any:
+    """TRL's SFTConfig for `params.train`: completion-only loss, per-epoch evaluation when there
+    is a val split, checkpoints to `paths.checkpoints`, no reporting integrations."""
+    from trl import SFTConfig
+
+    cfg = params.train
     early = cfg.early_stopping_patience is not None
-    args = SFTConfig(
-        output_dir=str(checkpoints),
+    return SFTConfig(
+        output_dir=params.paths.checkpoints,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
@@ -356,7 +339,7 @@ def train_adapter(
         max_grad_norm=cfg.max_grad_norm,
         max_length=cfg.max_length,
         completion_only_loss=True,
-        eval_strategy="epoch" if len(val) else "no",
+        eval_strategy="epoch" if has_val else "no",
         save_strategy=cfg.save_strategy,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -373,92 +356,151 @@ def train_adapter(
         data_seed=cfg.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not cuda,
+        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def resume_point(args: Any, params: Params, inputs: dict[str, Any]) -> Path | None:
+    """The checkpoint to resume from, if one was made with the same `inputs`. Rank 0 first
+    clears stale checkpoints; the other processes then only read which one to resume."""
+    checkpoints, resume = Path(params.paths.checkpoints), params.train.resume
+    with args.main_process_first(local=False, desc="checkpoint folder"):
+        if args.process_index == 0:
+            return prepare_checkpoints(checkpoints, inputs, resume=resume)
+        return resumable(checkpoints, inputs, resume=resume)
+
+
+def trainer_callbacks(cfg: TrainCfg, live: Any) -> list[TrainerCallback]:
+    """The loss guard, the curves (rank 0 only: `live` is None elsewhere), early stopping."""
+    from transformers import EarlyStoppingCallback
+
+    callbacks: list[TrainerCallback] = [NonFiniteLossGuard()]
+    if live is not None:
+        callbacks.append(TrainingCurves(live))
+    if cfg.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    return callbacks
+
+
+def train_adapter(
+    params: Params,
+    base_dir: Path,
+    formatted_dir: Path,
+    out_dir: Path | None,
+    curves_dir: Path | None,
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, Any]:
+    """Train a LoRA adapter on `formatted_dir/{train,val}.jsonl` and save it to `out_dir`.
+
+    Checkpoints in `params.paths.checkpoints` from an interrupted run with the same params, data
+    and base are resumed (`resume_point`) and removed once the adapter is saved. Under
+    `accelerate launch` every process calls this; only global rank 0 gets `out_dir` and
+    `curves_dir` and writes anything. `callbacks` are added to the trainer's. Returns the run
+    summary (`fit`); raises TrainingError as `setup_model` and `fit` do.
+    """
+    from dvclive import Live
+
+    started = time.perf_counter()
+    score_only_supervised_positions()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    precision = resolve_precision(params.train.precision)
+    train, val, data_files = _datasets(formatted_dir, params.train)
+    torch.manual_seed(params.train.seed)
+    tokenizer = load_tokenizer(base_dir)
+    model, recompute, trainable, total = setup_model(params, base_dir, precision)
+    args = trainer_arguments(params, precision, recompute, bool(len(val)))
     main = args.process_index == 0  # the trainer's own view of the distributed set-up
     if main and (out_dir is None or curves_dir is None):
         raise TrainingError("rank 0 needs an output folder for the adapter and its curves")
-    inputs = run_inputs(params, data_files, base_dir, precision)
-    # Rank 0 first clears stale checkpoints; the others then only read which one to resume.
-    with args.main_process_first(local=False, desc="checkpoint folder"):
-        if main:
-            resume_from = prepare_checkpoints(checkpoints, inputs, resume=cfg.resume)
-        else:
-            resume_from = resumable(checkpoints, inputs, resume=cfg.resume)
-    live = (
-        Live(dir=str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None) if main else None
-    )
-    trainer_callbacks: list[TrainerCallback] = [NonFiniteLossGuard()]
-    if live is not None:
-        trainer_callbacks.append(TrainingCurves(live))
-    if cfg.early_stopping_patience is not None:
-        trainer_callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    resume_from = resume_point(args, params, run_inputs(params, data_files, base_dir, precision))
+    live = Live(str(curves_dir), dvcyaml=None, save_dvc_exp=False, report=None) if main else None
     with tempfile.TemporaryDirectory(prefix="lorapipe-init-") as initial:
         if main and _mutates_base(params.lora.init):
             model.save_pretrained(initial)  # the adapter before training, to convert it back later
+        from trl import SFTTrainer
+
         trainer = SFTTrainer(
             model=model,
             args=args,
             train_dataset=train,
             eval_dataset=val if len(val) else None,
             processing_class=tokenizer,
-            callbacks=[*trainer_callbacks, *callbacks],
+            callbacks=[*trainer_callbacks(params.train, live), *callbacks],
         )
         # TRL casts QLoRA adapters to bf16 (the QLoRA paper's recipe); keep that only under bf16.
         if not (params.quant.mode != "none" and precision == "bf16"):
             _trainables_to_fp32(model)
-        train_started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        train_seconds = time.perf_counter() - train_started
-        resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
-        train_loss = _mean_train_loss(trainer.state.log_history, result, resumed_step)
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"training loss is {train_loss} at step {result.global_step}")
-        summary: dict[str, Any] = {
-            "train_loss": round(train_loss, 6),
-            "steps": int(result.global_step),
-            "epochs": round(float(trainer.state.epoch or 0), 4),
-            "resumed_from_step": resumed_step,
-            "trainable_params": trainable,
-            "total_params": total,
-            "device": device_name(),
-            "precision": precision,
-            "gradient_checkpointing": recompute,
-        }
-        if args.world_size > 1:  # recorded in lineage: who wrote the adapter, out of how many
-            summary.update(world_size=args.world_size, writer_rank=args.process_index)
-        if len(val):
-            trainer.remove_callback(TrainingCurves)  # the curves already hold each epoch's eval
-            summary["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
-        # FSDP and DeepSpeed shard the weights: gathering them takes every process, and the
-        # trainer's save_model then writes on rank 0 only.
-        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-        if sharded:
-            trainer.save_model(str(out_dir) if main else None)
-        if not main:
+        summary = fit(trainer, resume_from, bool(len(val)))
+        summary.update(trainable_params=trainable, total_params=total, precision=precision)
+        summary["gradient_checkpointing"] = recompute
+        if not save(trainer, params, out_dir, initial if main else None):
             return summary
-        assert live is not None and out_dir is not None
-        live.end()
-        if not sharded:
-            # PiSSA/OLoRA: save as a plain LoRA (rank 2r) that applies to the untouched base.
-            model.save_pretrained(
-                out_dir,
-                safe_serialization=True,
-                path_initial_model_for_weight_conversion=(
-                    initial if _mutates_base(params.lora.init) else None
-                ),
-            )
+    assert live is not None and out_dir is not None
+    live.end()
     tokenizer.save_pretrained(out_dir)
     _sort_target_modules(out_dir / "adapter_config.json")
-    remove_checkpoints(checkpoints)
-    summary["train_seconds"] = round(train_seconds, 1)
+    remove_checkpoints(Path(params.paths.checkpoints))
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     summary["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    if cuda:
+    if torch.cuda.is_available():
         summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return summary
+
+
+def fit(trainer: Any, resume_from: Path | None, has_val: bool) -> dict[str, Any]:
+    """Train (from `resume_from` when given) and evaluate once more; the summary: train loss
+    over the whole run, steps, epochs, resumed step, device, seconds, eval loss, and for a
+    distributed run the world size and this process's rank. Raises TrainingError when the loss
+    is not finite."""
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    resumed_step = int(resume_from.name.split("-")[-1]) if resume_from else 0
+    train_loss = _mean_train_loss(trainer.state.log_history, result, resumed_step)
+    if not math.isfinite(train_loss):
+        raise TrainingError(f"training loss is {train_loss} at step {result.global_step}")
+    summary: dict[str, Any] = {
+        "train_loss": round(train_loss, 6),
+        "steps": int(result.global_step),
+        "epochs": round(float(trainer.state.epoch or 0), 4),
+        "resumed_from_step": resumed_step,
+        "device": device_name(),
+        "train_seconds": round(seconds, 1),
+    }
+    if trainer.args.world_size > 1:  # recorded in lineage: who wrote the adapter, out of how many
+        summary.update(world_size=trainer.args.world_size, writer_rank=trainer.args.process_index)
+    if has_val:
+        trainer.remove_callback(TrainingCurves)  # the curves already hold each epoch's eval
+        summary["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
+    return summary
+
+
+def save(trainer: Any, params: Params, out_dir: Path | None, initial: str | None) -> bool:
+    """Save the adapter to `out_dir` on rank 0 (True); False on the other processes.
+
+    FSDP and DeepSpeed shard the weights: gathering them takes every process, and the trainer's
+    save_model then writes on rank 0 only. PiSSA/OLoRA adapters are saved as a plain LoRA (rank
+    2r) that applies to the untouched base, converted against `initial`.
+    """
+    main = trainer.args.process_index == 0
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if sharded:
+        trainer.save_model(str(out_dir) if main else None)
+    if not main:
+        return False
+    if not sharded:
+        trainer.model.save_pretrained(
+            out_dir,
+            safe_serialization=True,
+            path_initial_model_for_weight_conversion=(
+                initial if _mutates_base(params.lora.init) else None
+            ),
+        )
+    return True
 
 
 def _sort_target_modules(config_path: Path) -> None:
