@@ -212,13 +212,13 @@ def test_keeping_the_winner_of_an_experiment_leaves_a_repository_that_runs(proje
     sh(project, "dvc", "repro")
     sh(project, *git, "add", "-A")
     sh(project, *git, "commit", "-qm", "baseline")
-    out = sh(project, "dvc", "exp", "run", "-S", "lora.r=4")
+    out = sh(project, "dvc", "exp", "run", "-S", "lora.r=8")  # a value no earlier test trained
     assert ran(out) == {"train", "evaluate", "merge"}, out
     (name,) = sh(project, "dvc", "exp", "list", "--name-only").split()
     sh(project, "dvc", "exp", "apply", name)
-    sh(project, *git, "commit", "-qam", "LoRA r=4")
+    sh(project, *git, "commit", "-qam", "LoRA r=8")
     params = lambda: yaml.safe_load((project / "params.yaml").read_text())  # noqa: E731
-    assert params()["lora"]["r"] == 4
+    assert params()["lora"]["r"] == 8
     sh(project, sys.executable, "-m", "stages.evaluate", "eval.max_examples=4")
     sh(
         project,
@@ -231,11 +231,11 @@ def test_keeping_the_winner_of_an_experiment_leaves_a_repository_that_runs(proje
     )
     (member,) = [p for p in (project / "sweeps" / "w").iterdir() if p.is_dir()]
     lineage = json.loads((member / "adapter" / "lineage.json").read_text())
-    assert lineage["params"]["lora"]["r"] == 4 and lineage["params"]["train"]["max_steps"] == 2
+    assert lineage["params"]["lora"]["r"] == 8 and lineage["params"]["train"]["max_steps"] == 2
     assert ran(sh(project, "dvc", "repro")) <= {"evaluate"}  # the ad-hoc evaluate wrote reports
-    assert params()["lora"]["r"] == 4
+    assert params()["lora"]["r"] == 8
     out = sh(project, sys.executable, "-m", "lorapipe.params", "--check", status=1)
-    assert "lora.r: params.yaml has 4, conf/ composes 16" in out
+    assert "lora.r: params.yaml has 8, conf/ composes 16" in out
 
 
 def write_chat_parquet(project: Path) -> tuple[str, list[str]]:
@@ -287,7 +287,8 @@ def test_real_world_shapes_run_end_to_end(
 ) -> None:
     """Data shapes people bring (chat turns in Parquet, alpaca in CSV) through every stage."""
     path, overrides = make_data(project)
-    sh(project, sys.executable, "-m", "lorapipe.params", f"data.path={path}", *overrides)
+    small_data = ["data.split_counts=null", f"data.path={path}"]  # fractions of 60-120 rows
+    sh(project, sys.executable, "-m", "lorapipe.params", *small_data, *overrides)
     out = sh(project, "dvc", "repro")
     assert {"prepare", "format", "train", "evaluate", "merge"} <= ran(out), out
     metrics = json.loads((project / "reports" / "metrics.json").read_text())

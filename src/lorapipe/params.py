@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -282,27 +281,41 @@ def base_overrides(root: Path, overrides: Sequence[str], *, sweep: bool = False)
     return [*recorded, *(o for o in applied if not _overlaps(override_key(o), touched))]
 
 
+def _sweep_values(text: str) -> list[str] | None:
+    """The values of a sweep override (`lora.r=4,8`, `key=a,[b]`), or None for a single value;
+    read with Hydra's own override parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([text])
+    except HydraException:
+        return None  # check_overrides reports it
+    if not override.is_sweep_override():
+        return None
+    return [str(v) for v in override.sweep_string_iterator()]
+
+
 def _variants(overrides: Sequence[str]) -> list[list[str]]:
-    """Each single choice of a sweep's comma lists, one override at a time (the rest at their
-    first value), so every key any member changes is found."""
+    """Each single choice of a sweep's lists, one override at a time (the rest at their first
+    value), so every key any member changes is found."""
     first = _first_values(overrides)
     out = [first]
     for i, text in enumerate(overrides):
-        key, sep, value = text.partition("=")
-        if sep and "," in value and not re.search(r"[\[{(]", value):
-            out += [[*first[:i], f"{key}={v}", *first[i + 1 :]] for v in value.split(",")[1:]]
+        values = _sweep_values(text)
+        key = text.split("=", 1)[0]
+        out += [[*first[:i], f"{key}={v}", *first[i + 1 :]] for v in (values or [])[1:]]
     return out
 
 
 def _first_values(overrides: Sequence[str]) -> list[str]:
+    """`overrides` without hydra settings, each sweep at its first value."""
     out = []
     for text in overrides:
-        key, sep, value = text.partition("=")
-        if key.startswith("hydra"):
+        if text.startswith("hydra"):
             continue
-        if sep and "," in value and not re.search(r"[\[{(]", value):
-            value = value.split(",")[0]
-        out.append(f"{key}{sep}{value}")
+        values = _sweep_values(text)
+        out.append(f"{text.split('=', 1)[0]}={values[0]}" if values else text)
     return out
 
 
