@@ -1,6 +1,6 @@
 """Stage `merge`: fold the adapter into the base and check merged logits match base+adapter.
 
-python -m stages.merge merge.dtype=bfloat16 merge.max_logit_diff=0.05
+python -m stages.merge merge.dtype=bfloat16                 # bound: 0.05 x the largest logit
 python -m stages.merge merge.push_to_hub=true merge.hub_repo_id=me/model merge.push_dry_run=true
 python -m stages.merge 'merge.gguf=[f16,q8_0]'   # also GGUF files + Ollama Modelfiles, read back
 

@@ -176,7 +176,7 @@ def merge_adapter(
             f"merged model's logits differ from base+adapter by {diff:.3g} "
             f"(> merge.max_logit_diff {allowed:g} for {dtype}); nothing was written. "
             "NaN or inf means a corrupted adapter; a small excess in half precision on a deep "
-            "model may need merge.max_logit_diff set (README, Merge)"
+            "model may need merge.max_logit_diff set (docs/merge-and-ship.md)"
         )
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)  # save_pretrained wrote generation_config.json
