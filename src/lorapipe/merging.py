@@ -33,8 +33,9 @@ from lorapipe.models import load_base_model, load_tokenizer
 # on the probe set. In half precision the merged weight W + BA is rounded once more to the dtype
 # (relative error up to 2^-9 / 2^-12), which base+adapter never sees; that error is relative, so
 # the logit difference grows with the logits' scale (scale the head by c and both scale by c),
-# and with depth. Measured, as a fraction of max |logit| (README, "Merge"): bf16 0.0062 on the
-# trained default adapter (4 layers), 0.022 on the TinyLlama-shaped benchmark (22 layers, random
+# and with depth. Measured, as a fraction of max |logit| (docs/merge-and-ship.md): bf16 0.0062 on
+# the tiny model's trained adapter (4 layers), 0.0068 on SmolLM2's (30 layers, 0.296 of 43.7),
+# 0.022 on the TinyLlama-shaped benchmark (22 layers, random
 # r=16 adapter); fp16 0.0013 and 0.0026. The fractions below leave 2.3x (bf16) and 3x (fp16)
 # over the 22-layer figure and stay far below an adapter's own effect on the logits (recorded
 # as `adapter_max_abs_logit_effect`), so a merge that lost the adapter still fails. Deeper
