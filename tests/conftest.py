@@ -67,3 +67,24 @@ def train_params(tmp_path: Path) -> Callable[..., object]:
         return validate(compose(ROOT / "conf", [*base, *overrides]))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smol_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/base as the base stage writes it for the real default, SmolLM2-135M-Instruct from
+    its GGUF file (about 20 s on 2 cores, once per session)."""
+    import yaml
+
+    from lorapipe.base_model import build_base
+    from lorapipe.config import ModelCfg
+
+    out = tmp_path_factory.mktemp("smol") / "base"
+    build_base(ModelCfg(**yaml.safe_load((ROOT / "conf/model/smollm2.yaml").read_text())), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_base: Path) -> object:
+    from lorapipe.models import load_tokenizer
+
+    return load_tokenizer(smol_base)

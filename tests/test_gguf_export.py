@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from lorapipe import gguf_export
-from lorapipe.config import MergeCfg, ModelCfg, Params, validate
+from lorapipe.config import MergeCfg, Params, validate
 from lorapipe.errors import PipelineError
 from lorapipe.gguf_export import (
     GGUF_TYPES,
@@ -35,7 +35,6 @@ from lorapipe.params import compose
 from tests.test_merge import random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2 = yaml.safe_load((ROOT / "conf" / "model" / "smollm2.yaml").read_text())
 # SmolLM2's template: ChatML, with a default system turn when the conversation has none.
 CHATML = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -477,23 +476,6 @@ def test_other_turn_templates_convert_and_foreign_shapes_are_refused(tiny_base: 
 
 
 # The real default, SmolLM2-135M-Instruct.
-
-
-@pytest.fixture(scope="module")
-def smol_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/base as the base stage writes it for the default (about 20 s on 2 cores)."""
-    from lorapipe.base_model import build_base
-
-    out = tmp_path_factory.mktemp("smol") / "base"
-    build_base(ModelCfg(**SMOLLM2), out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smol_tokenizer(smol_base: Path) -> Any:
-    from lorapipe.models import load_tokenizer
-
-    return load_tokenizer(smol_base)
 
 
 @pytest.fixture(scope="module")

@@ -17,25 +17,12 @@ import yaml
 from lorapipe.base_model import build_base
 from lorapipe.config import ModelCfg
 from lorapipe.gguf_source import GgufSourceError, locate
-from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.models import load_base_model
 from lorapipe.params import write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = yaml.safe_load((ROOT / "conf" / "model" / "smollm2.yaml").read_text())
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-
-
-@pytest.fixture(scope="session")
-def smol_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """models/base as the base stage writes it for the default (about 20 s on 2 cores)."""
-    out = tmp_path_factory.mktemp("smol") / "base"
-    build_base(ModelCfg(**SMOLLM2), out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def smol_tokenizer(smol_base: Path) -> object:
-    return load_tokenizer(smol_base)
 
 
 def gguf_file() -> Path:

@@ -28,11 +28,8 @@ class GgufSourceError(PipelineError, RuntimeError):
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def locate(cfg: ModelCfg) -> tuple[Path, dict[str, Any]]:

@@ -275,7 +275,8 @@ def base_overrides(root: Path, overrides: Sequence[str], *, sweep: bool = False)
     applied = as_overrides(params, recorded_params)
     check_overrides(conf_dir, [*recorded, *applied], overrides, sweep=sweep)
     # A group chosen anew takes all of its values; otherwise what the overrides change.
-    touched = {override_key(o) for o in overrides if override_key(o) in groups(conf_dir)}
+    known = groups(conf_dir)
+    touched = {override_key(o) for o in overrides if override_key(o) in known}
     for variant in _variants(overrides) if overrides else []:
         touched |= _changed_keys(recorded_params, compose(conf_dir, [*recorded, *variant]))
     return [*recorded, *(o for o in applied if not _overlaps(override_key(o), touched))]
