@@ -1,13 +1,13 @@
-"""Evaluation speed: the article's one-prompt-at-a-time sampling vs the pipeline's batched greedy.
+"""Evaluation speed: a tutorial's one-prompt-at-a-time sampling vs the pipeline's batched greedy.
 
 make bench                                   # all test prompts, writes reports/bench_eval.json
 python benchmarks/eval_speed.py --limit 64 --out /tmp/bench_eval.json
 
 Both ways run in this one process on the test split (`<paths.formatted>/test.jsonl`), first with
 the base model (`<paths.base>`), then with the trained adapter on it (`<paths.adapter>`): the
-`evaluate` stage generates with both (the article's before/after exercise), so both are timed.
-At most `eval.max_new_tokens` new tokens for both ways (the article's own default is 200):
-(a) the article's way, one prompt at a time with `do_sample=True, temperature=0.7`;
+`evaluate` stage generates with both (base before training, adapter after), so both are timed.
+At most `eval.max_new_tokens` new tokens for both ways (the tutorial's own default is 200):
+(a) the tutorial's way, one prompt at a time with `do_sample=True, temperature=0.7`;
 (b) the pipeline's way, `lorapipe.generation.generate`, greedy in batches of `eval.batch_size`.
 Both stop at the tokenizer's EOS and are decoded the same way, then scored for exact match.
 The base model rarely emits EOS, so it runs to the token cap: there one-at-a-time decoding pays
@@ -42,7 +42,7 @@ MODELS = ("base", "adapter")
 def article_generate(
     model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, temperature: float
 ) -> list[str]:
-    """One prompt at a time, sampled at `temperature`, as the seed article evaluates."""
+    """One prompt at a time, sampled at `temperature`, as the common LoRA tutorial evaluates."""
     outputs = []
     model.eval()
     for prompt in prompts:
@@ -91,7 +91,7 @@ def markdown(result: dict[str, Any]) -> str:
         [
             *rows,
             "",
-            f"evaluation speedup (base + adapter, article seconds / pipeline seconds): "
+            f"evaluation speedup (base + adapter, one-at-a-time seconds / pipeline seconds): "
             f"{result['speedup']:.1f}x on {subset}; max_new_tokens {result['max_new_tokens']}, "
             f"{result['threads']} torch threads, torch {result['torch']}, {result['device']}",
         ]
@@ -113,7 +113,7 @@ def run(
 ) -> dict[str, Any]:
     """Time both ways on the test split for the base model, then for base + adapter.
 
-    The pipeline's evaluation generates for both models (the article's before/after exercise),
+    The pipeline's evaluation generates for both models (base before training, adapter after),
     so both are timed, each way on the same loaded weights. Raises PipelineError when the
     pipeline's outputs are missing.
     """
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     parser.add_argument("--out", default="reports/bench_eval.json", help="where to write results")
     parser.add_argument("--limit", type=int, default=None, help="time only the first N prompts")
-    parser.add_argument("--temperature", type=float, default=0.7, help="the article's (0.7)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="the tutorial's (0.7)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)
     try:

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark, one after the other, then one table of the issue's targets.
+"""`make bench`: every benchmark, one after the other, then one table of the targets.
 
 python benchmarks/run_all.py [--only eval,overhead] [--out reports/bench.json]
 
