@@ -28,9 +28,9 @@ TRAINING_FACTS = (
     "trainable_params",
     "total_params",
 )
-# Only distributed runs report these (processes, and the rank that wrote the adapter), so the
-# lineage of a single-process run is unchanged.
-DISTRIBUTED_FACTS = ("world_size", "writer_rank")
+# Only distributed runs report these (processes, the rank that wrote the adapter, and how the
+# model was split: ddp, fsdp2, deepspeed-zero3, ...), so a single-process lineage is unchanged.
+DISTRIBUTED_FACTS = ("world_size", "writer_rank", "sharding")
 LIBRARIES = (
     "torch",
     "transformers",
