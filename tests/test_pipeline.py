@@ -185,6 +185,16 @@ def test_dvc_remote_round_trip_restores_the_adapter(project: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
+def test_dvc_plots_show_writes_a_page_that_needs_no_network(project: Path) -> None:
+    sh(project, "dvc", "plots", "show", "-o", "plots_page")
+    page = (project / "plots_page" / "index.html").read_text()
+    assert "<script src" not in page and "cdn." not in page  # no chart library fetched
+    assert page.count("vegaEmbed('#") >= 3  # one chart per plot, drawn by the inlined library
+    for library in ("vega 5", "vega-lite 5.21.0", "vega-embed 6.26.0"):
+        assert f"<script>/* {library} */" in page
+
+
+@pytest.mark.slow
 def test_only_changed_stages_rerun(project: Path) -> None:
     assert ran(sh(project, "dvc", "repro")) == set()
     sh(project, sys.executable, "-m", "lorapipe.params", "eval.max_new_tokens=6")
