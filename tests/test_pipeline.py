@@ -185,6 +185,28 @@ def test_dvc_remote_round_trip_restores_the_adapter(project: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
+def test_every_report_a_stage_writes_is_a_declared_output(project: Path) -> None:
+    """Output file names are stated in stage code and in dvc.yaml: each file under reports/
+    that `dvc repro` left is inside a declared out, metric or plot of the stage (the run-time
+    facts in reports/runtime/ stay outside DVC on purpose), and each declared path exists."""
+    reports = yaml.safe_load((project / "params.yaml").read_text())["paths"]["reports"]
+    declared = set()
+    for stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                declared.add(path.replace("${paths.reports}", reports))
+    written = {
+        str(p.relative_to(project))
+        for p in (project / reports).rglob("*")
+        if p.is_file() and "runtime" not in p.parts and not p.name.startswith("bench.")
+    }  # bench.*: `make bench` writes them, not a stage
+    undeclared = {w for w in written if not any(w == d or w.startswith(d + "/") for d in declared)}
+    assert not undeclared, f"written but not declared in dvc.yaml: {sorted(undeclared)}"
+    assert all((project / d).exists() for d in declared if d.startswith(reports)), declared
+
+
+@pytest.mark.slow
 def test_dvc_plots_show_writes_a_page_that_needs_no_network(project: Path) -> None:
     sh(project, "dvc", "plots", "show", "-o", "plots_page")
     page = (project / "plots_page" / "index.html").read_text()
