@@ -423,7 +423,8 @@ def split_by_counts(
     if n_test + n_val + n_train > len(records) or n_train < 0:
         raise DataError(
             f"split_counts {dict(counts)} ask for {n_test + n_val + max(n_train, 0)} rows but only "
-            f"{len(records)} unique rows remain; lower the counts"
+            f"{len(records)} unique rows remain; lower data.split_counts, or set it to null to "
+            "split by the data.splits fractions"
         )
     ranked = sorted(range(len(records)), key=lambda i: _position(records[i].key), reverse=True)
     split_of = {i: "test" for i in ranked[:n_test]}
