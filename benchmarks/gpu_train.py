@@ -142,7 +142,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 steps=args.steps,
             )
             r["load_seconds"] = round(load_seconds, 1)
-            r["mfu"] = round(r["model_flops_per_s"] / peak, 4)
+            # 4 significant digits, not 4 decimals: the tiny model on a CPU runs at ~1e-5 of peak.
+            r["mfu"] = float(f"{r['model_flops_per_s'] / peak:.4g}")
             results[variant] = r
             del model
             if args.device.startswith("cuda"):
