@@ -44,11 +44,11 @@ MUTABLE = ("params.yaml", "data/prepared", "data/formatted", "models", "reports"
 
 
 def documented() -> dict[str, str]:
-    """Each documented command -> where it is printed (README code blocks, stage docstrings,
-    conf/ comments); a line continued with a backslash is one command."""
+    """Each documented command -> where it is printed (README code blocks, stage and library
+    module docstrings, conf/ comments); a line continued with a backslash is one command."""
     readme = (ROOT / "README.md").read_text()
     texts = [("README.md", "\n".join(re.findall(r"```[a-z]*\n(.*?)```", readme, re.S)))]
-    for path in sorted((ROOT / "stages").glob("*.py")):
+    for path in sorted([*(ROOT / "stages").glob("*.py"), *(ROOT / "src/lorapipe").glob("*.py")]):
         texts.append((path.name, ast.get_docstring(ast.parse(path.read_text())) or ""))
     for path in sorted((ROOT / "conf").rglob("*.yaml")):
         lines = path.read_text().splitlines()
@@ -66,7 +66,7 @@ def shrunk(command: str) -> list[str]:
     """`command`'s words as the shell gives them (a backslash-escaped backtick too), with SHRINK
     appended where it trains or generates."""
     words = shlex.split(command.replace("\\`", "`"))
-    if words[2] in SHRUNK:
+    if words[2] in SHRUNK and len(words) > 3:  # without overrides a stage reads params.yaml
         words += [f"{k}={v}" for k, v in SHRINK.items() if f"{k}=" not in command]
     return words
 
@@ -129,6 +129,16 @@ CHECKS: dict[str, Check] = {
         yaml.safe_load((p / "params.yaml").read_text())["merge"]["gguf"] == ["f16", "q8_0"]
     ),
     "python -m lorapipe.compare HEAD~1 workspace": lambda p, out: "HEAD~1" in out,
+    "python -m lorapipe.compare HEAD~1 workspace --model base --top 3 --json": lambda p, out: (
+        json.loads(out[out.index("{") :])["model"] == "base"
+    ),
+    "python -m lorapipe.params lora.r=4 quant=nf4": lambda p, out: (
+        yaml.safe_load((p / "params.yaml").read_text())["lora"]["r"] == 4
+    ),
+    "python -m lorapipe.sweep sweeps/x --metric adapter.rougeL": lambda p, out: (
+        read(p, "sweeps/x/summary.json")["metric"] == "adapter.rougeL"
+    ),
+    "python -m stages.train": lambda p, out: read(p, "reports/train.json")["steps"] == 12,
     # base
     "python -m stages.base": lambda p, out: read(p, "models/base/pin.json")["kind"] == "tiny",
     "python -m stages.base model=tiny model.seed=1": lambda p, out: (
@@ -239,6 +249,13 @@ def docs_project(repro_project: Path, tmp_path_factory: pytest.TempPathFactory) 
     dest = tmp_path_factory.mktemp("docs") / "project"
     shutil.copytree(repro_project, dest, symlinks=True)
     shutil.copytree(dest / "models/adapter", dest / "sweeps/x/lora.r=4/adapter")
+    member = {"member": "lora.r=4", "overrides": ["lora.r=4"], "status": "completed"}
+    member["metrics"] = read(dest, "reports/metrics.json")
+    member["train"] = {
+        **read(dest, "reports/train.json"),
+        **read(dest, "reports/runtime/train.json"),
+    }
+    (dest / "sweeps/x/lora.r=4/member.json").write_text(json.dumps(member))
     rows = "".join(f"What is {i} + {i}?,{2 * i}\n" for i in range(40))
     (dest / "data/raw/qa.csv").write_text("q,a\n" + rows)
     (dest / "questions.txt").write_text("What does `len('ab')` return?\nWhat is 2 + 2?\n")

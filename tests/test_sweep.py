@@ -94,3 +94,16 @@ def test_training_time_ticks_are_distinct_when_times_are_close() -> None:
     labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
     plt.close(fig)
     assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+
+
+def test_a_member_without_its_training_time_is_ranked_and_left_off_that_plot(
+    tmp_path: Path,
+) -> None:
+    records = [member("a", exact_match=0.2), member("b", exact_match=0.7)]
+    records[0]["train"] = {"trainable_params": 10}  # no runtime facts (train_seconds)
+    for record in records:
+        (tmp_path / str(record["member"])).mkdir()
+        (tmp_path / str(record["member"]) / MEMBER_FILE).write_text(json.dumps(record))
+    rows = write_summary(tmp_path, "adapter.exact_match")
+    assert [(r["member"], r["train_seconds"]) for r in rows] == [("b", 1.0), ("a", None)]
+    assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"

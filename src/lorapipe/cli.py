@@ -4,7 +4,7 @@ A stage module defines `run(params: Params) -> None` and ends with `main = stage
 `python -m stages.train` reads `params.yaml` exactly as DVC recorded it; with overrides
 (`python -m stages.train quant=nf4 train.max_steps=1`, group choices, values, `+key=value`)
 it runs on `conf/` composed with them on top of `params.yaml` (`lorapipe.params.compose_run`).
-The sweep (`python -m stages.sweep -m ...`) is a Hydra multirun on `conf/`, for its launchers.
+The sweep (`stages.sweep`, run with `-m`) is a Hydra multirun on `conf/`, for its launchers.
 Any bad key or value: one line per problem, exit 2, no traceback.
 """
 

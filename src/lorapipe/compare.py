@@ -1,6 +1,7 @@
 """Compare two runs example by example: which test prompts changed between two revisions.
 
-python -m lorapipe.compare HEAD~1 workspace [--model adapter] [--top 10] [--json]
+python -m lorapipe.compare HEAD~1 workspace                  # the adapter's changed answers
+python -m lorapipe.compare HEAD~1 workspace --model base --top 3 --json
 
 A revision is a git revision (`HEAD~1`, a branch, a sha), a DVC experiment name or ref
 (`dvc exp list`; experiments live under `refs/exps/<sha[:2]>/<sha[2:]>/<name>`), or `workspace`

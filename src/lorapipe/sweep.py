@@ -10,8 +10,9 @@ works whatever launcher ran the members (basic, joblib, submitit, ray):
     summary.csv, summary.md   members ranked by the chosen metric; failed members last
     summary.png               the metric against trainable parameters and against training time
 
-Re-rank an existing sweep by another metric: `python -m lorapipe.sweep sweeps/<dir> --metric
-adapter.rougeL`.
+Re-rank an existing sweep (here the folder sweeps/x) by another metric:
+
+    python -m lorapipe.sweep sweeps/x --metric adapter.rougeL
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, out: Path) -> bool:
         (axes[1], "train_seconds", "training time (s)"),
     ):
         for i, r in enumerate(done):
+            if r[key] is None:  # e.g. a member.json written without its runtime facts
+                continue
             ax.scatter(
                 r[key],
                 r["metric"],
