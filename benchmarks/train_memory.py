@@ -49,7 +49,7 @@ def quant_for(variant: str) -> Any:
 
     if variant == "nf4":
         return QuantCfg(mode="nf4", compute_dtype="auto", double_quant=True)
-    return QuantCfg(mode="none")
+    return QuantCfg(mode="none", compute_dtype="auto", double_quant=False)
 
 
 class MemorySampler:

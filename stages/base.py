@@ -1,8 +1,8 @@
 """Stage `base`: materialise the base model into models/base (convert, build, copy or pin it).
 
-python -m stages.base                      # the default: SmolLM2-135M-Instruct from its GGUF file
-python -m stages.base model=tiny           # the tiny random Llama the tests use
-dvc exp run -S model=tinyllama             # pin a hub model to its commit sha
+python -m stages.base                           # the default: SmolLM2-135M-Instruct, from GGUF
+python -m stages.base model=tiny model.seed=1   # the tiny random Llama the tests use, reseeded
+dvc exp run -S model=tinyllama                  # pin a hub model to its commit sha
 """
 
 from pathlib import Path

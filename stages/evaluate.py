@@ -3,7 +3,7 @@ model's loss on the validation split, the adapter's answers to the retain set ag
 base's own (what fine-tuning changed), and the report (`report.md`, `report.html`).
 
 python -m stages.evaluate eval.max_examples=50 eval.batch_size=16
-python -m stages.evaluate 'eval.adapters={r4: sweeps/x/lora.r=4/adapter}'   # more adapters
+python -m stages.evaluate 'eval.adapters={r4: "sweeps/x/lora.r=4/adapter"}'   # more adapters
 """
 
 from pathlib import Path

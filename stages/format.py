@@ -23,12 +23,7 @@ def run(params: Params) -> None:
         for split in SPLITS:
             rows = read_jsonl(Path(params.paths.prepared) / f"{split}.jsonl")
             kept, report[split], lengths[split] = format_split(
-                rows,
-                tokenizer,
-                system_prompt=params.format.system_prompt,
-                train_on=params.format.train_on,
-                max_length=params.train.max_length,
-                truncation=params.format.truncation,
+                rows, tokenizer, params.format, params.train.max_length
             )
             write_jsonl(out / f"{split}.jsonl", kept)
         if not report["train"]["examples_out"]:

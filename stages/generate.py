@@ -1,8 +1,8 @@
 """Try the model: answer prompts with one base and any number of adapters, streaming tokens.
 
 python -m stages.generate "What does \\`sorted([3, 1, 2])\\` return?"
-python -m stages.generate --adapter pyqa=models/adapter --adapter r4=/tmp/r4 --use pyqa,r4,base \\
-    --prompts questions.txt --out answers.jsonl
+python -m stages.generate --adapter pyqa=models/adapter --adapter r4=sweeps/x/lora.r=4/adapter \\
+    --use pyqa,r4,base --prompts questions.txt --out answers.jsonl
 python -m stages.generate -i          # interactive: /use NAME switches adapter, /quit ends
 
 Not a DVC stage and not a Hydra app: prompts are free text, and Hydra's override grammar would

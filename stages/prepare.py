@@ -1,7 +1,9 @@
 """Stage `prepare`: validate data/raw, drop duplicates, split by content hash.
 
 python -m stages.prepare data.on_error=skip data.max_reject_fraction=0.01
-python -m stages.prepare data.path=data/raw/qa.csv 'data.fields={q: instruction, a: response}'
+python -m stages.prepare data=seed_qa             # the seed tutorial's 8 questions
+python -m stages.prepare data.path=data/raw/qa.csv 'data.fields={q: instruction, a: response}' \\
+    data.split_counts=null                         # your CSV, split 80/10/10 by content hash
 """
 
 from pathlib import Path
@@ -13,19 +15,7 @@ from lorapipe.records import prepare
 
 
 def run(params: Params) -> None:
-    cfg = params.data
-    report = prepare(
-        Path(cfg.path),
-        Path(params.paths.prepared),
-        fractions=dict(cfg.splits),
-        on_error=cfg.on_error,
-        max_reject_fraction=cfg.max_reject_fraction,
-        max_chars=cfg.max_chars,
-        fmt=cfg.format,
-        fields=dict(cfg.fields or {}),
-        split_counts=dict(cfg.split_counts) if cfg.split_counts is not None else None,
-        split_column=cfg.split_column,
-    )
+    report = prepare(params.data, Path(params.paths.prepared))
     write_json(Path(params.paths.reports) / "data.json", report)
     near = report["near_duplicates_across_splits"]["groups"]
     print(f"prepare: {report['rows_read']} rows read, splits {report['splits']}")

@@ -22,14 +22,49 @@ SMALL_ARCH = {
 }
 
 
+def conf_group(group: str, option: str | None = None, **over: object) -> dict[str, object]:
+    """conf/<group> as composed (its default option, or `option`) with `over` on top: the
+    values a test builds one config group from (the schema states no defaults of its own)."""
+    from lorapipe.params import compose
+
+    raw = compose(ROOT / "conf", [f"{group}={option}"] if option else [])[group]
+    return {**raw, **over}
+
+
+def run_prepare(raw: Path, out: Path, fractions: dict[str, float], **over: object) -> dict:
+    """records.prepare of `raw` into `out` with conf/data's values, split by `fractions` (no
+    split_counts), and `over` (data.* keys) on top."""
+    from lorapipe.config import DataCfg
+    from lorapipe.records import prepare
+
+    over = {"split_counts": None, **over}
+    return prepare(DataCfg(**conf_group("data", path=str(raw), splits=fractions, **over)), out)
+
+
+def tiny_model_cfg(**over: object) -> object:
+    """model=tiny with the small test architecture (initializer_range 0.02)."""
+    from lorapipe.config import ModelCfg
+
+    arch = {**SMALL_ARCH, "initializer_range": 0.02}
+    return ModelCfg(**conf_group("model", "tiny", name="tiny-test", architecture=arch, **over))
+
+
+def local_model_cfg(folder: Path, **over: object) -> object:
+    """model kind local: the model folder at `folder`."""
+    from lorapipe.config import ModelCfg
+
+    return ModelCfg(
+        **conf_group("model", "tiny", kind="local", name=str(folder), architecture=None, **over)
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models/base-like folder: the small tiny Llama, its tokenizer and pin.json."""
     from lorapipe.base_model import build_base
-    from lorapipe.config import ModelCfg
 
     out = tmp_path_factory.mktemp("base")
-    build_base(ModelCfg(kind="tiny", name="tiny-test", seed=0, architecture=SMALL_ARCH), out)
+    build_base(tiny_model_cfg(seed=0), out)
     return out
 
 
@@ -88,3 +123,15 @@ def smol_tokenizer(smol_base: Path) -> object:
     from lorapipe.models import load_tokenizer
 
     return load_tokenizer(smol_base)
+
+
+@pytest.fixture(scope="session")
+def repro_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the tracked tree, composed with the shrunken config (test_pipeline's
+    SMALL) and run once by `dvc repro`. test_pipeline.py changes it; others copy it first."""
+    from tests.test_pipeline import copy_project, ran, sh, shrink
+
+    dest = shrink(copy_project(tmp_path_factory.mktemp("project")))
+    out = sh(dest, "dvc", "repro")
+    assert ran(out) == {"base", "prepare", "format", "train", "evaluate", "merge"}, out
+    return dest

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
-from lorapipe.config import ConfigError, validate
+from lorapipe.config import ConfigError, Params, validate
+from lorapipe.params import NOT_PARAMS, compose, groups
+from tests.conftest import conf_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +56,7 @@ def test_every_problem_is_listed_by_key(raw: dict) -> None:
 
 def test_tiny_model_needs_an_architecture(raw: dict) -> None:
     bad = copy.deepcopy(raw)
-    bad["model"] = {"kind": "tiny", "name": "tiny", "architecture": None}
+    bad["model"] = {**bad["model"], "kind": "tiny", "file": None, "package": None, "sha256": None}
     with pytest.raises(ConfigError, match=r"needs model\.architecture"):
         validate(bad)
 
@@ -66,7 +69,7 @@ def test_gradient_checkpointing_auto_is_on_for_qlora_only(
     raw: dict, setting: bool | str, quant: str, recompute: bool
 ) -> None:
     raw["train"]["gradient_checkpointing"] = setting
-    raw["quant"] = {"mode": quant}
+    raw["quant"] = conf_group("quant", quant)
     params = validate(raw)
     assert params.train.checkpointing(params.quant) is recompute
 
@@ -75,3 +78,40 @@ def test_gradient_checkpointing_takes_auto_or_a_boolean(raw: dict) -> None:
     raw["train"]["gradient_checkpointing"] = "sometimes"
     with pytest.raises(ConfigError, match=r"train\.gradient_checkpointing"):
         validate(raw)
+
+
+def _groups(model: type) -> list[type]:
+    """`model` and every schema class nested in its fields."""
+    from pydantic import BaseModel
+
+    found = [model]
+    for field in model.model_fields.values():
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found += _groups(kind)
+    return found
+
+
+def test_no_default_is_stated_in_the_schema() -> None:
+    """conf/ states every value once (with its reason); the schema holds types and limits only,
+    so a key conf/ forgets is an error, not a second, silent default."""
+    with_defaults = [
+        f"{group.__name__}.{name}"
+        for group in _groups(Params)
+        for name, field in group.model_fields.items()
+        if not field.is_required()
+    ]
+    assert with_defaults == []
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        f"{group}={path.stem}"
+        for group in groups(ROOT / "conf")
+        if group not in NOT_PARAMS
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml"))
+    ],
+)
+def test_every_conf_option_states_every_key(choice: str) -> None:
+    validate(compose(ROOT / "conf", [choice]))

@@ -17,6 +17,7 @@ from lorapipe.base_model import pin_warning
 from lorapipe.config import ConfigError, validate
 from lorapipe.models import ModelSourceError, check_merge_dtype
 from lorapipe.params import write_params
+from tests.conftest import conf_group
 from tests.test_params import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +56,8 @@ def setter(key: str, value: Any) -> Callable[[dict[str, Any], Path], None]:
 def local_model(**kwargs: bool) -> Callable[[dict[str, Any], Path], None]:
     def apply(raw: dict[str, Any], tmp: Path) -> None:
         tiny = tmp / "tiny_base"
-        raw["model"] = {"kind": "local", "name": local_base(tiny, tmp / "local", **kwargs)}
+        folder = local_base(tiny, tmp / "local", **kwargs)
+        raw["model"] = conf_group("model", "tiny", kind="local", name=folder, architecture=None)
 
     return apply
 
@@ -85,7 +87,11 @@ BAD = {
         "sum to 1",
     ),
     "missing local model": (
-        lambda raw, tmp: raw.update(model={"kind": "local", "name": str(tmp / "nowhere")}),
+        lambda raw, tmp: raw.update(
+            model=conf_group(
+                "model", "tiny", kind="local", name=str(tmp / "nowhere"), architecture=None
+            )
+        ),
         "model.name",
         "not found",
     ),
@@ -97,7 +103,7 @@ BAD = {
     ),
     "branch under strict_pin": (
         lambda raw, _: raw.update(
-            model={"kind": "hub", "name": "org/model", "revision": "main", "strict_pin": True}
+            model=conf_group("model", "tinyllama", name="org/model", revision="main")
         ),
         "model",
         "not a commit sha",
@@ -155,15 +161,31 @@ def test_branch_revision_is_warned_about_and_sha_is_not() -> None:
     from lorapipe.config import ModelCfg
 
     sha = "fe8a4ea1ffedaf415f4da2f062534de366a451e6"
-    warning = pin_warning(ModelCfg(kind="hub", name="org/m", revision="main"), sha)
+    warning = pin_warning(
+        ModelCfg(
+            **conf_group("model", "tinyllama", name="org/m", revision="main", strict_pin=False)
+        ),
+        sha,
+    )
     assert warning is not None and "'main' is a branch or tag" in warning and sha in warning
-    assert pin_warning(ModelCfg(kind="hub", name="org/m", revision=sha), sha) is None
+    assert (
+        pin_warning(
+            ModelCfg(
+                **conf_group("model", "tinyllama", name="org/m", revision=sha, strict_pin=False)
+            ),
+            sha,
+        )
+        is None
+    )
     assert validate_model({"kind": "hub", "name": "org/m", "revision": sha, "strict_pin": True})
 
 
 def validate_model(model: dict[str, Any]) -> bool:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return validate({**raw, "model": model}).model.kind == model["kind"]
+    return (
+        validate({**raw, "model": conf_group("model", "tinyllama", **model)}).model.kind
+        == (model["kind"])
+    )
 
 
 def test_train_stage_reports_every_problem_before_loading_anything(

@@ -18,11 +18,11 @@ from lorapipe.records import (
     DataError,
     Record,
     Turn,
-    prepare,
     read_records,
     split_by_counts,
     split_records,
 )
+from tests.conftest import run_prepare
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -51,6 +51,12 @@ BAD_INPUTS = [
     ("a.jsonl", jsonl(OK) + b'{"instruction": "q",\n', {}, ":2: not valid JSON"),
     ("a.jsonl", jsonl(OK) + b'"just a string"\n', {}, ":2: not a JSON object"),
     ("a.jsonl", jsonl(OK, {"instruction": "q"}), {}, ":2: field 'response' is missing"),
+    (
+        "a.jsonl",
+        jsonl(OK, {"instruction": "q", "response": None}),
+        {},
+        ":2: field 'response' is null",
+    ),
     (
         "a.jsonl",
         jsonl(OK, {"instruction": "q", "response": 3}),
@@ -144,7 +150,7 @@ BAD_INPUTS = [
         "t.parquet",
         lambda t: parquet_bytes(t, {"instruction": ["q", "r"], "response": ["a", None]}),
         {},
-        " row 2: field 'response' is missing",
+        " row 2: field 'response' is null",
     ),
     (
         "t.parquet",
@@ -181,7 +187,7 @@ def test_bad_input_gives_a_message_naming_file_line_and_reason(
     raw = tmp_path / name
     raw.write_bytes(content(tmp_path) if callable(content) else content)
     with pytest.raises(DataError) as err:
-        prepare(raw, tmp_path / "out", fractions=FRACTIONS, **kwargs)
+        run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, **kwargs)
     assert isinstance(err.value, PipelineError)  # the stage shell prints it without a traceback
     assert f"{raw}{expected}" in str(err.value)
     assert "Traceback" not in str(err.value)
@@ -194,7 +200,7 @@ def test_skip_keeps_the_good_rows_of_a_mixed_chat_file(tmp_path: Path) -> None:
     raw.write_bytes(
         jsonl(*[chat(("user", f"q{i}"), ("assistant", f"a{i}")) for i in range(9)], bad)
     )
-    report = prepare(
+    report = run_prepare(
         raw, tmp_path / "out", fractions=FRACTIONS, on_error="skip", max_reject_fraction=0.1
     )
     assert report["rows_rejected"] == 1
@@ -276,7 +282,7 @@ def test_multi_turn_rows_are_written_as_messages_and_one_turn_rows_as_before(
     raw = tmp_path / "c.jsonl"
     convo = chat(("system", "Be brief."), ("user", "hi"), ("assistant", "hello"))
     raw.write_bytes(jsonl(convo, chat(("user", "q"), ("assistant", "a"))))
-    prepare(raw, tmp_path / "out", fractions={"train": 1.0})
+    run_prepare(raw, tmp_path / "out", fractions={"train": 1.0, "val": 0.0, "test": 0.0})
     rows = read_jsonl(tmp_path / "out" / "train.jsonl")
     assert rows[0]["messages"] == convo["messages"]
     assert set(rows[1]) == {"id", "instruction", "response"}
@@ -301,8 +307,8 @@ def _split_of(out: Path) -> dict[str, str]:
 
 def test_growing_a_csv_by_ten_percent_moves_no_row(tmp_path: Path) -> None:
     fields = {"question": "instruction", "answer": "response"}
-    prepare(_csv(tmp_path / "a.csv", 1000), tmp_path / "a", fractions=FRACTIONS, fields=fields)
-    prepare(_csv(tmp_path / "b.csv", 1100), tmp_path / "b", fractions=FRACTIONS, fields=fields)
+    run_prepare(_csv(tmp_path / "a.csv", 1000), tmp_path / "a", fractions=FRACTIONS, fields=fields)
+    run_prepare(_csv(tmp_path / "b.csv", 1100), tmp_path / "b", fractions=FRACTIONS, fields=fields)
     before, after = _split_of(tmp_path / "a"), _split_of(tmp_path / "b")
     assert len(before) == 1000 and len(after) == 1100
     assert {k: after[k] for k in before} == before
@@ -336,7 +342,7 @@ def test_a_train_count_takes_the_next_rows_and_leaves_the_rest_out(tmp_path: Pat
         split_by_counts(recs, {"train": 350, "test": 50})
     raw = tmp_path / "q.jsonl"
     raw.write_bytes(jsonl(*[{"instruction": f"q{i}", "response": "a"} for i in range(50)]))
-    report = prepare(
+    report = run_prepare(
         raw, tmp_path / "out", fractions=FRACTIONS, split_counts={"train": 30, "test": 5}
     )
     assert report["splits"] == {"train": 30, "val": 0, "test": 5} and report["rows_unused"] == 15
@@ -348,7 +354,7 @@ def test_split_column_decides_and_accepts_validation(tmp_path: Path) -> None:
     raw.write_bytes(
         jsonl(*[{"instruction": f"q{i}", "response": "a", "split": s} for i, s in enumerate(names)])
     )
-    report = prepare(raw, tmp_path / "out", fractions=FRACTIONS, split_column="split")
+    report = run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, split_column="split")
     assert report["splits"] == {"train": 2, "val": 2, "test": 1}
     assert report["split_by"] == "column split"
     (test_row,) = read_jsonl(tmp_path / "out" / "test.jsonl")
@@ -362,7 +368,7 @@ def test_near_duplicates_across_splits_are_reported(tmp_path: Path) -> None:
         rows.append({"instruction": f"What is item {i}?", "response": f"Item {i}"})
         rows.append({"instruction": f"what  is ITEM {i}?", "response": f"item {i}"})
     raw.write_bytes(jsonl(*rows))
-    report = prepare(raw, tmp_path / "out", fractions=FRACTIONS)
+    report = run_prepare(raw, tmp_path / "out", fractions=FRACTIONS)
     assert report["duplicates_removed"] == 0  # case and spacing differ: not exact duplicates
     split_of = _split_of(tmp_path / "out")
     recs, _ = read_records(raw)
@@ -401,3 +407,19 @@ def test_data_config_takes_overrides_and_refuses_conflicts() -> None:
         validate(compose(root, ["data.fields={q: question}"]))
     with pytest.raises(ConfigError, match=r"format\.truncation"):
         validate(compose(root, ["format.truncation=cut"]))
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_a_table_without_a_required_column_is_refused_once(tmp_path: Path, kind: str) -> None:
+    columns = {"instruction": [f"q{i}" for i in range(50)], "output_text": ["a"] * 50}
+    if kind == "csv":
+        raw = tmp_path / "t.csv"
+        raw.write_text("instruction,answer\n" + "".join(f"q{i},a\n" for i in range(50)))
+    else:
+        raw = tmp_path / "t.parquet"
+        raw.write_bytes(parquet_bytes(tmp_path, columns))
+    with pytest.raises(DataError) as err:
+        run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, format="instruction")
+    message = str(err.value)
+    assert message.startswith(f"{raw}: no column 'response' (format instruction needs")
+    assert len(message.splitlines()) == 1 and "row" not in message

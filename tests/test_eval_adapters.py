@@ -13,10 +13,11 @@ from lorapipe.evaluation import evaluate_models
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.pyqa import generate as make_questions
 from lorapipe.retain import base_references, read_retain
+from tests.conftest import conf_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CFG = EvalCfg(batch_size=4, max_new_tokens=8, val_loss_examples=0)
+CFG = EvalCfg(**conf_group("eval", batch_size=4, max_new_tokens=8, val_loss_examples=0))
 
 
 def _adapter(base: Path, out: Path, *, seed: int, trained: bool) -> Path:
@@ -76,4 +77,4 @@ def test_extra_adapters_score_as_they_would_alone(tiny_base: Path, tmp_path: Pat
 @pytest.mark.parametrize("name", ["base", "adapter", "9lives", "a b"])
 def test_adapter_names_that_would_clash_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="cannot name an adapter"):
-        EvalCfg(batch_size=1, max_new_tokens=1, adapters={name: "x"})
+        EvalCfg(**conf_group("eval", adapters={name: "x"}))

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lorapipe.chat import FormatError, render_prompt
-from lorapipe.config import Params, validate
+from lorapipe.config import FormatCfg, Params, validate
 from lorapipe.formatting import format_split, length_distribution, mask_audit
 from lorapipe.io import read_jsonl, write_jsonl
 from lorapipe.models import load_tokenizer
@@ -168,10 +168,8 @@ def test_over_long_examples_are_counted_and_nothing_unsupervised_is_written(
     kept, report, lengths = format_split(
         _rows(10, 3, 2),
         tok,
-        system_prompt=None,
-        train_on="all_assistant",
-        max_length=48,
-        truncation=truncation,
+        FormatCfg(system_prompt=None, train_on="all_assistant", truncation=truncation),
+        48,
     )
     assert report["rows"] == report["examples"] == 15
     assert report["truncated"] == 5
@@ -203,10 +201,8 @@ def test_prompt_that_fills_max_length_is_rejected_as_unsupervised(tiny_base: Pat
     kept, report, _ = format_split(
         _rows(2, 1, 0),
         tok,
-        system_prompt=None,
-        train_on="all_assistant",
-        max_length=64,
-        truncation="reject",
+        FormatCfg(system_prompt=None, train_on="all_assistant", truncation="reject"),
+        64,
     )
     # "x"*80 prompt: more than max_length tokens before the completion starts
     assert report["rejects_by_reason"] == {"completion truncated": 1}
@@ -243,10 +239,8 @@ def test_template_that_changes_history_is_refused(tiny_base: Path) -> None:
         format_split(
             _rows(1, 0, 0),
             tok,
-            system_prompt=None,
-            train_on="all_assistant",
-            max_length=64,
-            truncation="reject",
+            FormatCfg(system_prompt=None, train_on="all_assistant", truncation="reject"),
+            64,
         )
     assert render_prompt(tok, [{"role": "user", "content": "q"}]) == "user:q</s>ASSISTANT>"
 

@@ -32,6 +32,7 @@ from lorapipe.gguf_export import (
 from lorapipe.io import write_json, write_jsonl
 from lorapipe.lineage import LINEAGE_FILE, build_lineage
 from lorapipe.params import compose
+from tests.conftest import conf_group
 from tests.test_merge import random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +144,7 @@ def flip_bytes(path: Path, tensor: str, count: int = 64) -> None:
 def test_the_types_the_config_accepts_are_the_types_the_export_writes() -> None:
     (field_type,) = get_args(MergeCfg.model_fields["gguf"].annotation)
     assert set(get_args(field_type)) == set(GGUF_TYPES)
-    assert MergeCfg(probe_examples=1).gguf == []  # off unless asked for
+    assert MergeCfg(**conf_group("merge")).gguf == []  # off unless asked for
 
 
 def test_permute_is_what_transformers_gguf_loader_undoes() -> None:

@@ -211,6 +211,8 @@ def test_merge_stage_keeps_runtime_out_of_its_report_and_dry_runs_a_push(
     lineage = json.loads((merged / LINEAGE_FILE).read_text())
     assert lineage["params"]["lora"] == params.model_dump(mode="json")["lora"]
     assert lineage["merge"]["dtype"] == "float32" and lineage["merge"]["passed"]
+    # Each fact once: train-time params hold no merge/eval/paths values to contradict these.
+    assert not {"merge", "eval", "paths"} & set(lineage["params"])
     # The model card the hub shows: a plain transformers model, with the merge check's result.
     _, front, body = (merged / "README.md").read_text().split("---\n", 2)
     meta = yaml.safe_load(front)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from lorapipe.base_model import build_base
-from lorapipe.config import ModelCfg
+from lorapipe.config import FormatCfg, ModelCfg
 from lorapipe.gguf_source import GgufSourceError, locate
 from lorapipe.models import load_base_model
 from lorapipe.params import write_params
@@ -80,10 +80,12 @@ def test_chatml_examples_mask_the_prompt_and_supervise_im_end_once(
     kept, report, _ = format_split(
         rows,
         tok,
-        system_prompt="Answer with the value only.",
-        train_on="all_assistant",
-        max_length=256,
-        truncation="reject",
+        FormatCfg(
+            system_prompt="Answer with the value only.",
+            train_on="all_assistant",
+            truncation="reject",
+        ),
+        256,
     )
     assert report["examples_out"] == 2 and not report["rejects_by_reason"]
     assert kept[0]["completion"] == f"2{IM_END}"

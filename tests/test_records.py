@@ -17,10 +17,10 @@ from lorapipe.records import (
     assign_split,
     dedupe,
     normalise,
-    prepare,
     read_records,
     split_records,
 )
+from tests.conftest import run_prepare
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
@@ -123,7 +123,7 @@ def test_prepare_reports_duplicates_and_never_splits_them(tmp_path: Path) -> Non
     lines = [row(f"q{i}", f"a{i}") for i in range(50)]
     lines += [row(f"q{i}  ", f"a{i}\r\n") for i in range(0, 50, 5)]
     raw = write_lines(tmp_path / "raw.jsonl", lines)
-    report = prepare(raw, tmp_path / "out", fractions=FRACTIONS)
+    report = run_prepare(raw, tmp_path / "out", fractions=FRACTIONS)
     assert report["rows_read"] == 60
     assert report["duplicates_removed"] == 10
     assert sum(report["splits"].values()) == 50
@@ -163,7 +163,7 @@ def test_bad_row_fails_prepare_with_an_actionable_message(
 ) -> None:
     raw = write_lines(tmp_path / "raw.jsonl", [row("ok", "fine"), b"", line])
     with pytest.raises(DataError) as err:
-        prepare(raw, tmp_path / "out", fractions=FRACTIONS, max_chars=20)
+        run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, max_chars=20)
     message = str(err.value)
     expected = f"{raw}:3: field '{field}' is {reason}" if field else f"{raw}:3: {reason}"
     assert expected in message
@@ -175,13 +175,13 @@ def test_message_matches_the_documented_form(tmp_path: Path) -> None:
     with raw.open("ab") as f:
         f.write(row("q", "") + b"\n")
     with pytest.raises(DataError, match=f"{raw}:17: field 'response' is empty"):
-        prepare(raw, tmp_path / "out", fractions=FRACTIONS)
+        run_prepare(raw, tmp_path / "out", fractions=FRACTIONS)
 
 
 def test_all_problems_are_collected_and_the_listing_is_capped(tmp_path: Path) -> None:
     raw = write_lines(tmp_path / "raw.jsonl", [row("ok", "fine")] + [b"{"] * 25)
     with pytest.raises(DataError) as err:
-        prepare(raw, tmp_path / "out", fractions=FRACTIONS)
+        run_prepare(raw, tmp_path / "out", fractions=FRACTIONS)
     message = str(err.value)
     assert "25 of 26 rows" in message
     assert f"{raw}:21:" in message
@@ -232,10 +232,12 @@ def test_unusable_path_raises_data_error(tmp_path: Path, make: Any, match: str) 
 def test_zero_valid_rows_raise(tmp_path: Path) -> None:
     blank = write_lines(tmp_path / "blank.jsonl", [b"", b"  "])
     with pytest.raises(DataError, match="no valid rows"):
-        prepare(blank, tmp_path / "out", fractions=FRACTIONS)
+        run_prepare(blank, tmp_path / "out", fractions=FRACTIONS)
     bad = write_lines(tmp_path / "bad.jsonl", [b"{"])
     with pytest.raises(DataError, match="no valid rows"):
-        prepare(bad, tmp_path / "out", fractions=FRACTIONS, on_error="skip", max_reject_fraction=1)
+        run_prepare(
+            bad, tmp_path / "out", fractions=FRACTIONS, on_error="skip", max_reject_fraction=1
+        )
 
 
 # --- prepare: outputs, skip mode, atomicity ----------------------------------------------------
@@ -245,7 +247,7 @@ def test_prepare_writes_splits_in_input_order_with_content_ids(tmp_path: Path) -
     raw = write_lines(
         tmp_path / "raw.jsonl", [row(f"caf\u00e9 {i}", f"  a{i} ") for i in range(40)]
     )
-    report = prepare(raw, tmp_path / "out", fractions=FRACTIONS)
+    report = run_prepare(raw, tmp_path / "out", fractions=FRACTIONS)
     assert report == {
         "rows_read": 40,
         "rows_rejected": 0,
@@ -272,7 +274,7 @@ def test_skip_writes_rejects_within_the_allowed_fraction(tmp_path: Path) -> None
     lines = [row(f"q{i}", f"a{i}") for i in range(8)] + [b"{", row("q", "")]
     raw = write_lines(tmp_path / "raw.jsonl", lines)
     out = tmp_path / "out"
-    report = prepare(raw, out, fractions=FRACTIONS, on_error="skip", max_reject_fraction=0.2)
+    report = run_prepare(raw, out, fractions=FRACTIONS, on_error="skip", max_reject_fraction=0.2)
     assert report["rows_read"] == 10
     assert report["rows_rejected"] == 2
     assert report["rejects_by_reason"] == {"empty": 1, "not valid JSON": 1}
@@ -288,7 +290,7 @@ def test_skip_raises_when_rejects_exceed_the_allowed_fraction(tmp_path: Path) ->
     lines = [row(f"q{i}", f"a{i}") for i in range(8)] + [b"{", row("q", "")]
     raw = write_lines(tmp_path / "raw.jsonl", lines)
     with pytest.raises(DataError, match=r"2 of 10 rows .*max_reject_fraction=0\.1") as err:
-        prepare(
+        run_prepare(
             raw, tmp_path / "out", fractions=FRACTIONS, on_error="skip", max_reject_fraction=0.1
         )
     assert f"{raw}:10: field 'response' is empty" in str(err.value)
@@ -301,7 +303,7 @@ def test_skip_raises_when_rejects_exceed_the_allowed_fraction(tmp_path: Path) ->
 def test_bad_arguments_raise_value_error(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     raw = write_lines(tmp_path / "raw.jsonl", [row("q", "a")])
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        prepare(raw, tmp_path / "out", fractions=FRACTIONS, **kwargs)
+        run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, **kwargs)
 
 
 def _existing_out(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
@@ -319,7 +321,7 @@ def test_failing_validation_leaves_existing_out_dir_untouched(tmp_path: Path) ->
     out, before = _existing_out(tmp_path)
     raw = write_lines(tmp_path / "raw.jsonl", [row("q", "a"), b"{"])
     with pytest.raises(DataError):
-        prepare(raw, out, fractions=FRACTIONS)
+        run_prepare(raw, out, fractions=FRACTIONS)
     assert tree(out) == before
     assert _leftovers(tmp_path) == []
 
@@ -339,7 +341,7 @@ def test_failing_write_leaves_existing_out_dir_untouched_and_no_temp_dir(
 
     monkeypatch.setattr(records_module, "write_jsonl", fail_on_second)
     with pytest.raises(OSError, match="disk full"):
-        prepare(raw, out, fractions=FRACTIONS)
+        run_prepare(raw, out, fractions=FRACTIONS)
     assert calls[0].parent.name.startswith(".tmp-prepared-")
     assert tree(out) == before
     assert _leftovers(tmp_path) == []
@@ -348,7 +350,7 @@ def test_failing_write_leaves_existing_out_dir_untouched_and_no_temp_dir(
 def test_successful_prepare_replaces_out_dir_completely(tmp_path: Path) -> None:
     out, _ = _existing_out(tmp_path)
     raw = write_lines(tmp_path / "raw.jsonl", [row(f"q{i}", f"a{i}") for i in range(20)])
-    prepare(raw, out, fractions=FRACTIONS)
+    run_prepare(raw, out, fractions=FRACTIONS)
     assert sorted(tree(out)) == ["rejects.jsonl", "test.jsonl", "train.jsonl", "val.jsonl"]
     assert _leftovers(tmp_path) == []
 

@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from lorapipe.base_model import build_base
-from lorapipe.config import ModelCfg, validate
+from lorapipe.config import validate
 from lorapipe.lineage import model_card
 from lorapipe.models import ModelSourceError, hub_token, require_safetensors
+from tests.conftest import local_model_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +23,7 @@ def test_local_base_never_copies_pickle_files(tmp_path: Path, tiny_base: Path) -
     shutil.copytree(tiny_base, src)
     (src / "pytorch_model.bin").write_bytes(b"a pickle that must never be read")
     (src / "training_args.pt").write_bytes(b"another pickle")
-    pin = build_base(ModelCfg(kind="local", name=str(src)), tmp_path / "base")
+    pin = build_base(local_model_cfg(str(src)), tmp_path / "base")
     copied = {p.name for p in (tmp_path / "base").iterdir()}
     assert "model.safetensors" in copied and "pytorch_model.bin" not in copied
     assert "training_args.pt" not in copied and "pytorch_model.bin" not in pin["files_md5"]
@@ -40,9 +41,7 @@ def test_adapter_without_safetensors_is_refused(tmp_path: Path) -> None:
 def test_trust_remote_code_is_warned_and_recorded(
     tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pin = build_base(
-        ModelCfg(kind="local", name=str(tiny_base), trust_remote_code=True), tmp_path / "b"
-    )
+    pin = build_base(local_model_cfg(str(tiny_base), trust_remote_code=True), tmp_path / "b")
     assert pin["trust_remote_code"] is True
     assert "trust_remote_code is on" in capsys.readouterr().err
     params = validate(yaml.safe_load((ROOT / "params.yaml").read_text()))

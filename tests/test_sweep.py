@@ -61,3 +61,36 @@ def test_summary_files_rank_members_read_from_their_folders(tmp_path: Path) -> N
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SweepError, match="no member"):
         write_summary(tmp_path / "a", "adapter.exact_match")
+
+
+def test_a_misspelt_metric_is_refused_with_the_closest_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorapipe.sweep import main
+
+    for record in (member("a", exact_match=0.2), member("b", exact_match=0.7)):
+        (tmp_path / str(record["member"])).mkdir()
+        (tmp_path / str(record["member"]) / MEMBER_FILE).write_text(json.dumps(record))
+    assert main([str(tmp_path), "--metric", "adapter.exact_mach"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter.exact_mach" in err and "did you mean adapter.exact_match?" in err
+    assert not (tmp_path / "summary.csv").exists()  # nothing written under a wrong metric
+    assert main([str(tmp_path), "--metric", "train.train_seconds"]) == 0
+
+
+def test_training_time_ticks_are_distinct_when_times_are_close() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lorapipe.sweep import _format_x
+
+    fig, ax = plt.subplots()
+    times = [21.8, 22.1, 22.4]
+    ax.scatter(times, [0.1, 0.2, 0.3])
+    _format_x(ax, "train_seconds", times)
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    plt.close(fig)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels

@@ -10,14 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lorapipe.config import TrainOn
 from lorapipe.errors import PipelineError
 
 
 class FormatError(PipelineError, ValueError):
     """A record cannot be turned into a prompt/completion pair; the message says why."""
-
-
-TRAIN_ON = ("all_assistant", "last_assistant")
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ def build_examples(
     tokenizer: Any,
     messages: list[dict[str, str]],
     system_prompt: str | None = None,
-    train_on: str = "all_assistant",
+    train_on: TrainOn = "all_assistant",
 ) -> list[Example]:
     """The examples that supervise a conversation's assistant turns, in turn order.
 
@@ -102,10 +100,8 @@ def build_examples(
     TRL's prompt/completion format supervises only the completion, and its alternative
     (`assistant_only_loss`) needs `{% generation %}` markers that most chat templates lack;
     one example per turn supervises every assistant turn exactly, with any template.
-    Raises ValueError for an unknown `train_on`, FormatError as `build_turn` does.
+    Raises FormatError as `build_turn` does.
     """
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on must be one of {list(TRAIN_ON)}, got {train_on!r}")
     messages = with_system(messages, system_prompt)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if train_on == "last_assistant":

@@ -40,7 +40,7 @@ class Architecture(_Group):
     num_layers: int = Field(gt=0)
     num_heads: int = Field(gt=0)
     max_position_embeddings: int = Field(gt=0)
-    initializer_range: float = Field(default=0.02, gt=0)
+    initializer_range: float = Field(gt=0)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> Architecture:
@@ -57,18 +57,18 @@ COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 class ModelCfg(_Group):
     kind: Literal["tiny", "hub", "local", "gguf"]
     name: str = Field(min_length=1)
-    revision: str | None = None
+    revision: str | None
     # gguf only: the .gguf file (a path, or a path inside the installed distribution
     # `package`), and its sha256 (any other file is refused).
-    file: str | None = Field(default=None, min_length=1)
-    package: str | None = Field(default=None, min_length=1)
-    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    file: str | None = Field(min_length=1)
+    package: str | None = Field(min_length=1)
+    sha256: str | None = Field(pattern=r"^[0-9a-f]{64}$")
     # hub only: refuse a revision that is not a full commit sha (a branch or tag can move).
-    strict_pin: bool = False
-    snapshot: bool = False
-    trust_remote_code: bool = False
-    seed: int = 0
-    architecture: Architecture | None = None
+    strict_pin: bool
+    snapshot: bool
+    trust_remote_code: bool
+    seed: int
+    architecture: Architecture | None
 
     @model_validator(mode="after")
     def _tiny_needs_architecture(self) -> ModelCfg:
@@ -150,6 +150,14 @@ def model_folder_problems(folder: Path) -> list[str]:
     return problems
 
 
+# Choices the library's functions take; the schema below is where they are checked.
+RowFormat = Literal["instruction", "alpaca", "messages", "prompt_completion"]
+DataFormat = Literal["auto", RowFormat]  # auto: per file, from its keys
+Split = Literal["train", "val", "test"]
+OnError = Literal["fail", "skip"]
+TrainOn = Literal["all_assistant", "last_assistant"]
+Truncation = Literal["reject", "truncate_prompt"]
+
 # The names a row's keys can be mapped to with data.fields (see lorapipe.records).
 DataField = Literal[
     "instruction", "input", "output", "response", "messages", "prompt", "completion"
@@ -158,14 +166,14 @@ DataField = Literal[
 
 class DataCfg(_Group):
     path: str = Field(min_length=1)
-    format: Literal["auto", "instruction", "alpaca", "messages", "prompt_completion"] = "auto"
-    fields: dict[str, DataField] | None = None
-    splits: dict[Literal["train", "val", "test"], float]
-    split_counts: dict[Literal["train", "val", "test"], int] | None = None
-    split_column: str | None = Field(default=None, min_length=1)
-    on_error: Literal["fail", "skip"] = "fail"
-    max_reject_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
-    max_chars: int = Field(default=20000, gt=0)
+    format: DataFormat
+    fields: dict[str, DataField] | None
+    splits: dict[Split, float]
+    split_counts: dict[Split, int] | None
+    split_column: str | None = Field(min_length=1)
+    on_error: OnError
+    max_reject_fraction: float = Field(ge=0.0, le=1.0)
+    max_chars: int = Field(gt=0)
 
     @model_validator(mode="after")
     def _splits_are_fractions(self) -> DataCfg:
@@ -181,9 +189,9 @@ class DataCfg(_Group):
 
 
 class FormatCfg(_Group):
-    system_prompt: str | None = None
-    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
-    truncation: Literal["reject", "truncate_prompt"] = "reject"
+    system_prompt: str | None
+    train_on: TrainOn
+    truncation: Truncation
 
 
 # peft 0.21's `init_lora_weights` values this pipeline can run; "pissa_niter_<n>" is also accepted.
@@ -201,12 +209,12 @@ class LoraCfg(_Group):
     alpha: float = Field(gt=0)
     dropout: float = Field(ge=0.0, lt=1.0)
     target_modules: str | list[str]
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
-    use_dora: bool = False
-    use_rslora: bool = False
-    init: bool | str = True
-    layers_to_transform: list[int] | None = None
+    bias: Literal["none", "all", "lora_only"]
+    modules_to_save: list[str] | None
+    use_dora: bool
+    use_rslora: bool
+    init: bool | str
+    layers_to_transform: list[int] | None
 
     @model_validator(mode="after")
     def _peft_accepts(self) -> LoraCfg:
@@ -232,9 +240,9 @@ class LoraCfg(_Group):
 
 
 class QuantCfg(_Group):
-    mode: Literal["none", "nf4", "int8"] = "none"
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    double_quant: bool = False
+    mode: Literal["none", "nf4", "int8"]
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"]
+    double_quant: bool
 
     @model_validator(mode="after")
     def _options_fit_the_mode(self) -> QuantCfg:
@@ -258,21 +266,21 @@ class TrainCfg(_Group):
     grad_accum: int = Field(gt=0)
     max_length: int = Field(gt=0)
     warmup_ratio: float = Field(ge=0.0, lt=1.0)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"]
     weight_decay: float = Field(ge=0.0)
     max_grad_norm: float = Field(gt=0)
-    max_steps: int = -1  # -1: train.epochs decides
+    max_steps: int  # -1: train.epochs decides
     logging_steps: int = Field(gt=0)
-    seed: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    seed: int
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
     # auto: on when the base is quantised (QLoRA's usual setting, as peft's
     # prepare_model_for_kbit_training defaults), off otherwise (faster); true / false force it.
-    gradient_checkpointing: bool | Literal["auto"] = "auto"
-    early_stopping_patience: int | None = Field(default=None, gt=0)
-    save_strategy: Literal["epoch", "steps", "no"] = "epoch"
-    save_steps: int = Field(default=500, gt=0)
-    save_total_limit: int | None = Field(default=2, gt=0)
-    resume: bool = True
+    gradient_checkpointing: bool | Literal["auto"]
+    early_stopping_patience: int | None = Field(gt=0)
+    save_strategy: Literal["epoch", "steps", "no"]
+    save_steps: int = Field(gt=0)
+    save_total_limit: int | None = Field(gt=0)
+    resume: bool
 
     def checkpointing(self, quant: QuantCfg) -> bool:
         """Whether training recomputes activations: `gradient_checkpointing`, auto resolved."""
@@ -300,17 +308,17 @@ class TrainCfg(_Group):
 class EvalCfg(_Group):
     batch_size: int = Field(gt=0)
     max_new_tokens: int = Field(gt=0)
-    max_examples: int | None = Field(default=None, gt=0)
-    use_stemmer: bool = False
-    ignore_case: bool = False
-    do_sample: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int = 0
-    val_loss_examples: int | None = Field(default=200, ge=0)
+    max_examples: int | None = Field(gt=0)
+    use_stemmer: bool
+    ignore_case: bool
+    do_sample: bool
+    temperature: float = Field(gt=0)
+    top_p: float = Field(gt=0, le=1)
+    seed: int
+    val_loss_examples: int | None = Field(ge=0)
     # More adapters to evaluate beside the pipeline's own, on the same base and prompts:
     # {name: adapter folder}. Each becomes a model in metrics.json, predictions and the report.
-    adapters: dict[str, str] = Field(default_factory=dict)
+    adapters: dict[str, str]
 
     @field_validator("adapters")
     @classmethod
@@ -325,19 +333,19 @@ class EvalCfg(_Group):
 
 
 class MergeCfg(_Group):
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"]
     # null: the dtype's default (lorapipe.merging: 1e-4 for float32, relative for half precision)
-    max_logit_diff: float | None = Field(default=None, gt=0)
+    max_logit_diff: float | None = Field(gt=0)
     probe_examples: int = Field(gt=0)
     # Largest safetensors shard: bytes, or a whole number with a unit as transformers reads it.
-    max_shard_size: int | str = "5GB"
-    push_to_hub: bool = False
-    hub_repo_id: str | None = Field(default=None, pattern=r"^[\w.-]+/[\w.-]+$")
-    hub_private: bool = True
-    push_dry_run: bool = False
+    max_shard_size: int | str
+    push_to_hub: bool
+    hub_repo_id: str | None = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    hub_private: bool
+    push_dry_run: bool
     # GGUF files to write beside the merged model, each checked by reading it back
     # (lorapipe.gguf_export.GGUF_TYPES); empty: none.
-    gguf: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=list)
+    gguf: list[Literal["f32", "f16", "q8_0"]]
 
     @model_validator(mode="after")
     def _shards_and_hub(self) -> MergeCfg:
@@ -381,7 +389,7 @@ class Params(_Group):
     eval: EvalCfg
     merge: MergeCfg
     paths: Paths
-    composed_with: list[str] = []
+    composed_with: list[str]
 
 
 # Keys people carry over from BitsAndBytesConfig, TrainingArguments, peft or older scripts, with
@@ -434,6 +442,9 @@ def _describe(err: dict[str, Any]) -> str:
             else ("check the spelling against conf/")
         )
         return f"{key}: unknown key ({hint})"
+    if err["type"] == "missing":
+        group = f"conf/{err['loc'][0]}/" if len(err["loc"]) > 1 else "conf/config.yaml"
+        return f"{key}: missing (every key has its value in conf/; see {group})"
     given = err.get("input")
     shown = "" if isinstance(given, dict) else f", got {given!r}"
     return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from lorapipe.chat import TRAIN_ON, build_examples, conversation
+from lorapipe.chat import build_examples, conversation
+from lorapipe.config import FormatCfg, TrainOn
 
-TRUNCATION = ("reject", "truncate_prompt")
 LISTED_REJECTS = 5  # rejected examples named in the report, per split
 LENGTH_BINS = 50  # at most this many bars in the length distribution plot
 
@@ -36,7 +36,7 @@ def format_rows(
     rows: list[dict[str, Any]],
     tokenizer: Any,
     system_prompt: str | None,
-    train_on: str = "all_assistant",
+    train_on: TrainOn = "all_assistant",
 ) -> list[dict[str, str]]:
     """`{id, prompt, completion, reference}` for each supervised assistant turn of each row.
 
@@ -45,8 +45,6 @@ def format_rows(
     gives `<id>-1`, `<id>-2`, ... in turn order. `reference` is the plain assistant text, what
     evaluation compares generated text against.
     """
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"train_on must be one of {list(TRAIN_ON)}, got {train_on!r}")
     out = []
     for row in rows:
         examples = build_examples(tokenizer, conversation(row), system_prompt, train_on)
@@ -108,27 +106,22 @@ def truncate_prompt(
 def format_split(
     rows: list[dict[str, Any]],
     tokenizer: Any,
-    *,
-    system_prompt: str | None,
-    train_on: str,
+    cfg: FormatCfg,
     max_length: int,
-    truncation: str,
 ) -> tuple[list[dict[str, str]], dict[str, Any], list[int]]:
     """The examples of one split that will train on their whole completion, the split's
     report and the token length of each kept example.
 
     An example longer than `max_length` is rejected ("completion truncated") or, with
-    `truncation` "truncate_prompt", shortened from the left of its prompt (rejected as
+    `cfg.truncation` "truncate_prompt", shortened from the left of its prompt (rejected as
     "completion longer than max_length" when that cannot make it fit). An example with no
     supervised token, or whose last supervised token is not EOS, is rejected too. The report:
     `{"rows", "examples", "examples_out", "truncated", "prompt_truncated", "rejects_by_reason",
     "rejected_examples", "supervised_tokens", "prompt_tokens" / "completion_tokens" /
     "total_tokens": {"p50", "p95", "max"}}`, lengths over the kept examples.
-    Raises ValueError for an unknown `truncation` or `train_on`.
+    `cfg` (format.*) comes validated by lorapipe.config and is not checked again here.
     """
-    if truncation not in TRUNCATION:
-        raise ValueError(f"truncation must be one of {list(TRUNCATION)}, got {truncation!r}")
-    examples = format_rows(rows, tokenizer, system_prompt, train_on)
+    examples = format_rows(rows, tokenizer, cfg.system_prompt, cfg.train_on)
     kept: list[dict[str, str]] = []
     audits: list[dict[str, int]] = []
     rejects: list[dict[str, str]] = []
@@ -138,10 +131,12 @@ def format_split(
         reason, detail = "", ""
         if audit["truncated"]:
             truncated += 1
-            fitted = truncate_prompt(ex, tokenizer, max_length) if truncation != "reject" else None
+            fitted = None
+            if cfg.truncation == "truncate_prompt":
+                fitted = truncate_prompt(ex, tokenizer, max_length)
             if fitted is not None:
                 (ex, audit), prompt_truncated = fitted, prompt_truncated + 1
-            elif truncation == "reject":
+            elif cfg.truncation == "reject":
                 reason = "completion truncated"
                 detail = f"{audit['total_tokens']} tokens, max_length is {max_length}"
             else:

@@ -28,9 +28,9 @@ TRAINING_FACTS = (
     "trainable_params",
     "total_params",
 )
-# Only distributed runs report these (processes, and the rank that wrote the adapter), so the
-# lineage of a single-process run is unchanged.
-DISTRIBUTED_FACTS = ("world_size", "writer_rank")
+# Only distributed runs report these (processes, the rank that wrote the adapter, and how the
+# model was split: ddp, fsdp2, deepspeed-zero3, ...), so a single-process lineage is unchanged.
+DISTRIBUTED_FACTS = ("world_size", "writer_rank", "sharding")
 LIBRARIES = (
     "torch",
     "transformers",
@@ -78,6 +78,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# Params groups that cannot shape the adapter (evaluation, merging, where files go): left out of
+# its lineage, so a later `merge.dtype=...` or `eval.*` run never contradicts what it records.
+NOT_TRAINING = {"eval", "merge", "paths"}
+
+
 def build_lineage(
     params: Params,
     data_files: dict[str, Path],
@@ -94,7 +99,7 @@ def build_lineage(
     """
     record = {
         "data": {name: {"path": str(p), "md5": file_md5(p)} for name, p in data_files.items()},
-        "params": params.model_dump(mode="json"),
+        "params": params.model_dump(mode="json", exclude=NOT_TRAINING),
         "base_model": read_pin(base_dir),
         "code": code_version("train"),
         "libraries": library_versions(),
@@ -152,8 +157,8 @@ def model_card(lineage: dict[str, Any]) -> str:
         f"Exact match and ROUGE, base model vs {'the adapter' if merge else 'this adapter'} on "
         "the held-out test split, are in "
         "`reports/metrics.json` (the pipeline's `evaluate` stage). `lineage.json` beside this "
-        "card records the full params, the base pin, the md5 of each code file and the library "
-        "versions.",
+        "card records the params that shaped it, the base pin, the md5 of each code file and "
+        "the library versions.",
         "",
     ]
     return "\n".join(lines)

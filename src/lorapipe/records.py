@@ -27,16 +27,16 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
+from lorapipe.config import DataCfg, DataFormat, OnError, RowFormat
 from lorapipe.io import atomic_dir, write_jsonl
-from lorapipe.sources import DataError, Reject, data_files, read_rows
+from lorapipe.sources import DataError, Reject, data_files, kind_of, read_rows
 
-FORMATS = ("instruction", "alpaca", "messages", "prompt_completion")
+FORMATS: tuple[RowFormat, ...] = get_args(RowFormat)
 ROLES = ("system", "user", "assistant")
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val", "dev": "val"}  # common names in a user's split column
-ON_ERROR = ("fail", "skip")
 MAX_LISTED = 20
 NEAR_DUPLICATE_EXAMPLES = 5
 # The fields each format needs (after `data.fields` renaming), in the order they are checked.
@@ -110,7 +110,7 @@ def normalise(text: str) -> str:
     return "\n".join(line.rstrip() for line in text.split("\n")).strip()
 
 
-def detect_format(row: Mapping[str, Any]) -> str | None:
+def detect_format(row: Mapping[str, Any]) -> RowFormat | None:
     """The format whose distinctive keys `row` has, or None: messages, then prompt/completion,
     then alpaca (input/output), then instruction/response."""
     if "messages" in row:
@@ -127,9 +127,11 @@ def detect_format(row: Mapping[str, Any]) -> str | None:
 def _text(row: Mapping[str, Any], name: str, source: str, field: str = "") -> str | Reject:
     """The non-blank string `row[name]`, or the Reject saying why it is not one."""
     field = field or name
-    value = row.get(name)
-    if value is None:
+    if name not in row:
         return Reject(source, field, "missing")
+    value = row[name]
+    if value is None:
+        return Reject(source, field, "null")
     if not isinstance(value, str):
         return Reject(source, field, "not a string", f"got {type(value).__name__}")
     try:
@@ -196,19 +198,17 @@ def _split_name(row: Mapping[str, Any], column: str, source: str) -> str | Rejec
 
 
 def check_row(
-    row: Any, source: str, fmt: str, max_chars: int, split_column: str | None = None
+    row: Any, source: str, fmt: RowFormat, max_chars: int, split_column: str | None = None
 ) -> Record | Reject:
     """The record for one parsed row in format `fmt`, or the first problem found with it.
 
-    Extra fields are ignored. Raises ValueError if `fmt` is not one of FORMATS.
+    Extra fields are ignored.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     if not isinstance(row, dict):
         return Reject(source, None, "not a JSON object", f"got {type(row).__name__}")
     if fmt == "messages":
         if row.get("messages") is None:
-            return Reject(source, "messages", "missing")
+            return Reject(source, "messages", "missing" if "messages" not in row else "null")
         turns = _messages(row["messages"], source)
         if isinstance(turns, Reject):
             return turns
@@ -238,12 +238,13 @@ def check_row(
 
 def _read_file(
     path: Path,
-    fmt: str,
+    fmt: DataFormat,
     fields: Mapping[str, str],
     max_chars: int,
     split_column: str | None,
 ) -> tuple[list[Record], list[Reject]]:
     """Records and rejects of one data file, in file order."""
+    table = kind_of(path) in ("csv", "parquet")
     records: list[Record] = []
     rejects: list[Reject] = []
     for item in read_rows(path):
@@ -261,6 +262,9 @@ def _read_file(
                     f"expected one of {_shapes()}. Rename keys with data.fields (e.g. "
                     "{question: instruction, answer: response}) or set data.format"
                 )
+        if table and isinstance(row, dict) and fmt != "auto":
+            _check_columns(path, row, fmt)
+            table = False  # every row of a table has the same columns: checked once
         result = check_row(
             row, source, fmt if fmt != "auto" else "instruction", max_chars, split_column
         )
@@ -271,6 +275,18 @@ def _read_file(
     return records, rejects
 
 
+def _check_columns(path: Path, row: Mapping[str, Any], fmt: RowFormat) -> None:
+    """Raise DataError naming the columns a table (CSV, Parquet) lacks for `fmt`: said once for
+    the file, not once per row."""
+    absent = [name for name in REQUIRED[fmt] if name not in row]
+    if absent:
+        raise DataError(
+            f"{path}: no column {', '.join(map(repr, absent))} (format {fmt} needs "
+            f"{', '.join(REQUIRED[fmt])}; the columns, after data.fields, are {sorted(row)}). "
+            "Rename columns with data.fields, e.g. {answer: response}"
+        )
+
+
 def _shapes() -> str:
     return "; ".join(f"{fmt}: {{{', '.join(names)}}}" for fmt, names in REQUIRED.items())
 
@@ -279,7 +295,7 @@ def read_records(
     path: Path,
     *,
     max_chars: int = 20000,
-    fmt: str = "auto",
+    fmt: DataFormat = "auto",
     fields: Mapping[str, str] | None = None,
     split_column: str | None = None,
 ) -> tuple[list[Record], list[Reject]]:
@@ -295,12 +311,8 @@ def read_records(
     text. Extra fields are ignored. Records keep their text as read (see `dedupe`).
 
     Raises DataError if `path` does not exist or holds no data file, if a whole file cannot be
-    read, or if a file's format cannot be detected; ValueError if an argument is out of range.
+    read, or if a file's format cannot be detected.
     """
-    if max_chars <= 0:
-        raise ValueError(f"max_chars must be positive, got {max_chars}")
-    if fmt != "auto" and fmt not in FORMATS:
-        raise ValueError(f"format must be 'auto' or one of {list(FORMATS)}, got {fmt!r}")
     records: list[Record] = []
     rejects: list[Reject] = []
     for file in data_files(path):
@@ -469,7 +481,7 @@ def _listing(header: str, rejects: Sequence[Reject]) -> str:
 
 
 def check_rejects(
-    raw: Path, rows_read: int, rejects: Sequence[Reject], on_error: str, max_fraction: float
+    raw: Path, rows_read: int, rejects: Sequence[Reject], on_error: OnError, max_fraction: float
 ) -> None:
     """Raise DataError listing the bad rows when any is rejected and `on_error` is "fail", or
     when more than `max_fraction` of the rows are with "skip"."""
@@ -492,23 +504,11 @@ def check_rejects(
         )
 
 
-def prepare(
-    raw: Path,
-    out_dir: Path,
-    *,
-    fractions: Mapping[str, float],
-    on_error: str = "fail",
-    max_reject_fraction: float = 0.0,
-    max_chars: int = 20000,
-    fmt: str = "auto",
-    fields: Mapping[str, str] | None = None,
-    split_counts: Mapping[str, int] | None = None,
-    split_column: str | None = None,
-) -> dict[str, Any]:
-    """Read `raw`, validate, dedupe and split it, and write the splits to `out_dir`.
+def prepare(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
+    """Read `cfg.path`, validate, dedupe and split it, and write the splits to `out_dir`.
 
-    Splits come from `split_column` (the split each row names) if given, else from
-    `split_counts` (exact val/test sizes) if given, else from `fractions` (by content hash).
+    Splits come from `cfg.split_column` (the split each row names) if set, else from
+    `cfg.split_counts` (exact sizes) if set, else from `cfg.splits` (fractions, by content hash).
     `out_dir` receives train.jsonl, val.jsonl and test.jsonl (rows from `Record.to_row`, in
     input order: `{"id", "instruction", "response"}` for one turn, `{"id", "messages"}`
     otherwise; id = first 16 hex digits of the content hash) and rejects.jsonl (`{"source",
@@ -519,33 +519,26 @@ def prepare(
     "duplicates_removed", "near_duplicates_across_splits": {...}, "splits": {split: n},
     "split_by"}` (see `near_duplicates`).
 
-    Raises DataError if `raw` cannot be read (see `read_records`), if any row is bad and
+    Raises DataError if the data cannot be read (see `read_records`), if any row is bad and
     `on_error` is "fail", if the rejected share of rows exceeds `max_reject_fraction` with
-    `on_error` "skip", or if no valid row remains; the message lists the bad rows. Raises
-    ValueError if an argument is out of range.
+    `on_error` "skip", or if no valid row remains; the message lists the bad rows. `cfg` comes
+    validated (lorapipe.config), so its values are not checked again here.
     """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
-    if not 0.0 <= max_reject_fraction <= 1.0:
-        raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction}")
-    if split_column is not None and split_counts is not None:
-        raise ValueError("give split_column or split_counts, not both")
-    _split_order(fractions)  # fail on bad fractions before reading any data
-
+    raw, split_column, split_counts = Path(cfg.path), cfg.split_column, cfg.split_counts
     records, rejects = read_records(
-        raw, max_chars=max_chars, fmt=fmt, fields=fields, split_column=split_column
+        raw, max_chars=cfg.max_chars, fmt=cfg.format, fields=cfg.fields, split_column=split_column
     )
     rows_read = len(records) + len(rejects)
-    check_rejects(raw, rows_read, rejects, on_error, max_reject_fraction)
+    check_rejects(raw, rows_read, rejects, cfg.on_error, cfg.max_reject_fraction)
     if not records:
         raise DataError(f"{raw}: no valid rows (read {rows_read})")
     unique, duplicates = dedupe(records)
     if split_column is not None:
         splits, split_by = split_by_column(unique), f"column {split_column}"
     elif split_counts is not None:
-        splits, split_by = split_by_counts(unique, split_counts), "counts"
+        splits, split_by = split_by_counts(unique, dict(split_counts.items())), "counts"
     else:
-        splits, split_by = split_records(unique, fractions), "content hash"
+        splits, split_by = split_records(unique, dict(cfg.splits.items())), "content hash"
     with atomic_dir(out_dir) as tmp:
         for name, split in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", (r.to_row() for r in split))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import io
 import json
 import sys
@@ -173,6 +174,22 @@ def render_markdown(rows: Sequence[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def _format_x(ax: Any, key: str, xs: Sequence[float]) -> None:
+    """Parameter counts on a log axis when they span 10x, else as whole numbers; seconds in
+    plain decimals, as many as the ticks need (training times of one sweep are often within a
+    second of each other, which whole numbers would print as one value on every tick)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
+
+    if key == "trainable_params" and xs and max(xs) >= 10 * min(xs):
+        ax.set_xscale("log")
+        return
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    if key == "trainable_params":
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    else:
+        ax.xaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+
+
 def plot(rows: Sequence[dict[str, Any]], metric: str, out: Path) -> bool:
     """`metric` against trainable parameters and against training time, one point per member.
 
@@ -182,7 +199,6 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, out: Path) -> bool:
 
     matplotlib.use("Agg")  # files only: no display on servers and cluster nodes
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     done = [r for r in rows if r["rank"] is not None]
     if not done:
@@ -208,12 +224,7 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, out: Path) -> bool:
                 xytext=(4, 4),
                 fontsize=8,
             )
-        xs = [r[key] for r in done if r[key]]
-        if key == "trainable_params" and xs and max(xs) >= 10 * min(xs):
-            ax.set_xscale("log")
-        else:
-            ax.xaxis.set_major_locator(MaxNLocator(5))
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        _format_x(ax, key, [r[key] for r in done if r[key]])
         ax.set_xlabel(label)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3, zorder=0)
@@ -224,11 +235,31 @@ def plot(rows: Sequence[dict[str, Any]], metric: str, out: Path) -> bool:
     return True
 
 
+def _numeric_keys(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _numeric_keys(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if isinstance(tree, int | float) and not isinstance(tree, bool) else []
+
+
+def check_metric(records: Sequence[dict[str, Any]], metric: str) -> None:
+    """Raise SweepError when `metric` names a number in no completed member's metrics (a typo
+    would otherwise leave every member unranked), naming the closest key."""
+    done = [r for r in records if r.get("status") == "completed"]
+    trees = [{**(r.get("metrics") or {}), "train": r.get("train") or {}} for r in done]
+    if not trees or any(isinstance(_lookup(t, metric), int | float) for t in trees):
+        return
+    keys = sorted({k for t in trees for k in _numeric_keys(t)})
+    close = difflib.get_close_matches(metric, keys, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(keys[:12])}"
+    raise SweepError(f"metric {metric!r}: no completed member has this number ({hint})")
+
+
 def write_summary(sweep_dir: Path, metric: str = DEFAULT_METRIC) -> list[dict[str, Any]]:
     """Rank the members of `sweep_dir` by `metric`; write summary.{csv,md,png}; return the rows."""
     records = collect(sweep_dir)
     if not records:
         raise SweepError(f"{sweep_dir}: no member has a {MEMBER_FILE}; nothing to summarise")
+    check_metric(records, metric)
     rows = rank(records, metric)
     (sweep_dir / "summary.csv").write_text(render_csv(rows), encoding="utf-8")
     (sweep_dir / "summary.md").write_text(render_markdown(rows, metric), encoding="utf-8")
@@ -249,7 +280,11 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        rows = write_summary(sweep_dir, self.metric)
+        try:
+            rows = write_summary(sweep_dir, self.metric)
+        except PipelineError as exc:
+            print(f"sweep: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(render_markdown(rows, self.metric))
         print(f"sweep: summary in {sweep_dir}/summary.{{md,csv,png}}")
         failed = [r["member"] for r in rows if r["status"] != "completed"]

@@ -162,6 +162,55 @@ def process_rank() -> tuple[int, int]:
     return state.process_index, state.num_processes
 
 
+def fsdp_on_cpu() -> bool:
+    """Let accelerate shard with FSDP over CPU processes, as `accelerate launch` with
+    conf/accelerate/fsdp.yaml asks (ACCELERATE_USE_FSDP=true) on a machine without a GPU. Call
+    before the trainer makes its Accelerator; True when it applied.
+
+    accelerate 1.15 only turns on FSDP when the processes are GPUs (AcceleratorState checks
+    for MULTI_GPU and friends); on CPU (gloo) it keeps MULTI_CPU and silently wraps the model
+    in DDP instead. torch's FSDP2 (`fully_shard`) itself runs on CPU with gloo, so the shared
+    state is marked MULTI_GPU for the one check that decides; AcceleratorState then records
+    FSDP (as on GPUs, and writes that back to this shared state) and the device stays cpu.
+    `check_sharding` fails loudly if an upgrade makes this stop working. DeepSpeed needs no
+    such help: accelerate enables it on CPU (deepspeed's CPU accelerator, gloo).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if torch.cuda.is_available() or not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return False
+    state = PartialState(cpu=True)
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    return True
+
+
+def check_sharding(trainer: Any) -> None:
+    """Raise TrainingError when the launcher asked for FSDP or DeepSpeed but the trainer will
+    not use it: accelerate then falls back to DDP without a word, and the run that was meant
+    to shard a base too large for one device replicates it instead."""
+    from accelerate.utils import parse_flag_from_env
+
+    for flag, enabled, name in (
+        ("ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled, "FSDP"),
+        ("ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled, "DeepSpeed"),
+    ):
+        if parse_flag_from_env(flag) and not enabled:
+            raise TrainingError(
+                f"accelerate launch asked for {name} ({flag}=true), but accelerate "
+                f"{_version('accelerate')} did not enable it on {device_name()} (it would run "
+                "plain DDP instead); see docs/sweeps-and-scale-out.md for the configs run here"
+            )
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
 def _trainables_to_fp32(model: torch.nn.Module) -> None:
     """Cast trainable weights to fp32: fp16 loss scaling and fp32 training need them so, and
     bf16 LoRA weights on CPU make every step many times slower."""
@@ -423,6 +472,7 @@ def train_adapter(
             model.save_pretrained(initial)  # the adapter before training, to convert it back later
         from trl import SFTTrainer
 
+        fsdp_on_cpu()  # before the trainer's Accelerator is made
         trainer = SFTTrainer(
             model=model,
             args=args,
@@ -431,6 +481,7 @@ def train_adapter(
             processing_class=tokenizer,
             callbacks=[*trainer_callbacks(params.train, live), *callbacks],
         )
+        check_sharding(trainer)
         # TRL casts QLoRA adapters to bf16 (the QLoRA paper's recipe); keep that only under bf16.
         if not (params.quant.mode != "none" and precision == "bf16"):
             _trainables_to_fp32(model)
@@ -473,10 +524,21 @@ def fit(trainer: Any, resume_from: Path | None, has_val: bool) -> dict[str, Any]
     }
     if trainer.args.world_size > 1:  # recorded in lineage: who wrote the adapter, out of how many
         summary.update(world_size=trainer.args.world_size, writer_rank=trainer.args.process_index)
+        summary["sharding"] = sharding(trainer)
     if has_val:
         trainer.remove_callback(TrainingCurves)  # the curves already hold each epoch's eval
         summary["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 6)
     return summary
+
+
+def sharding(trainer: Any) -> str:
+    """How the processes split the model: fsdp1/fsdp2, deepspeed-zero<stage>, or ddp."""
+    state = trainer.accelerator.state
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{state.fsdp_plugin.fsdp_version}"
+    if trainer.is_deepspeed_enabled:
+        return f"deepspeed-zero{state.deepspeed_plugin.zero_stage}"
+    return "ddp"
 
 
 def save(trainer: Any, params: Params, out_dir: Path | None, initial: str | None) -> bool:
@@ -492,7 +554,9 @@ def save(trainer: Any, params: Params, out_dir: Path | None, initial: str | None
         trainer.save_model(str(out_dir) if main else None)
     if not main:
         return False
-    if not sharded:
+    if sharded:  # save_model also pickles the TrainingArguments there: not part of an adapter
+        (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)
+    else:
         trainer.model.save_pretrained(
             out_dir,
             safe_serialization=True,
