@@ -1,5 +1,6 @@
 """Stage `evaluate`: base model vs adapter on the test split -> ROUGE and exact match, each
-model's loss on the validation split, and the report (`report.md`, `report.html`).
+model's loss on the validation split, the adapter's answers to the retain set against the
+base's own (what fine-tuning changed), and the report (`report.md`, `report.html`).
 
 python -m stages.evaluate eval.max_examples=50 eval.batch_size=16
 python -m stages.evaluate 'eval.adapters={r4: "sweeps/x/lora.r=4/adapter"}'   # more adapters
@@ -22,24 +23,29 @@ def run(params: Params) -> None:
     formatted = Path(params.paths.formatted)
     examples = read_jsonl(formatted / "test.jsonl")
     val_examples = read_jsonl(formatted / "val.jsonl")
-    metrics, predictions = evaluate_models(
+    retain = read_jsonl(Path(params.paths.references) / "eval.jsonl")
+    metrics, predictions, retain_rows = evaluate_models(
         params.eval,
         Path(params.paths.base),
         Path(params.paths.adapter),
         examples,
         val_examples,
         extra_adapters=extra,
+        retain=(retain, params.retain.max_new_tokens),
     )
     reports = Path(params.paths.reports)
     write_jsonl(reports / "predictions.jsonl", predictions)
+    write_jsonl(reports / "retain.jsonl", retain_rows)
     write_json(reports / "metrics.json", metrics)
-    write_reports(reports, metrics, predictions)
+    write_reports(reports, metrics, predictions, retain_rows)
     for model, scores in metrics.items():
-        if isinstance(scores, dict):
+        if isinstance(scores, dict) and model != "retain":
             loss = f", val_loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""
+            kept = metrics["retain"][model]
             print(
                 f"evaluate: {model}: exact_match {scores['exact_match']:.3f}, "
-                f"rougeL {scores['rougeL']:.3f}{loss}"
+                f"rougeL {scores['rougeL']:.3f}{loss}, retain rougeL {kept['rougeL']:.3f} "
+                f"(identical {kept['identical']:.3f})"
             )
     print(f"evaluate: report in {reports / 'report.html'}")
 

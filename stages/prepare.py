@@ -1,9 +1,11 @@
-"""Stage `prepare`: validate data/raw, drop duplicates, split by content hash.
+"""Stage `prepare`: validate data/raw, drop duplicates, split by content hash; with several
+sources (`data.sources`) or replay (`data.replay`), mix the training split by weight.
 
 python -m stages.prepare data.on_error=skip data.max_reject_fraction=0.01
 python -m stages.prepare data=seed_qa             # the seed tutorial's 8 questions
 python -m stages.prepare data.path=data/raw/qa.csv 'data.fields={q: instruction, a: response}' \\
     data.split_counts=null                         # your CSV, split 80/10/10 by content hash
+dvc exp run -S data.replay=0.1                     # a tenth of the training rows: base answers
 """
 
 from pathlib import Path
@@ -11,14 +13,17 @@ from pathlib import Path
 from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.io import write_json
-from lorapipe.records import prepare
+from lorapipe.mixing import prepare_data
 
 
 def run(params: Params) -> None:
-    report = prepare(params.data, Path(params.paths.prepared))
+    replay = Path(params.paths.references) / "train.jsonl"  # the references@train stage's
+    report = prepare_data(params.data, Path(params.paths.prepared), replay)
     write_json(Path(params.paths.reports) / "data.json", report)
     near = report["near_duplicates_across_splits"]["groups"]
     print(f"prepare: {report['rows_read']} rows read, splits {report['splits']}")
+    for name, source in report["sources"].items():
+        print(f"prepare: source {name}: {source['splits']}")
     if near:
         print(f"prepare: warning: {near} near-duplicate groups straddle splits (reports/data.json)")
 

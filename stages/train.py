@@ -8,6 +8,7 @@ Interrupted? Run it again: it resumes from the last checkpoint in paths.checkpoi
 params, data and base are unchanged.
 """
 
+import json
 from pathlib import Path
 
 from lorapipe.cli import stage
@@ -38,6 +39,7 @@ def run(params: Params) -> None:
             {split: formatted / f"{split}.jsonl" for split in ("train", "val")},
             Path(paths.base),
             summary,
+            sources=_sources(Path(paths.prepared) / "sources.json"),
         )
         write_json(out / LINEAGE_FILE, lineage)
         (out / CARD_FILE).write_text(model_card(lineage), encoding="utf-8")  # replaces PEFT's
@@ -51,6 +53,12 @@ def run(params: Params) -> None:
         f"train: loss {summary['train_loss']:.4f} in {summary['train_seconds']} s "
         f"on {summary['device']} ({summary['precision']}) -> {paths.adapter}"
     )
+
+
+def _sources(path: Path) -> dict | None:
+    """Each data source's md5 and training rows, as prepare recorded them (None for data
+    prepared elsewhere, without the file)."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 main = stage(run)

@@ -129,9 +129,9 @@ def smol_tokenizer(smol_base: Path) -> object:
 def repro_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git + DVC copy of the tracked tree, composed with the shrunken config (test_pipeline's
     SMALL) and run once by `dvc repro`. test_pipeline.py changes it; others copy it first."""
-    from tests.test_pipeline import copy_project, ran, sh, shrink
+    from tests.test_pipeline import STAGES, copy_project, ran, sh, shrink
 
     dest = shrink(copy_project(tmp_path_factory.mktemp("project")))
     out = sh(dest, "dvc", "repro")
-    assert ran(out) == {"base", "prepare", "format", "train", "evaluate", "merge"}, out
+    assert ran(out) == STAGES, out
     return dest

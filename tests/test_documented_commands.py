@@ -41,6 +41,7 @@ SHRINK = {"train.max_steps": "2", "eval.max_examples": "4", "eval.val_loss_examp
 SHRUNK = ("stages.train", "stages.evaluate", "stages.sweep")
 # What a command may change in the project; restored after each run, so runs are independent.
 MUTABLE = ("params.yaml", "data/prepared", "data/formatted", "models", "reports", "sweeps")
+MUTABLE += ("data/references",)
 
 
 def documented() -> dict[str, str]:
@@ -144,6 +145,14 @@ CHECKS: dict[str, Check] = {
     "python -m stages.base model=tiny model.seed=1": lambda p, out: (
         read(p, "models/base/pin.json")["seed"] == 1
     ),
+    # references: the base's answers to each retain part (the stage's own argument, not Hydra's)
+    "python -m stages.references": lambda p, out: (
+        [len((p / f"data/references/{part}.jsonl").read_text().splitlines()) for part in PARTS]
+        == [len((p / f"data/retain/{part}.jsonl").read_text().splitlines()) for part in PARTS]
+    ),
+    "python -m stages.references eval": lambda p, out: (
+        "references: eval:" in out and "references: train:" not in out
+    ),
     # prepare
     "python -m stages.prepare data=seed_qa": lambda p, out: (
         read(p, "reports/data.json")["rows_read"] == 8
@@ -230,6 +239,7 @@ GGUF_REFUSED = "merge: error: merge.gguf: models/base cannot be exported to GGUF
 EXIT = {"python -m stages.merge 'merge.gguf=[f16,q8_0]'": 2, "python -m stages.merge merge=gguf": 2}
 STDIN = "What does `len('ab')` return?\n/quit\n"
 GREEDY: dict[Path, list[dict]] = {}
+PARTS = ("train", "eval")
 
 
 def test_every_documented_command_is_run() -> None:

@@ -48,7 +48,9 @@ def drift(dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     out = {}
     for name, stage in stages.items():
-        module = stage["cmd"].split()[-1]
+        stage = stage.get("do", stage)  # a foreach stage: one definition for every item
+        words = stage["cmd"].split()
+        module = words[words.index("-m") + 1]
         listed = {d for d in stage["deps"] if isinstance(d, str) and d.endswith(".py")}
         imported = import_closure(f"{module.replace('.', '/')}.py") - SHELL
         out[name] = (sorted(imported - listed), sorted(listed - imported))

@@ -12,7 +12,10 @@ from lorapipe.config import EvalCfg
 from lorapipe.evaluation import evaluate_models
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.pyqa import generate as make_questions
+from lorapipe.retain import base_references, read_retain
 from tests.conftest import conf_group
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CFG = EvalCfg(**conf_group("eval", batch_size=4, max_new_tokens=8, val_loss_examples=0))
 
@@ -46,10 +49,14 @@ def test_extra_adapters_score_as_they_would_alone(tiny_base: Path, tmp_path: Pat
     b = _adapter(tiny_base, tmp_path / "b", seed=2, trained=True)
     zero = _adapter(tiny_base, tmp_path / "zero", seed=3, trained=False)
 
-    metrics, rows = evaluate_models(
-        CFG, tiny_base, a, examples, extra_adapters={"b": b, "zero": zero}
+    retain = read_retain(ROOT / "data/retain/eval.jsonl")[:6]
+    model = load_base_model(tiny_base, dtype="float32")
+    refs = base_references(model, tok, retain, system_prompt=None, batch_size=4, max_new_tokens=8)
+    metrics, rows, kept = evaluate_models(
+        CFG, tiny_base, a, examples, extra_adapters={"b": b, "zero": zero}, retain=(refs, 8)
     )
-    assert [k for k in metrics if isinstance(metrics[k], dict)] == ["base", "adapter", "b", "zero"]
+    models = [k for k in metrics if isinstance(metrics[k], dict) and k != "retain"]
+    assert models == ["base", "adapter", "b", "zero"]
     assert all({"base", "adapter", "b", "zero"} <= set(r["scores"]) for r in rows)
     outputs = {m: [r[m] for r in rows] for m in ("base", "adapter", "b", "zero")}
     # An adapter that changes nothing answers exactly as the base does ...
@@ -57,8 +64,14 @@ def test_extra_adapters_score_as_they_would_alone(tiny_base: Path, tmp_path: Pat
     # ... the two random adapters answer differently from each other and from the base ...
     assert outputs["b"] != outputs["adapter"] and outputs["b"] != outputs["base"]
     # ... and each one, evaluated later on the shared base, answers as it does alone.
-    _, alone = evaluate_models(CFG, tiny_base, b, examples)
+    _, alone, _ = evaluate_models(CFG, tiny_base, b, examples)
     assert [r["adapter"] for r in alone] == outputs["b"]
+    # Retain: the base is 1.0 by construction, and so is an adapter that changes nothing; the
+    # random one changes answers.
+    assert metrics["retain"]["examples"] == 6 and metrics["retain"]["base"]["identical"] == 1.0
+    assert metrics["retain"]["zero"]["identical"] == 1.0
+    assert metrics["retain"]["adapter"]["identical"] < 1.0
+    assert [r["zero"] for r in kept] == [r["reference"] for r in refs]
 
 
 @pytest.mark.parametrize("name", ["base", "adapter", "9lives", "a b"])

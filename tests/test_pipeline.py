@@ -26,7 +26,10 @@ SMALL = {
     "train": {"max_steps": 12, "batch_size": 8},
     "eval": {"max_examples": 12, "max_new_tokens": 8},
     "merge": {"probe_examples": 4},
+    "retain": {"max_new_tokens": 8},
 }
+STAGES = {"base", "references@train", "references@eval", "prepare", "format", "train"}
+STAGES |= {"evaluate", "merge"}
 
 
 def shrink(dest: Path) -> Path:
@@ -98,6 +101,26 @@ def test_reports_hold_both_models_metrics(project: Path) -> None:
     assert len(rows) == 12
     first = json.loads(rows[0])
     assert {"id", "prompt", "reference", "base", "adapter", "scores"} <= set(first)
+    retain = metrics["retain"]
+    assert retain["examples"] == len((ROOT / "data/retain/eval.jsonl").read_text().splitlines())
+    assert retain["base"] == {"rougeL": 1.0, "identical": 1.0}  # by construction
+    assert set(retain["adapter"]) == {"rougeL", "identical"}
+    assert 'id="retain"' in (project / "reports" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_editing_the_retain_eval_part_reruns_only_what_measures_it(project: Path) -> None:
+    """The eval part's answers and evaluate re-run; the train part's answers, the data, the
+    adapter and the merged model stay as they are."""
+    path = project / "data" / "retain" / "eval.jsonl"
+    before = path.read_text()
+    path.write_text(before + json.dumps({"instruction": "Name a colour of the rainbow."}) + "\n")
+    status = sh(project, "dvc", "status")
+    changed = {x.rstrip(":") for x in status.splitlines() if x.endswith(":") and x[0] != "\t"}
+    assert changed == {"references@eval"}, status
+    assert ran(sh(project, "dvc", "repro")) == {"references@eval", "evaluate"}
+    metrics = json.loads((project / "reports" / "metrics.json").read_text())
+    assert metrics["retain"]["examples"] == len(before.splitlines()) + 1
 
 
 @pytest.mark.slow
@@ -320,6 +343,7 @@ def test_real_world_shapes_run_end_to_end(
     sh(project, sys.executable, "-m", "lorapipe.params", *small_data, *overrides)
     out = sh(project, "dvc", "repro")
     assert {"prepare", "format", "train", "evaluate", "merge"} <= ran(out), out
+    assert not any(stage.startswith("references") for stage in ran(out))  # once per base
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert set(metrics["adapter"]) >= {"exact_match", "rougeL"}
     assert json.loads((project / "reports" / "merge.json").read_text())["passed"]

@@ -188,7 +188,7 @@ def test_a_gguf_package_that_is_not_installed_says_how_to_install_it(tmp_path: P
 def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
     """GGUF -> base -> prepare -> format -> a few LoRA steps -> evaluate on a few prompts ->
     merge, by `dvc repro` on a copy of the project with the default model and shrunk sizes."""
-    from tests.test_pipeline import copy_project, ran, sh
+    from tests.test_pipeline import STAGES, copy_project, ran, sh
 
     project = copy_project(tmp_path / "project")
     small = [
@@ -198,14 +198,15 @@ def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
         "eval.max_examples=6",
         "eval.max_new_tokens=16",
         "merge.probe_examples=2",
+        "retain.max_new_tokens=4",
     ]
     sh(project, sys.executable, "-m", "lorapipe.params", *small)
     out = sh(project, "dvc", "repro")
-    assert ran(out) == {"base", "prepare", "format", "train", "evaluate", "merge"}, out
+    assert ran(out) == STAGES, out
     base = project / "models" / "base"
     assert json.loads((base / "pin.json").read_text())["sha256"] == SMOLLM2["sha256"]
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    assert metrics["examples"] == 6 and set(metrics) >= {"base", "adapter"}
+    assert metrics["examples"] == 6 and set(metrics) >= {"base", "adapter", "retain"}
     assert metrics["base"]["exact_match"] == 0.0  # it explains instead of answering
     merge = json.loads((project / "reports" / "merge.json").read_text())
     assert merge["passed"] and merge["adapter_max_abs_logit_effect"] > 0

@@ -31,7 +31,8 @@ from lorapipe.params import write_params
 from tests.test_pipeline import copy_project, ran, sh, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("base", "prepare", "format", "train", "evaluate", "merge")
+STAGES = ("base", "references@train", "references@eval", "prepare", "format", "train", "evaluate")
+STAGES += ("merge",)
 # Unique, token-shaped, and never a real token.
 FAKE_TOKEN = "hf_" + "PlantedByLorapipeTests" + "x9Q2r7Lk4mZt8"
 

@@ -164,6 +164,28 @@ DataField = Literal[
 ]
 
 
+SOURCE_NAME = re.compile(r"[A-Za-z][\w.-]*")
+
+
+class SourceCfg(_Group):
+    """One of several data sources (data.sources): where it is, how to read it, its share."""
+
+    path: str = Field(min_length=1)
+    format: DataFormat
+    fields: dict[str, DataField] | None
+    weight: float | None = Field(gt=0)  # share of the training split, relative to the others
+    rows: int | None = Field(gt=0)  # or exactly this many training rows
+
+    @model_validator(mode="after")
+    def _weight_or_rows(self) -> SourceCfg:
+        if (self.weight is None) == (self.rows is None):
+            raise ValueError(
+                "give weight (a share of the training split) or rows (a fixed number of "
+                f"training rows), one of them; got weight {self.weight}, rows {self.rows}"
+            )
+        return self
+
+
 class DataCfg(_Group):
     path: str = Field(min_length=1)
     format: DataFormat
@@ -174,6 +196,39 @@ class DataCfg(_Group):
     on_error: OnError
     max_reject_fraction: float = Field(ge=0.0, le=1.0)
     max_chars: int = Field(gt=0)
+    # Several sources by name (lorapipe.mixing), each inside `path`; None: `path` is the one.
+    sources: dict[str, SourceCfg] | None
+    replay: float = Field(ge=0.0, lt=1.0)  # share of the training split: retain answers
+
+    @model_validator(mode="after")
+    def _sources_inside_path(self) -> DataCfg:
+        if self.sources is None:
+            return self
+        problems = []
+        if not self.sources:
+            problems.append("data.sources is empty: name at least one source, or set it null")
+        if self.format != "auto" or self.fields is not None:
+            problems.append(
+                "data.format and data.fields read data.path alone; with data.sources set them "
+                "per source (data.sources.<name>.format / .fields)"
+            )
+        for name, source in self.sources.items():
+            if name == "replay" or not SOURCE_NAME.fullmatch(name):
+                problems.append(
+                    f"data.sources: {name!r} cannot name a source (letters, digits, '_', '-', "
+                    "'.', starting with a letter; 'replay' names the replayed retain answers)"
+                )
+            inside = (
+                Path(source.path) == Path(self.path) or Path(self.path) in Path(source.path).parents
+            )
+            if not inside:
+                problems.append(
+                    f"data.sources.{name}: path {source.path} is not inside data.path "
+                    f"{self.path}, which dvc.yaml tracks; move it there or widen data.path"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @model_validator(mode="after")
     def _splits_are_fractions(self) -> DataCfg:
@@ -369,9 +424,24 @@ class MergeCfg(_Group):
         return self
 
 
+class RetainCfg(_Group):
+    # The retain set's parts (lorapipe.retain): train may be replayed, eval is only measured.
+    sets: dict[Literal["train", "eval"], str]
+    batch_size: int = Field(gt=0)
+    max_new_tokens: int = Field(gt=0)
+
+    @field_validator("sets")
+    @classmethod
+    def _both_parts(cls, sets: dict[str, str]) -> dict[str, str]:
+        if set(sets) != {"train", "eval"}:
+            raise ValueError(f"needs a train and an eval file, got {sorted(sets)}")
+        return sets
+
+
 class Paths(_Group):
     prepared: str
     formatted: str
+    references: str
     base: str
     adapter: str
     merged: str
@@ -388,6 +458,7 @@ class Params(_Group):
     train: TrainCfg
     eval: EvalCfg
     merge: MergeCfg
+    retain: RetainCfg
     paths: Paths
     composed_with: list[str]
 

@@ -4,7 +4,7 @@ and each model's completion-only loss on the validation split."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +72,59 @@ def _val_metrics(loss: float) -> dict[str, float]:
     return {"val_loss": round(loss, 6), "val_perplexity": round(math.exp(min(loss, 700.0)), 6)}
 
 
+def retain_scores(
+    references: Sequence[Mapping[str, Any]],
+    outputs: Mapping[str, Sequence[str]],
+    *,
+    use_stemmer: bool,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each model's answers (`outputs`: {name: answers in the order of `references`}) against
+    the base's: `({"examples", "base": {...}, name: {...}}, rows)`.
+
+    Every model's entry is `{"rougeL", "identical"}`: mean ROUGE-L F-measure, and the share of
+    answers equal to the base's after stripping surrounding whitespace. The base's entry is
+    1.0 for both by construction (the references are its answers). `rows` holds per example the
+    id, the last user turn, the base's answer and each model's answer and scores.
+    """
+    refs = [str(r["reference"]) for r in references]
+    metrics: dict[str, Any] = {"examples": len(refs), "base": {"rougeL": 1.0, "identical": 1.0}}
+    per_model = {}
+    for name, answers in outputs.items():
+        _, rows = score(list(answers), refs, use_stemmer=use_stemmer)
+        same = [a.strip() == b.strip() for a, b in zip(answers, refs, strict=True)]
+        per_model[name] = [
+            {"rougeL": r["rougeL"], "identical": float(s)} for r, s in zip(rows, same, strict=True)
+        ]
+        metrics[name] = {
+            "rougeL": round(sum(r["rougeL"] for r in rows) / len(rows), 6),
+            "identical": round(sum(same) / len(same), 6),
+        }
+    rows = [
+        {
+            "id": ref["id"],
+            "instruction": ref["messages"][-2]["content"],
+            "base": ref["reference"],
+            **{name: outputs[name][i] for name in outputs},
+            "scores": {name: per_model[name][i] for name in outputs},
+        }
+        for i, ref in enumerate(references)
+    ]
+    return metrics, rows
+
+
 def run_models(
     cfg: EvalCfg,
     base_dir: Path,
     adapters: Mapping[str, Path],
     prompts: list[str],
     val: list[dict[str, Any]],
-) -> tuple[dict[str, list[str]], dict[str, list[bool]], dict[str, float]]:
-    """Each model's completions for `prompts`, whether each stopped at EOS, and its loss on
-    `val` (when given): the base first, then each adapter of `adapters` attached in turn to the
-    base loaded once (PEFT `load_adapter` / `set_adapter`)."""
+    retain: tuple[list[str], int] | None = None,
+) -> tuple[dict[str, list[str]], dict[str, list[bool]], dict[str, float], dict[str, list[str]]]:
+    """Each model's completions for `prompts`, whether each stopped at EOS, its loss on `val`
+    (when given) and each adapter's greedy answers to the retain prompts (`retain`: prompts and
+    max_new_tokens; the base's own answers are the references, so it does not answer again):
+    the base first, then each adapter of `adapters` attached in turn to the base loaded once
+    (PEFT `load_adapter` / `set_adapter`)."""
     from peft import PeftModel
 
     gen_kwargs: dict[str, Any] = {
@@ -94,7 +137,7 @@ def run_models(
     }
     tokenizer = load_tokenizer(base_dir)
     model = load_base_model(base_dir, dtype="float32")
-    outputs, stops, losses = {}, {}, {}
+    outputs, stops, losses, retained = {}, {}, {}, {}
     for name in ["base", *adapters]:
         if name == "adapter":
             model = PeftModel.from_pretrained(model, str(adapters[name]), adapter_name=name)
@@ -105,7 +148,16 @@ def run_models(
         outputs[name], stops[name] = generate_with_stops(model, tokenizer, prompts, **gen_kwargs)
         if val:
             losses[name] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
-    return outputs, stops, losses
+        if retain is not None and name != "base":
+            retain_prompts, max_new_tokens = retain  # greedy, as the base answered them
+            retained[name] = generate_with_stops(
+                model,
+                tokenizer,
+                retain_prompts,
+                batch_size=cfg.batch_size,
+                max_new_tokens=max_new_tokens,
+            )[0]
+    return outputs, stops, losses, retained
 
 
 def evaluate_models(
@@ -115,7 +167,8 @@ def evaluate_models(
     examples: list[dict[str, Any]],
     val_examples: list[dict[str, Any]] | None = None,
     extra_adapters: Mapping[str, Path] | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    retain: tuple[Sequence[Mapping[str, Any]], int] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Generate for `examples` with the base model, then with the adapter on the same base.
 
     `extra_adapters` ({name: folder}) are evaluated the same way on the same loaded base, one
@@ -128,6 +181,13 @@ def evaluate_models(
     `cfg.val_loss_examples` are used, all when None, none when 0), each model's entry also
     holds `val_loss` (mean completion-only loss per token) and `val_perplexity`, and
     `metrics["val_examples"]` their number.
+
+    With `retain` (the references stage's rows, `{id, prompt, messages, reference}` with the
+    base's greedy answers, and the max_new_tokens they were made with), every adapter answers
+    the same prompts greedily within that budget, and `metrics["retain"]` holds each model's
+    ROUGE-L against the base's answers and the share left identical
+    (`lorapipe.evaluation.retain_scores`); the third value returned is its per-example rows (empty
+    without `retain`).
     """
     if cfg.max_examples is not None:
         examples = examples[: cfg.max_examples]
@@ -139,7 +199,8 @@ def evaluate_models(
     prompts = [ex["prompt"] for ex in examples]
     references = [ex["reference"] for ex in examples]
     adapters = {"adapter": Path(adapter_dir), **(extra_adapters or {})}
-    outputs, stops, losses = run_models(cfg, base_dir, adapters, prompts, val)
+    retain_job = None if retain is None else ([r["prompt"] for r in retain[0]], retain[1])
+    outputs, stops, losses, retained = run_models(cfg, base_dir, adapters, prompts, val, retain_job)
 
     metrics: dict[str, Any] = {"examples": len(examples)}
     if val:
@@ -165,4 +226,9 @@ def evaluate_models(
         }
         for i, ex in enumerate(examples)
     ]
-    return metrics, predictions
+    retain_rows: list[dict[str, Any]] = []
+    if retain is not None:
+        metrics["retain"], retain_rows = retain_scores(
+            retain[0], retained, use_stemmer=cfg.use_stemmer
+        )
+    return metrics, predictions, retain_rows

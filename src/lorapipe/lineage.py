@@ -80,7 +80,7 @@ def library_versions() -> dict[str, str]:
 
 # Params groups that cannot shape the adapter (evaluation, merging, where files go): left out of
 # its lineage, so a later `merge.dtype=...` or `eval.*` run never contradicts what it records.
-NOT_TRAINING = {"eval", "merge", "paths"}
+NOT_TRAINING = {"eval", "merge", "paths", "retain"}
 
 
 def build_lineage(
@@ -88,17 +88,22 @@ def build_lineage(
     data_files: dict[str, Path],
     base_dir: Path,
     training: dict[str, Any] | None = None,
+    sources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lineage record: data md5s, composed params, base pin, the train stage's code md5s,
     library versions.
+
+    `sources` (data/prepared/sources.json: each data source's md5 and training rows, the
+    replayed retain answers among them) is recorded as `sources` when given.
 
     `training` adds what the run itself decided: device, precision, trainable and total
     parameters. Only what determines the adapter belongs here: the git commit, time and memory
     of the run go to reports/runtime/train.json, so identical inputs give identical bytes on any
     commit and in any working tree.
     """
-    record = {
+    record: dict[str, Any] = {
         "data": {name: {"path": str(p), "md5": file_md5(p)} for name, p in data_files.items()},
+        **({"sources": sources} if sources is not None else {}),
         "params": params.model_dump(mode="json", exclude=NOT_TRAINING),
         "base_model": read_pin(base_dir),
         "code": code_version("train"),
@@ -151,6 +156,7 @@ def model_card(lineage: dict[str, Any]) -> str:
         "| split | file | md5 |",
         "| --- | --- | --- |",
         *(f"| {name} | `{d['path']}` | `{d['md5']}` |" for name, d in lineage["data"].items()),
+        *_source_lines(lineage.get("sources")),
         "",
         "## Evaluation and provenance",
         "",
@@ -162,6 +168,17 @@ def model_card(lineage: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _source_lines(sources: dict[str, Any] | None) -> list[str]:
+    if not sources:
+        return []
+    return [
+        "",
+        "| source | training rows | md5 |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {s['train_rows']} | `{s['md5']}` |" for name, s in sources.items()),
+    ]
 
 
 def _training_lines(lineage: dict[str, Any]) -> list[str]:

@@ -3,10 +3,11 @@
 
 Both hold the metric table (one column per model), the best and worst examples of the adapter
 (by per-example rougeL, then exact match, ties by id) with the prompt, the reference and every
-model's output. The HTML adds bar charts drawn as inline SVG and loads nothing: no script, no
-stylesheet or font from elsewhere, so it opens from disk with no server and no network. The
-output depends only on the input (no timestamps), so an unchanged evaluation rewrites the same
-bytes and DVC sees no change.
+model's output; with a retain set, its scores (each model against the base's own answers) and
+the retain answers the adapter changed most. The HTML adds bar charts drawn as inline SVG and
+loads nothing: no script, no stylesheet or font from elsewhere, so it opens from disk with no
+server and no network. The output depends only on the input (no timestamps), so an unchanged
+evaluation rewrites the same bytes and DVC sees no change.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from lorapipe.io import write_text
 
 SCORE_KEYS = ("exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum")
 LOSS_KEYS = ("val_loss", "val_perplexity")
+RETAIN = "retain"  # metrics["retain"]: {"examples", model: {"rougeL", "identical"}}, not a model
+RETAIN_KEYS = ("retain_rougeL", "retain_identical")
 LABELS = {
     "exact_match": "exact match",
     "rouge1": "ROUGE-1",
@@ -31,9 +34,12 @@ LABELS = {
     "rougeLsum": "ROUGE-Lsum",
     "val_loss": "val loss",
     "val_perplexity": "val perplexity",
+    "retain_rougeL": "retain ROUGE-L",
+    "retain_identical": "retain identical",
 }
 FIRST_MODELS = ("base", "adapter")  # column order; any other model follows, by name
 EXAMPLES_SHOWN = 5  # best and worst examples listed, each
+CHANGED_SHOWN = 5  # retain answers the adapter changed most
 MODEL_COLORS = {"base": "#9aa0a6", "adapter": "#1a73e8"}
 OTHER_COLORS = ("#e37400", "#188038", "#a142f4", "#d93025")
 TITLE = "Evaluation report"
@@ -41,7 +47,7 @@ TITLE = "Evaluation report"
 
 def models_of(metrics: Mapping[str, Any]) -> list[str]:
     """The model names in `metrics` (the keys whose value is a dict): base, adapter, then others."""
-    names = [k for k, v in metrics.items() if isinstance(v, Mapping)]
+    names = [k for k, v in metrics.items() if isinstance(v, Mapping) and k != RETAIN]
     return [m for m in FIRST_MODELS if m in names] + sorted(
         m for m in names if m not in FIRST_MODELS
     )
@@ -50,9 +56,14 @@ def models_of(metrics: Mapping[str, Any]) -> list[str]:
 def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, dict[str, float | None]]]:
     """`(metric, {model: value or None})` for each known metric that any model has, in order."""
     models = models_of(metrics)
+    retain = metrics.get(RETAIN, {})
     rows = []
-    for key in (*SCORE_KEYS, *LOSS_KEYS):
-        values = {m: metrics[m].get(key) for m in models}
+    for key in (*SCORE_KEYS, *LOSS_KEYS, *RETAIN_KEYS):
+        if key in RETAIN_KEYS:
+            name = key.removeprefix("retain_")
+            values = {m: retain.get(m, {}).get(name) for m in models}
+        else:
+            values = {m: metrics[m].get(key) for m in models}
         if any(v is not None for v in values.values()):
             rows.append((key, values))
     return rows
@@ -95,6 +106,15 @@ def best_and_worst(
     return best, worst
 
 
+def most_changed(
+    rows: Sequence[Mapping[str, Any]], model: str, n: int = CHANGED_SHOWN
+) -> list[Mapping[str, Any]]:
+    """The `n` rows whose answer by `model` is furthest from the base's: lowest ROUGE-L, ties
+    by id (deterministic); rows where the answer stayed identical are never shown."""
+    changed = [r for r in rows if model in r["scores"] and not r["scores"][model]["identical"]]
+    return sorted(changed, key=lambda r: (r["scores"][model]["rougeL"], str(r["id"])))[:n]
+
+
 def visible(text: str) -> str:
     """`text` with control characters (other than newline and tab) and lone surrogates
     written as `\\xNN` / `\\uNNNN`, so the raw bytes of an untrained model's output show as
@@ -125,6 +145,13 @@ def _summary(metrics: Mapping[str, Any], model: str | None) -> list[str]:
         lines.append(
             f"Best and worst examples: by the {model}'s per-example ROUGE-L, then exact match "
             f"(ties by id)."
+        )
+    if RETAIN in metrics:
+        lines.append(
+            f"Retain: {metrics[RETAIN]['examples']} general instructions (data/retain, the eval "
+            "part) answered greedily; each model's answers scored against the base model's own "
+            "(ROUGE-L, and the share identical), so the base scores 1 by construction and a drop "
+            "is what fine-tuning changed."
         )
     return lines
 
@@ -162,9 +189,25 @@ def _md_examples(
     return out
 
 
-def render_markdown(metrics: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]) -> str:
+def _md_retain(rows: Sequence[Mapping[str, Any]], focus: str) -> list[str]:
+    changed = most_changed(rows, focus)
+    out = [f"## Retain answers the {focus} changed most", ""]
+    for k, row in enumerate(changed, start=1):
+        s = row["scores"][focus]
+        out += [f"### {k}. `{row['id']}` ({focus}: retain ROUGE-L {fmt(s['rougeL'])})", ""]
+        out += _md_block("Instruction", str(row["instruction"]))
+        out += _md_block("base", str(row["base"]))
+        out += _md_block(focus, str(row[focus]))
+    return out if changed else [*out, "None: every answer stayed identical.", ""]
+
+
+def render_markdown(
+    metrics: Mapping[str, Any],
+    predictions: Sequence[Mapping[str, Any]],
+    retain_rows: Sequence[Mapping[str, Any]] = (),
+) -> str:
     """The Markdown report: metric table (a row per metric, a column per model), then the
-    best and worst examples of the adapter."""
+    best and worst examples of the adapter, then the retain answers it changed most."""
     models = models_of(metrics)
     focus = focus_model(predictions)
     with_delta = "base" in models and "adapter" in models
@@ -184,6 +227,8 @@ def render_markdown(metrics: Mapping[str, Any], predictions: Sequence[Mapping[st
         best, worst = best_and_worst(predictions, focus)
         out += _md_examples(f"Best {len(best)} examples", best, example_models, focus)
         out += _md_examples(f"Worst {len(worst)} examples", worst, example_models, focus)
+        if retain_rows:
+            out += _md_retain(retain_rows, focus)
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -312,10 +357,33 @@ def _html_examples(
     return out
 
 
-def render_html(metrics: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]) -> str:
+def _html_retain(rows: Sequence[Mapping[str, Any]], focus: str) -> list[str]:
+    changed = most_changed(rows, focus)
+    out = ['<section id="retain">', f"<h2>Retain answers the {_e(focus)} changed most</h2>"]
+    if not changed:
+        out.append("<p>None: every answer stayed identical.</p>")
+    for k, row in enumerate(changed, start=1):
+        score = fmt(row["scores"][focus]["rougeL"])
+        out.append('<section class="example">')
+        out.append(f"<h3>{k}. <code>{_e(str(row['id']))}</code> (retain ROUGE-L {score})</h3>")
+        out.append('<div class="pair">')
+        for label, text in (("instruction", row["instruction"]), ("base", row["base"])):
+            out.append(f'<div class="label">{_e(label)}</div><pre>{_e(str(text))}</pre>')
+        out.append(f'<div class="label">{_e(focus)}</div><pre>{_e(str(row[focus]))}</pre>')
+        out += ["</div>", "</section>"]
+    out.append("</section>")
+    return out
+
+
+def render_html(
+    metrics: Mapping[str, Any],
+    predictions: Sequence[Mapping[str, Any]],
+    retain_rows: Sequence[Mapping[str, Any]] = (),
+) -> str:
     """The self-contained HTML report: metric table, SVG bar charts (scores; validation loss
-    when present), best and worst examples of the adapter. Every text from the data is
-    HTML-escaped; nothing is loaded from elsewhere."""
+    and retain scores when present), best and worst examples of the adapter, the retain
+    answers it changed most. Every text from the data is HTML-escaped; nothing is loaded from
+    elsewhere."""
     models = models_of(metrics)
     focus = focus_model(predictions)
     rows = metric_rows(metrics)
@@ -358,26 +426,36 @@ def render_html(metrics: Mapping[str, Any], predictions: Sequence[Mapping[str, A
         out.append("<figure>")
         out.append(bar_chart("Validation loss", ["val_loss"], models, by_key, _nice_max(top)))
         out.append("</figure>")
+    retained = [k for k in RETAIN_KEYS if k in by_key]
+    if retained:
+        title = "Retain set: answers against the base model's own"
+        out += ["<figure>", bar_chart(title, retained, models, by_key, 1.0), "</figure>"]
     out.append("</section>")
     if focus is not None:
         example_models = [m for m in models if m in predictions[0]] or [focus]
         best, worst = best_and_worst(predictions, focus)
         out += _html_examples("best", f"Best {len(best)} examples", best, example_models, focus)
         out += _html_examples("worst", f"Worst {len(worst)} examples", worst, example_models, focus)
+        if retain_rows:
+            out += _html_retain(retain_rows, focus)
     out += ["</body>", "</html>"]
     return "\n".join(out) + "\n"
 
 
 def write_reports(
-    reports_dir: Path, metrics: Mapping[str, Any], predictions: Sequence[Mapping[str, Any]]
+    reports_dir: Path,
+    metrics: Mapping[str, Any],
+    predictions: Sequence[Mapping[str, Any]],
+    retain_rows: Sequence[Mapping[str, Any]] = (),
 ) -> list[Path]:
     """Write `report.md` and `report.html` into `reports_dir` (UTF-8, "\\n" line ends) and
-    return their paths."""
+    return their paths. `retain_rows`: the per-example rows of
+    `lorapipe.evaluation.retain_scores`."""
     reports_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in (
-        ("report.md", render_markdown(metrics, predictions)),
-        ("report.html", render_html(metrics, predictions)),
+        ("report.md", render_markdown(metrics, predictions, retain_rows)),
+        ("report.html", render_html(metrics, predictions, retain_rows)),
     ):
         path = reports_dir / name
         write_text(path, text)  # atomic: a killed run never leaves half a report

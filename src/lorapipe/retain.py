@@ -1,0 +1,113 @@
+"""The retain set: general instructions that measure what fine-tuning costs the base model.
+
+`data/retain/` holds instructions written for this (facts, short explanations, rewriting,
+arithmetic, a few multi-turn conversations), in two parts: `train` may be replayed in training,
+`eval` is only ever used to measure. Each row is `{"instruction": ...}` or `{"messages": [...]}`
+ending with a user turn; other keys (such as `kind`) are ignored.
+
+Their references are the base model's own greedy answers (`base_references`, run by the
+`references` stage once per base), rendered with the same chat template and system prompt as
+the task, so the prompts are those the adapter is trained and used with. `evaluate` compares
+the adapter's answers with them (`lorapipe.evaluation.retain_scores`); `data.replay` trains on
+the train part's (`lorapipe.mixing`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lorapipe.chat import render_prompt, with_system
+from lorapipe.errors import PipelineError
+
+PARTS = ("train", "eval")  # replayable in training; measurement only
+ROLES = ("system", "user", "assistant")
+
+
+class RetainError(PipelineError, ValueError):
+    """A retain-set row cannot be used; the message names file:line and the problem."""
+
+
+def _conversation(row: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(row, dict):
+        raise RetainError(f"{where}: expected a JSON object")
+    if isinstance(row.get("instruction"), str) and row["instruction"].strip():
+        return [{"role": "user", "content": row["instruction"]}]
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RetainError(f"{where}: needs a non-empty 'instruction' string or 'messages' list")
+    turns = []
+    for i, m in enumerate(messages):
+        ok = isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+        if not ok or not m["content"].strip():
+            raise RetainError(
+                f"{where}: messages[{i}] needs a role {ROLES} and a non-empty content"
+            )
+        turns.append({"role": m["role"], "content": m["content"]})
+    if turns[-1]["role"] != "user":
+        raise RetainError(f"{where}: messages must end with a user turn (the base answers it)")
+    return turns
+
+
+def read_retain(path: Path) -> list[dict[str, Any]]:
+    """The rows of one retain-set part: `{"id", "messages"}` in file order, ids from content.
+
+    Raises RetainError naming `file:line` for a row that is not JSON, has neither a usable
+    instruction nor messages ending with a user turn, or repeats an earlier row; FileNotFoundError
+    if `path` does not exist.
+    """
+    rows, seen = [], set()
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            messages = _conversation(json.loads(line), where)
+        except json.JSONDecodeError as e:
+            raise RetainError(f"{where}: not valid JSON ({e.msg})") from None
+        key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+        if key in seen:
+            raise RetainError(f"{where}: repeats an earlier row")
+        seen.add(key)
+        rows.append({"id": key, "messages": messages})
+    if not rows:
+        raise RetainError(f"{path}: no rows")
+    return rows
+
+
+def base_references(
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    system_prompt: str | None,
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[dict[str, Any]]:
+    """The base model's greedy answer to each row of `read_retain`, as one row each:
+    `{"id", "prompt", "messages", "reference", "stopped"}`.
+
+    `prompt` is the conversation with `system_prompt` (unless it has its own), chat-templated as
+    the format stage templates training prompts; `messages` ends with the answer as the
+    assistant turn (so the row can be replayed as training data), `reference` is the answer and
+    `stopped` whether it ended with EOS rather than at `max_new_tokens`.
+    """
+    from lorapipe.generation import generate_with_stops  # torch: only where the base answers
+
+    prompts = [render_prompt(tokenizer, with_system(r["messages"], system_prompt)) for r in rows]
+    answers, stopped = generate_with_stops(
+        model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    return [
+        {
+            "id": row["id"],
+            "prompt": prompt,
+            "messages": [*row["messages"], {"role": "assistant", "content": answer}],
+            "reference": answer,
+            "stopped": stop,
+        }
+        for row, prompt, answer, stop in zip(rows, prompts, answers, stopped, strict=True)
+    ]
