@@ -88,7 +88,7 @@ def retain_scores(
     """
     refs = [str(r["reference"]) for r in references]
     metrics: dict[str, Any] = {"examples": len(refs), "base": {"rougeL": 1.0, "identical": 1.0}}
-    per_model = {}
+    per_model: dict[str, list[dict[str, float]]] = {}
     for name, answers in outputs.items():
         _, rows = score(list(answers), refs, use_stemmer=use_stemmer)
         same = [a.strip() == b.strip() for a, b in zip(answers, refs, strict=True)]
@@ -99,7 +99,7 @@ def retain_scores(
             "rougeL": round(sum(r["rougeL"] for r in rows) / len(rows), 6),
             "identical": round(sum(same) / len(same), 6),
         }
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": ref["id"],
             "instruction": ref["messages"][-2]["content"],

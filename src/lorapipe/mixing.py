@@ -128,7 +128,10 @@ def read_replay(path: Path, max_chars: int) -> Source:
             source.rejects.append(Reject(where, None, "answer cut at max_new_tokens"))
             continue
         result = check_row({"messages": row["messages"]}, where, "messages", max_chars)
-        (source.records if isinstance(result, Record) else source.rejects).append(result)
+        if isinstance(result, Record):
+            source.records.append(result)
+        else:
+            source.rejects.append(result)
     if not source.records:
         raise DataError(f"data.replay: {path}: no base answer to replay (all cut or empty)")
     return source
@@ -181,7 +184,7 @@ def _split(cfg: DataCfg, unique: list[Record]) -> tuple[dict[str, list[Record]],
     if cfg.split_column is not None:
         return split_by_column(unique), f"column {cfg.split_column}"
     if cfg.split_counts is not None:
-        counts = {k: v for k, v in cfg.split_counts.items() if k != "train"}
+        counts: dict[str, int] = {k: v for k, v in cfg.split_counts.items() if k != "train"}
         return split_by_counts(unique, counts), "counts"
     return split_records(unique, dict(cfg.splits.items())), "content hash"
 

@@ -554,6 +554,7 @@ def save(trainer: Any, params: Params, out_dir: Path | None, initial: str | None
         trainer.save_model(str(out_dir) if main else None)
     if not main:
         return False
+    assert out_dir is not None  # rank 0 always has one (train_adapter checks)
     if sharded:  # save_model also pickles the TrainingArguments there: not part of an adapter
         (Path(out_dir) / "training_args.bin").unlink(missing_ok=True)
     else:
