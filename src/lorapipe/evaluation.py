@@ -90,13 +90,14 @@ def retain_scores(
     metrics: dict[str, Any] = {"examples": len(refs), "base": {"rougeL": 1.0, "identical": 1.0}}
     per_model: dict[str, list[dict[str, float]]] = {}
     for name, answers in outputs.items():
-        _, rows = score(list(answers), refs, use_stemmer=use_stemmer)
+        _, scored = score(list(answers), refs, use_stemmer=use_stemmer)
         same = [a.strip() == b.strip() for a, b in zip(answers, refs, strict=True)]
         per_model[name] = [
-            {"rougeL": r["rougeL"], "identical": float(s)} for r, s in zip(rows, same, strict=True)
+            {"rougeL": r["rougeL"], "identical": float(s)}
+            for r, s in zip(scored, same, strict=True)
         ]
         metrics[name] = {
-            "rougeL": round(sum(r["rougeL"] for r in rows) / len(rows), 6),
+            "rougeL": round(sum(r["rougeL"] for r in scored) / len(scored), 6),
             "identical": round(sum(same) / len(same), 6),
         }
     rows: list[dict[str, Any]] = [
