@@ -86,7 +86,7 @@ def _train_targets(r: dict[str, Any]) -> list[Row]:
     a, p = r["sides"]["article"], r["sides"]["pipeline"]
     return [
         (
-            "training: supervised tokens/s, pipeline vs the article's recipe, val loss beside",
+            "training: supervised tokens/s, pipeline vs the tutorial's recipe, val loss beside",
             f"{r['speedup']:.2f}x (mean of {r['rounds']} runs each); val loss "
             f"{p['val_loss']:.6f} vs {a['val_loss']:.6f}",
             f">= 2x at equal (within {100 * r['val_loss_tolerance']:g}%) or better val loss",
@@ -94,7 +94,7 @@ def _train_targets(r: dict[str, Any]) -> list[Row]:
         ),
         (
             "training step: achieved FLOP/s / measured fp32 matmul peak",
-            f"pipeline {100 * p['matmul_peak_fraction']:.1f}%, article "
+            f"pipeline {100 * p['matmul_peak_fraction']:.1f}%, tutorial recipe "
             f"{100 * a['matmul_peak_fraction']:.1f}% of "
             f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s",
             "(reported)",

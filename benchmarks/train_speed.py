@@ -1,4 +1,4 @@
-"""Training throughput and efficiency: the pipeline's training settings vs the article's recipe.
+"""Training throughput and efficiency: the pipeline's settings vs the seed tutorial's recipe.
 
 python benchmarks/train_speed.py                    # writes reports/bench_train.json
 python benchmarks/train_speed.py --examples 600 --out /tmp/t.json    # a quicker subset
@@ -8,14 +8,15 @@ Both sides train the same LoRA adapter (params.yaml `lora`) on the same base (`p
 the same examples (`paths.formatted`/train.jsonl, the first `--examples` of it or all) for one
 epoch (`--epochs`), through the pipeline's own `lorapipe.training.train_adapter` (TRL's
 SFTTrainer with `completion_only_loss` on prompt/completion data, TRL's collator padding each
-batch to its longest example: today's equivalent of the article's
+batch to its longest example: today's equivalent of the seed tutorial's
 DataCollatorForCompletionOnlyLM), one after the other in this process. They differ only in the
 training settings:
 
-- article: per-device batch 2, gradient accumulation 4, warm-up ratio 0.1, cosine schedule;
+- tutorial recipe (`article` in the code): per-device batch 2, gradient accumulation 4,
+  warm-up ratio 0.1, cosine schedule;
 - pipeline: `train.*` from params.yaml (batch, accumulation, warm-up, schedule);
 
-and both use `train.learning_rate`. The article's 2e-4 is for a pretrained 1.1B model; the
+and both use `train.learning_rate`. The seed tutorial's 2e-4 is for a pretrained 1.1B model; the
 default base here is a random 4-layer model, for which the pipeline's rate is already that
 recipe scaled up (README: 2e-4 again for a real model), so one rate keeps the comparison about
 the settings. Equal work: the same examples, one epoch each.
@@ -44,7 +45,7 @@ from flops import matmul_peak, train_flops
 from output import publish
 from transformers import TrainerCallback
 
-# The article's TrainingArguments (seed article, "Training with SFTTrainer").
+# The seed tutorial's TrainingArguments (seed tutorial, "Training with SFTTrainer").
 ARTICLE = {"batch_size": 2, "grad_accum": 4, "warmup_ratio": 0.1, "lr_scheduler": "cosine"}
 VAL_LOSS_TOLERANCE = 1e-3  # relative: "equal" validation loss (see measure)
 
@@ -165,7 +166,7 @@ def measure(
     epochs: float = 1,
     rounds: int = 2,
 ) -> dict[str, Any]:
-    """Run the article's recipe and the pipeline's settings `rounds` times each, then each
+    """Run the seed tutorial's recipe and the pipeline's settings `rounds` times each, then each
     `sweep` (batch, accumulation) once, on the same data; the result dict."""
     import torch
     from peft import get_peft_model
@@ -217,7 +218,7 @@ def measure(
         side["matmul_peak_fraction"] = round(flops / side["train_seconds"] / peak, 4)
     article, pipeline = sides["article"], sides["pipeline"]
     speedup = article["train_seconds"] / pipeline["train_seconds"]
-    # "Equal" validation loss: the pipeline's micro-batch of 8 and the article's 4 accumulated
+    # "Equal" validation loss: the pipeline's micro-batch of 8 and the seed tutorial's 4 accumulated
     # batches of 2 take the same optimizer steps, and differ only in float summation order.
     equal_loss = pipeline["val_loss"] <= article["val_loss"] * (1 + VAL_LOSS_TOLERANCE)
     return {
@@ -250,7 +251,7 @@ def measure(
 def markdown(result: dict[str, Any]) -> str:
     rows = [
         "| settings | micro-batch x accumulation | lr | warm-up | optimizer steps | train s "
-        "| CPU s | supervised tokens/s | vs article | val loss | model GFLOP/s | of matmul peak |",
+        "| CPU s | supervised tokens/s | vs tutorial | val loss | model GFLOP/s | of matmul peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     article = result["sides"]["article"]["train_seconds"]
@@ -283,8 +284,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s; {result['threads']} torch "
             f"threads, load average {result['loadavg_before'][0]:.2f} before, "
             f"{result['loadavg_after'][0]:.2f} after; torch {result['torch']}. {verdict}: "
-            f"pipeline {result['speedup']:.2f}x the article's tokens/s (target 2x), val loss "
-            f"{result['val_loss_delta']:+.6f} vs the article's (equal: within "
+            f"pipeline {result['speedup']:.2f}x the seed tutorial's tokens/s (target 2x), val loss "
+            f"{result['val_loss_delta']:+.6f} vs the seed tutorial's (equal: within "
             f"{100 * result['val_loss_tolerance']:g}%)",
         ]
     )
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=None, help="train on the first N only")
     parser.add_argument("--epochs", type=float, default=1, help="epochs for every side (1)")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="article/pipeline runs each, ABBA order (2)"
+        "--rounds", type=int, default=2, help="tutorial-recipe/pipeline runs each, ABBA order (2)"
     )
     parser.add_argument(
         "--sweep",
