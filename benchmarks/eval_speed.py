@@ -1,18 +1,25 @@
 """Evaluation speed: a tutorial's one-prompt-at-a-time sampling vs the pipeline's batched greedy.
 
-make bench                                   # all test prompts, writes reports/bench_eval.json
-python benchmarks/eval_speed.py --limit 64 --out /tmp/bench_eval.json
+make bench                                   # the first 64 test prompts, reports/bench_eval.json
+python benchmarks/eval_speed.py --limit 16 --out /tmp/bench_eval.json
 
 Both ways run in this one process on the test split (`<paths.formatted>/test.jsonl`), first with
 the base model (`<paths.base>`), then with the trained adapter on it (`<paths.adapter>`): the
-`evaluate` stage generates with both (base before training, adapter after), so both are timed.
-At most `eval.max_new_tokens` new tokens for both ways (the tutorial's own default is 200):
+`evaluate` stage generates with both (base before training, adapter after), so both are timed
+and reported apart. At most `eval.max_new_tokens` new tokens for both ways (the tutorial's own
+default is 200):
 (a) the tutorial's way, one prompt at a time with `do_sample=True, temperature=0.7`;
-(b) the pipeline's way, `lorapipe.generation.generate`, greedy in batches of `eval.batch_size`.
+(b) the pipeline's way, `lorapipe.generation.generate_with_stops` (the evaluate stage's), greedy
+    in batches of `eval.batch_size`, the adapter folded into the weights as the stage does
+    (`lorapipe.evaluation.adapter_folded`); for the adapter also unfolded, that lever alone.
 Both stop at the tokenizer's EOS and are decoded the same way, then scored for exact match.
-The base model rarely emits EOS, so it runs to the token cap: there one-at-a-time decoding pays
-its per-step overhead `max_new_tokens` times per prompt, which batching shares.
-`--limit N` times both on the first N prompts only (the output says so).
+The base model answers at length (it explains first), so one-at-a-time decoding pays its
+per-step cost for every token of every prompt, which batching shares: its target is the speed-up
+(>= 10x). The adapter answers in a few tokens, so its batched evaluation is mostly the prompts'
+forward pass: its target is efficiency, the FLOPs of (b) (benchmarks/flops.py
+`generation_flops`, counted over real tokens; the new tokens are the answer re-tokenised, plus
+EOS where it stopped) per second against the fp32 matmul peak measured in this run (>= 50%),
+the one-at-a-time ratio beside. `--limit N` times both on the first N prompts (0: all).
 """
 
 from __future__ import annotations
@@ -22,20 +29,25 @@ import os
 import platform
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from flops import generation_flops, matmul_peak
 from output import publish
 
 from lorapipe.errors import PipelineError
-from lorapipe.generation import generate
+from lorapipe.evaluation import adapter_folded
+from lorapipe.generation import generate_with_stops
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.scoring import score
 
 MODELS = ("base", "adapter")
+TARGET_BASE_SPEEDUP = 10.0
+TARGET_ADAPTER_PEAK_FRACTION = 0.5
 
 
 @torch.no_grad()
@@ -67,41 +79,71 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 def markdown(result: dict[str, Any]) -> str:
     rows = [
-        "| model | way | how | seconds | examples/s | exact match |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        "| model | way | how | seconds | examples/s | exact match | GFLOP/s | of matmul peak |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in MODELS:
         r = result["models"][name]
         for way, how in (
-            ("article", f"one at a time, sampled (T={result['temperature']})"),
+            ("tutorial", f"one at a time, sampled (T={result['temperature']})"),
             ("pipeline", f"batched greedy (batch {result['batch_size']})"),
         ):
             w = r[way]
+            flops = (
+                f"{w['flops_per_s'] / 1e9:.1f} | {100 * w['matmul_peak_fraction']:.1f}%"
+                if "flops_per_s" in w
+                else " | "
+            )
             rows.append(
                 f"| {name} | {way} | {how} | {w['seconds']:.2f} | {w['examples_per_s']:.2f} | "
-                f"{w['exact_match']:.3f} |"
+                f"{w['exact_match']:.3f} | {flops} |"
             )
-        rows.append(f"| {name} | speedup | | {r['speedup']:.1f}x | | |")
+        rows.append(f"| {name} | speed-up | | {r['speedup']:.1f}x | | | | |")
     subset = (
         f"first {result['examples']} of {result['examples_total']} test prompts"
         if result["subset"]
         else f"all {result['examples']} test prompts"
     )
+    base, adapter = result["models"]["base"], result["models"]["adapter"]
+    st = adapter["stage"]
+    rows.append(
+        f"| adapter | stage: all {st['examples']} test prompts | batched greedy, folded "
+        f"(unfolded: {st['unfolded_seconds']:.2f} s, same answers {st['same_answers_unfolded']}"
+        f"/{st['examples']}) | {st['seconds']:.2f} | {st['examples'] / st['seconds']:.2f} | "
+        f"{st['exact_match']:.3f} | {st['flops_per_s'] / 1e9:.1f} | "
+        f"{100 * st['matmul_peak_fraction']:.1f}% |"
+    )
+    verdict = {True: "holds", False: "does not hold"}
+    holds = result["holds"]
     return "\n".join(
         [
             *rows,
             "",
-            f"evaluation speedup (base + adapter, one-at-a-time seconds / pipeline seconds): "
-            f"{result['speedup']:.1f}x on {subset}; max_new_tokens {result['max_new_tokens']}, "
-            f"{result['threads']} torch threads, torch {result['torch']}, {result['device']}",
+            f"{subset}; max_new_tokens {result['max_new_tokens']}; fp32 matmul peak "
+            f"{result['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; {result['threads']} torch "
+            f"threads, torch {result['torch']}, {result['device']}. Base: batched "
+            f"{base['speedup']:.1f}x faster than one at a time (target "
+            f"{TARGET_BASE_SPEEDUP:g}x: {verdict[holds['base_speedup']]}). Adapter: batched "
+            f"greedy over all {st['examples']} prompts at "
+            f"{100 * st['matmul_peak_fraction']:.1f}% of the matmul peak (target "
+            f"{100 * TARGET_ADAPTER_PEAK_FRACTION:g}%: "
+            f"{verdict[holds['adapter_peak_fraction']]}), {adapter['speedup']:.1f}x one at a time.",
         ]
     )
 
 
-def _time(fn: Any) -> tuple[list[str], float]:
+def _time(fn: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - started
+
+
+def new_token_counts(tokenizer: Any, outputs: list[str], stopped: list[bool]) -> list[int]:
+    """Tokens each answer took: the decoded answer re-tokenised, plus EOS where it stopped."""
+    return [
+        len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(end)
+        for text, end in zip(outputs, stopped, strict=True)
+    ]
 
 
 def run(
@@ -127,35 +169,68 @@ def run(
     examples = read_jsonl(test)
     if ev.get("max_examples") is not None:
         examples = examples[: ev["max_examples"]]
-    total = len(examples)
+    total, every = len(examples), examples
     if limit is not None:
         examples = examples[:limit]
     prompts = [ex["prompt"] for ex in examples]
     references = [ex["reference"] for ex in examples]
     max_new, batch = int(ev["max_new_tokens"]), int(ev["batch_size"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak(device=device)
 
     base_dir = Path(paths["base"])
     tokenizer = load_tokenizer(base_dir)
+    prompt_lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     base = load_base_model(base_dir, dtype="float32").to(device).eval()
     models: dict[str, Any] = {}
+
+    def stage_generate(
+        model: Any, name: str, texts: list[str] = prompts
+    ) -> tuple[list[str], list[bool]]:
+        """As the evaluate stage generates: the adapter folded into the weights."""
+        with adapter_folded(model) if name == "adapter" else nullcontext(model) as m:
+            return generate_with_stops(
+                m, tokenizer, texts, batch_size=batch, max_new_tokens=max_new
+            )
+
+    def stage_run(model: Any) -> dict[str, Any]:
+        """The adapter's batched generation over every test prompt, as the stage runs it
+        (folding included in the time), then unfolded: the folding lever alone."""
+        texts = [ex["prompt"] for ex in every]
+        lengths = [len(tokenizer(p)["input_ids"]) for p in texts]
+        (folded, stops), seconds = _time(lambda: stage_generate(model, "adapter", texts))
+        (apart, _), apart_seconds = _time(
+            lambda: generate_with_stops(
+                model, tokenizer, texts, batch_size=batch, max_new_tokens=max_new
+            )
+        )
+        flops = generation_flops(model, lengths, new_token_counts(tokenizer, folded, stops))
+        return {
+            "examples": len(texts),
+            "seconds": round(seconds, 3),
+            "flops": flops,
+            "flops_per_s": round(flops / seconds),
+            "exact_match": round(exact_match(folded, [ex["reference"] for ex in every]), 6),
+            "unfolded_seconds": round(apart_seconds, 3),
+            "folding_speedup": round(apart_seconds / seconds, 3),
+            "same_answers_unfolded": sum(a == b for a, b in zip(apart, folded, strict=True)),
+        }
+
     for name in MODELS:
         model = base if name == "base" else PeftModel.from_pretrained(base, paths["adapter"])
         model.eval()
         # One untimed warm-up of each code path, so neither pays first-call costs.
         article_generate(model, tokenizer, prompts[:1], max_new_tokens=2, temperature=temperature)
-        generate(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=2)
+        generate_with_stops(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=2)
         torch.manual_seed(seed)
-        article, t_article = _time(
+        tutorial, t_tutorial = _time(
             lambda m=model: article_generate(
                 m, tokenizer, prompts, max_new_tokens=max_new, temperature=temperature
             )
         )
-        pipeline, t_pipeline = _time(
-            lambda m=model: generate(
-                m, tokenizer, prompts, batch_size=batch, max_new_tokens=max_new
-            )
-        )
+        (pipeline, stopped), t_pipeline = _time(lambda m=model, n=name: stage_generate(m, n))
+        new_tokens = new_token_counts(tokenizer, pipeline, stopped)
+        flops = generation_flops(model, prompt_lengths, new_tokens)
         models[name] = {
             way: {
                 "seconds": round(seconds, 3),
@@ -163,25 +238,48 @@ def run(
                 "exact_match": round(exact_match(outputs, references), 6),
             }
             for way, outputs, seconds in (
-                ("article", article, t_article),
+                ("tutorial", tutorial, t_tutorial),
                 ("pipeline", pipeline, t_pipeline),
             )
         }
-        models[name]["speedup"] = round(t_article / t_pipeline, 2)
-    article_total = sum(models[n]["article"]["seconds"] for n in MODELS)
+        models[name]["pipeline"].update(
+            new_tokens=sum(new_tokens),
+            stopped_at_eos=sum(stopped),
+            flops=flops,
+            flops_per_s=round(flops / t_pipeline),
+            matmul_peak_fraction=round(flops / t_pipeline / peak, 4),
+        )
+        models[name]["speedup"] = round(t_tutorial / t_pipeline, 2)
+        if name == "adapter":
+            models[name]["stage"] = stage_run(model)
+    peak = max(peak, matmul_peak(device=device))
+    for w in (
+        models["base"]["pipeline"],
+        models["adapter"]["pipeline"],
+        models["adapter"]["stage"],
+    ):
+        w["matmul_peak_fraction"] = round(w["flops_per_s"] / peak, 4)  # the better peak
+    tutorial_total = sum(models[n]["tutorial"]["seconds"] for n in MODELS)
     pipeline_total = sum(models[n]["pipeline"]["seconds"] for n in MODELS)
     return {
         "examples": len(prompts),
         "examples_total": total,
         "subset": len(prompts) < total,
+        "prompt_tokens": sum(prompt_lengths),
         "max_new_tokens": max_new,
         "batch_size": batch,
         "temperature": temperature,
         "seed": seed,
         "models": models,
-        "article_seconds": round(article_total, 3),
+        "tutorial_seconds": round(tutorial_total, 3),
         "pipeline_seconds": round(pipeline_total, 3),
-        "speedup": round(article_total / pipeline_total, 2),
+        "speedup": round(tutorial_total / pipeline_total, 2),
+        "matmul_peak_flops_per_s": round(peak),
+        "holds": {
+            "base_speedup": models["base"]["speedup"] >= TARGET_BASE_SPEEDUP,
+            "adapter_peak_fraction": models["adapter"]["stage"]["matmul_peak_fraction"]
+            >= TARGET_ADAPTER_PEAK_FRACTION,
+        },
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(),
@@ -195,13 +293,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     parser.add_argument("--out", default="reports/bench_eval.json", help="where to write results")
-    parser.add_argument("--limit", type=int, default=None, help="time only the first N prompts")
+    parser.add_argument("--limit", type=int, default=64, help="the first N prompts (64; 0: all)")
     parser.add_argument("--temperature", type=float, default=0.7, help="the tutorial's (0.7)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)
     try:
         result = run(
-            Path(args.params), limit=args.limit, temperature=args.temperature, seed=args.seed
+            Path(args.params),
+            limit=args.limit or None,
+            temperature=args.temperature,
+            seed=args.seed,
         )
     except PipelineError as e:
         print(f"bench: error: {e}", file=sys.stderr)

@@ -14,6 +14,11 @@ softmax and the optimizer are left out, as in the usual model-FLOPs-utilisation 
 
 So one sequence of l tokens costs l * (4F + 6R) + 12 * layers * d * l^2. The first layer's
 input gradient is not needed yet counted (< 1/layers of 2F), so this slightly overstates.
+
+`performed_train_flops` counts what a step actually computes: the output layer (H weights,
+part of F) only at the positions where it runs. With the pipeline's loss it runs at the s
+supervised positions only, so a sequence costs l * (4(F - H) + 6R) + 4H * s + 12 * layers *
+d * l^2; a model's own loss (the recipe, a plain loop) runs it at all l positions.
 """
 
 from __future__ import annotations
@@ -80,3 +85,42 @@ def matmul_peak(
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * size**3 / best
+
+
+def lm_head_weights(model: Any) -> int:
+    """Weights of the output layer (its logical in x out)."""
+    head = model.get_output_embeddings()
+    return int(head.in_features * head.out_features)
+
+
+def performed_train_flops(
+    model: Any, lengths: Iterable[int], supervised: Iterable[int], *, head_everywhere: bool
+) -> float:
+    """FLOPs a training pass over sequences of `lengths` real tokens actually performs: as
+    `train_flops`, but the output layer counted only where it is computed: at every position
+    (`head_everywhere`, what a model's own loss does) or only at the `supervised` positions of
+    each sequence (the pipeline's TRL loss on CPU, `score_only_supervised_positions`). Padding
+    positions are not counted (so this understates the work of a padded batch)."""
+    head = lm_head_weights(model)
+    total = train_flops(model, lengths)
+    if not head_everywhere:
+        total -= 4 * head * sum(lengths)
+        total += 4 * head * sum(supervised)
+    return total
+
+
+def generation_flops(model: Any, prompt_lengths: Iterable[int], new_tokens: Iterable[int]) -> float:
+    """FLOPs of greedy generation with a KV cache, over real tokens only: per prompt of P tokens
+    that generated g new ones, the prefill (every linear layer but the output layer at each of
+    the P positions, the output layer at the last one: 2(F - H) * P + 2H; attention's full P x P
+    products, 4 * layers * d * P^2) and g - 1 decoding passes of one token each (2F, and
+    attention over the P + t cached positions, 4 * layers * d * (P + t)). Rows of a batch that
+    already ended, and padding, are computed by `generate` but not counted."""
+    frozen, lora = linear_weights(model)
+    weights, head = frozen + lora, lm_head_weights(model)
+    layers, width = attention_width(model.config)
+    total = 0.0
+    for p, g in zip(prompt_lengths, new_tokens, strict=True):
+        total += 2 * (weights - head) * p + 2 * head + 4 * layers * width * p * p
+        total += sum(2 * weights + 4 * layers * width * (p + t) for t in range(1, g))
+    return total

@@ -1,32 +1,35 @@
-"""Training throughput and efficiency: the pipeline's settings vs the seed tutorial's recipe.
+"""Training speed on the default model: the pipeline vs the seed tutorial's recipe vs a plain loop.
 
-python benchmarks/train_speed.py                    # writes reports/bench_train.json
-python benchmarks/train_speed.py --examples 600 --out /tmp/t.json    # a quicker subset
-python benchmarks/train_speed.py --sweep 4,1 8,1 16,1 32,1          # candidate settings too
+python benchmarks/train_speed.py                     # writes reports/bench_train.json
+python benchmarks/train_speed.py --examples 160 --rounds 1 --out /tmp/t.json   # a quick look
 
-Both sides train the same LoRA adapter (params.yaml `lora`) on the same base (`paths.base`) and
-the same examples (`paths.formatted`/train.jsonl, the first `--examples` of it or all) for one
-epoch (`--epochs`), through the pipeline's own `lorapipe.training.train_adapter` (TRL's
-SFTTrainer with `completion_only_loss` on prompt/completion data, TRL's collator padding each
-batch to its longest example: today's equivalent of the seed tutorial's
-DataCollatorForCompletionOnlyLM), one after the other in this process. They differ only in the
-training settings:
+Three sides, one process, the same base (`paths.base`) and the same examples (the first
+`--examples` of `paths.formatted`/train.jsonl), validation loss always on the whole val split
+with `lorapipe.evaluation.completion_loss` (the evaluate stage's):
 
-- tutorial recipe (`article` in the code): per-device batch 2, gradient accumulation 4,
-  warm-up ratio 0.1, cosine schedule;
-- pipeline: `train.*` from params.yaml (batch, accumulation, warm-up, schedule);
+- recipe: the seed tutorial's settings, LoRA r 8 (alpha 16, dropout 0.05) on q_proj and
+  v_proj, batch 2 x gradient accumulation 4, lr 2e-4, warm-up 0.1, cosine, one epoch, trained
+  by the pipeline's own `lorapipe.training.train_adapter` (TRL's SFTTrainer, completion-only loss,
+  padding to the longest) with TRL's CPU default of projecting every position through the
+  output layer. Its validation loss after the epoch is the target.
+- pipeline: params.yaml's `lora` and `train` as they are (and every lever the train stage
+  applies), same trainer, stopped as soon as its validation loss, measured every
+  `--check-every` optimizer steps, is at or below the recipe's. The headline is its training
+  seconds to that point (the pauses to measure validation loss excluded) against the recipe's
+  seconds for its epoch.
+- plain loop: the twenty lines anyone could write (peft model with the pipeline's LoRA, the
+  model's own loss over every position, backward, AdamW on the LoRA weights), same batch size,
+  rate and examples (shuffled, padded to the longest), `--plain-steps` steps.
 
-and both use `train.learning_rate`. The seed tutorial's 2e-4 is for a pretrained 1.1B model; the
-default base here is a random 4-layer model, for which the pipeline's rate is already that
-recipe scaled up (README: 2e-4 again for a real model), so one rate keeps the comparison about
-the settings. Equal work: the same examples, one epoch each.
+The recipe and the pipeline run `--rounds` times each in ABBA order (recipe, pipeline, pipeline,
+recipe, ...), the plain loop after each pipeline run, so a machine that speeds up or slows down
+weighs on all sides alike; the ratios use the means.
 
-Measured: seconds of the training loop (`train_seconds`: trainer.train(), no in-loop
-evaluation), supervised (completion) tokens per second, then the completion-only loss on the
-whole validation split with `lorapipe.evaluation.completion_loss` (the evaluate stage's), the
-same function for both. Efficiency: model FLOPs of the run (benchmarks/flops.py: per sequence
-l * (4F + 6R) + 12 * layers * d * l^2 over the real tokens) per second, as a fraction of the
-fp32 `torch.matmul` peak measured here with the same threads.
+Efficiency: FLOPs each side actually performs (benchmarks/flops.py `performed_train_flops`: per
+sequence l * (4(F - H) + 6R) + 12 * layers * d * l^2 plus the output layer's 4H at each position
+where it runs: every position for the recipe and the plain loop, the supervised ones for the
+pipeline), over real tokens only, per second of training, as a fraction of the fp32
+`torch.matmul` peak measured in the same run (the better of before and after).
 """
 
 from __future__ import annotations
@@ -34,31 +37,44 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
-from flops import matmul_peak, train_flops
+from flops import matmul_peak, performed_train_flops
 from output import publish
 from transformers import TrainerCallback
 
-# The seed tutorial's TrainingArguments (seed tutorial, "Training with SFTTrainer").
-ARTICLE = {"batch_size": 2, "grad_accum": 4, "warmup_ratio": 0.1, "lr_scheduler": "cosine"}
-VAL_LOSS_TOLERANCE = 1e-3  # relative: "equal" validation loss (see measure)
+# The seed tutorial's LoraConfig and TrainingArguments ("LoraConfig", "Training with SFTTrainer").
+RECIPE_LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+RECIPE_TRAIN = {
+    "batch_size": 2,
+    "grad_accum": 4,
+    "learning_rate": 2e-4,
+    "warmup_ratio": 0.1,
+    "lr_scheduler": "cosine",
+    "epochs": 1,
+}
+TARGET_TIME_RATIO = 3.0  # pipeline's time to the recipe's loss: at most a third of the recipe's
+TARGET_PEAK_FRACTION = 0.6
+TARGET_PLAIN_RATIO = 1.2
 
 
-def bench_params(raw: dict[str, Any], work: Path, epochs: float = 1, **train: Any) -> Any:
-    """Validated params for one benchmark run: `epochs`, no checkpoints, `train` overrides."""
+def bench_params(raw: dict[str, Any], work: Path, *, lora: Any = None, **train: Any) -> Any:
+    """Validated params for one benchmark run: no checkpoints, no logging, `train` overrides."""
     from lorapipe.config import validate
 
     changed = {
         **raw,
+        "lora": {**raw["lora"], **(lora or {})},
         "train": {
             **raw["train"],
-            "epochs": epochs,
             "max_steps": -1,
             "save_strategy": "no",
             "resume": False,
@@ -71,38 +87,77 @@ def bench_params(raw: dict[str, Any], work: Path, epochs: float = 1, **train: An
     return validate(changed)
 
 
-def encoded_lengths(tokenizer: Any, examples: list[dict[str, Any]]) -> tuple[list[int], int]:
-    """Token length of each example (prompt + completion) and the supervised tokens of all,
-    counted the way TRL masks them."""
-    from lorapipe.formatting import mask_audit
+@contextmanager
+def output_layer_everywhere() -> Iterator[None]:
+    """Run the trainer with TRL's CPU default, the output layer at every position (what a user of
+    the recipe gets), by holding TRL's own choice in place of the pipeline's
+    `score_only_supervised_positions` for the duration."""
+    import trl.trainer.utils as trl_utils
 
-    audits = [mask_audit(ex, tokenizer, max_length=10**9) for ex in examples]
-    return [a["total_tokens"] for a in audits], sum(a["supervised_tokens"] for a in audits)
+    saved = trl_utils._use_triton
+    original = TRL_CHOICE
+
+    def keep(device: Any) -> bool:
+        return bool(original(device))
+
+    keep.lorapipe_compact = True  # type: ignore[attr-defined]  # the lever sees itself applied
+    trl_utils._use_triton = keep
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = saved
 
 
-class CpuClock(TrainerCallback):
-    """CPU seconds of this process (all its threads) inside trainer.train(): unlike wall time,
-    barely moved by other processes competing for the cores."""
+def _trl_choice() -> Any:
+    import trl.trainer.utils as trl_utils
 
-    def __init__(self) -> None:
-        self.started = self.seconds = 0.0
+    return trl_utils._use_triton
+
+
+TRL_CHOICE = _trl_choice()  # before the pipeline replaces it
+
+
+class ValidationClock(TrainerCallback):
+    """Training seconds (validation pauses excluded) and validation loss every `every` optimizer
+    steps; stops training once the loss is at or below `target`."""
+
+    def __init__(self, tokenizer: Any, val: list[dict[str, Any]], every: int, target: float):
+        self.tokenizer, self.val, self.every, self.target = tokenizer, val, every, target
+        self.started = self.paused = 0.0
+        self.curve: list[dict[str, float]] = []
+        self.reached: dict[str, float] | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.started = time.process_time()
+        self.started, self.paused = time.perf_counter(), 0.0
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.seconds = time.process_time() - self.started
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % self.every:
+            return
+        from lorapipe.evaluation import completion_loss
+
+        elapsed = time.perf_counter() - self.started - self.paused
+        pause = time.perf_counter()
+        model = kwargs["model"]
+        loss = completion_loss(model, self.tokenizer, self.val, batch_size=64)
+        model.train()
+        self.paused += time.perf_counter() - pause
+        point = {"step": state.global_step, "seconds": round(elapsed, 2), "val_loss": loss}
+        self.curve.append(point)
+        if loss <= self.target:
+            self.reached = point
+            control.should_training_stop = True
 
 
-def run_side(
+def train_side(
     name: str,
     params: Any,
     base: Path,
     train: list[dict[str, Any]],
     val: list[dict[str, Any]],
     work: Path,
+    clock: ValidationClock | None = None,
 ) -> dict[str, Any]:
-    """Train one side with the pipeline's trainer; its timings and validation loss."""
+    """Train one side with the pipeline's trainer: its seconds, steps and validation loss."""
     import torch
     from peft import PeftModel
 
@@ -114,47 +169,92 @@ def run_side(
     data = work / name / "formatted"
     data.mkdir(parents=True)
     write_jsonl(data / "train.jsonl", train)
-    write_jsonl(data / "val.jsonl", [])  # no evaluation inside the timed loop
-    clock = CpuClock()
+    write_jsonl(data / "val.jsonl", [])  # validation only through `clock`, outside the timing
+    callbacks = [clock] if clock is not None else []
     summary = train_adapter(
-        params, base, data, work / name / "adapter", work / name / "curves", callbacks=[clock]
+        params, base, data, work / name / "adapter", work / name / "curves", callbacks=callbacks
     )
-    tokenizer = load_tokenizer(base)
-    model = PeftModel.from_pretrained(load_base_model(base), str(work / name / "adapter"))
-    with torch.no_grad():
-        val_loss = completion_loss(model, tokenizer, val, batch_size=64)
-    cfg = params.train
-    return {
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
-        "effective_batch": cfg.batch_size * cfg.grad_accum,
-        "learning_rate": cfg.learning_rate,
-        "warmup_ratio": cfg.warmup_ratio,
-        "lr_scheduler": cfg.lr_scheduler,
+    seconds = summary["train_seconds"] - (clock.paused if clock else 0.0)
+    out = {
         "optimizer_steps": summary["steps"],
-        "train_seconds": summary["train_seconds"],
-        "train_cpu_seconds": round(clock.seconds, 1),
-        "wall_seconds": summary["wall_seconds"],
+        "train_seconds": round(seconds, 2),
         "train_loss": summary["train_loss"],
-        "val_loss": round(val_loss, 6),
     }
+    if clock is not None:
+        out["curve"] = clock.curve
+        out["reached"] = clock.reached
+        out["val_loss"] = clock.curve[-1]["val_loss"] if clock.curve else None
+    else:
+        tokenizer = load_tokenizer(base)
+        model = PeftModel.from_pretrained(load_base_model(base), str(work / name / "adapter"))
+        with torch.no_grad():
+            out["val_loss"] = completion_loss(model, tokenizer, val, batch_size=64)
+    return out
 
 
-def combine(side_runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One side's repeated runs as one: mean seconds, each run's seconds beside; the same
-    validation loss every time (training is deterministic), else the worst of them."""
-    first = side_runs[0]
-    seconds = [r["train_seconds"] for r in side_runs]
-    losses = [r["val_loss"] for r in side_runs]
+def plain_loop(
+    params: Any, base: Path, train: list[dict[str, Any]], steps: int, seed: int
+) -> dict[str, Any]:
+    """The reference loop: the model's own loss over all positions, backward, AdamW."""
+    import torch
+    from peft import get_peft_model
+
+    from lorapipe.formatting import common_prefix_length
+    from lorapipe.models import load_base_model, load_tokenizer
+    from lorapipe.training import lora_config
+
+    tokenizer = load_tokenizer(base)
+    torch.manual_seed(seed)
+    model = get_peft_model(load_base_model(base, dtype="float32"), lora_config(params))
+    model.train()
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=params.train.learning_rate
+    )
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    size = params.train.batch_size
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for first in range(0, min(len(order), (steps + 1) * size), size):
+        rows = [train[i] for i in order[first : first + size]]
+        encoded = []
+        for ex in rows:
+            prompt = tokenizer(ex["prompt"])["input_ids"]
+            full = tokenizer(ex["prompt"] + ex["completion"])["input_ids"]
+            encoded.append((full, common_prefix_length(prompt, full)))
+        width = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(rows), width), pad)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100)
+        for row, (full, start) in enumerate(encoded):
+            ids[row, : len(full)] = torch.tensor(full)
+            mask[row, : len(full)] = 1
+            labels[row, start : len(full)] = torch.tensor(full[start:])
+        batches.append((ids, mask, labels))
+
+    def step(ids: Any, mask: Any, labels: Any) -> None:
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    step(*batches[0])  # warm-up, untimed (the trainer's first step is timed: this favours the loop)
+    timed = batches[1 : steps + 1]
+    started = time.perf_counter()
+    for batch in timed:
+        step(*batch)
+    seconds = time.perf_counter() - started
+    tokens = sum(int(mask.sum()) for _, mask, _ in timed)
+    padded = sum(mask.numel() for _, mask, _ in timed)
+    lengths = [int(n) for _, mask, _ in timed for n in mask.sum(dim=1)]
+    supervised = [int(n) for _, _, labels in timed for n in (labels != -100).sum(dim=1)]
     return {
-        **first,
-        "train_seconds": round(sum(seconds) / len(seconds), 2),
-        "train_cpu_seconds": round(
-            sum(r["train_cpu_seconds"] for r in side_runs) / len(seconds), 1
-        ),
-        "runs_seconds": seconds,
-        "val_loss": max(losses),
-        "runs_val_loss": losses,
+        "steps": len(timed),
+        "seconds": round(seconds, 2),
+        "tokens": tokens,
+        "padding_share": round(1 - tokens / padded, 4),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "flops": performed_train_flops(model, lengths, supervised, head_everywhere=True),
     }
 
 
@@ -162,131 +262,246 @@ def measure(
     params_file: Path,
     *,
     examples: int | None,
-    sweep: list[tuple[int, int]],
-    epochs: float = 1,
-    rounds: int = 2,
+    rounds: int,
+    check_every: int,
+    plain_steps: int,
 ) -> dict[str, Any]:
-    """Run the seed tutorial's recipe and the pipeline's settings `rounds` times each, then each
-    `sweep` (batch, accumulation) once, on the same data; the result dict."""
+    """The three sides, ABBA; the result dict (see the module docstring)."""
     import torch
     from peft import get_peft_model
 
+    from lorapipe.formatting import mask_audit
     from lorapipe.io import read_jsonl
     from lorapipe.models import load_base_model, load_tokenizer
     from lorapipe.training import lora_config
 
     raw = yaml.safe_load(params_file.read_text())
-    base = Path(raw["paths"]["base"])
-    formatted = Path(raw["paths"]["formatted"])
+    base, formatted = Path(raw["paths"]["base"]), Path(raw["paths"]["formatted"])
     for path in (base / "config.json", formatted / "train.jsonl", formatted / "val.jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"needs {path}: run `make repro` (or dvc repro format)")
-    train = read_jsonl(formatted / "train.jsonl")
-    total = len(train)
-    train = train[:examples] if examples else train
+    every = read_jsonl(formatted / "train.jsonl")
+    train = every[:examples] if examples else every
     val = read_jsonl(formatted / "val.jsonl")
     tokenizer = load_tokenizer(base)
-    lengths, supervised = encoded_lengths(tokenizer, train)
+    audits = [mask_audit(ex, tokenizer, max_length=10**9) for ex in train]
+    lengths = [a["total_tokens"] for a in audits]
+    supervised = [a["supervised_tokens"] for a in audits]
     load_before = os.getloadavg()
-    peak = matmul_peak()  # again after the runs; the better of the two is the reference
+    peak = matmul_peak()
 
-    settings: dict[str, dict[str, Any]] = {"article": ARTICLE, "pipeline": {}}
-    settings.update({f"batch {b} x {a}": {"batch_size": b, "grad_accum": a} for b, a in sweep})
-    # Rounds in ABBA order (article, pipeline, pipeline, article, ...): a machine that speeds up
-    # or slows down during the benchmark weighs on both sides alike. The sweep runs once.
-    pair = ("article", "pipeline")
-    order = [name for r in range(rounds) for name in (pair if r % 2 == 0 else pair[::-1])]
-    order += [name for name in settings if name not in ("article", "pipeline")]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    runs: dict[str, list[dict[str, Any]]] = {"recipe": [], "pipeline": [], "plain loop": []}
+    target = None
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
+        recipe_params = bench_params(raw, work / "recipe", lora=RECIPE_LORA, **RECIPE_TRAIN)
+        pipeline_params = bench_params(raw, work / "pipeline")
+        order = [
+            name
+            for r in range(rounds)
+            for name in (("recipe", "pipeline") if r % 2 == 0 else ("pipeline", "recipe"))
+        ]
         for i, name in enumerate(order):
             print(f"bench: training {name} ...", file=sys.stderr, flush=True)
-            folder = f"{i}_{name.replace(' ', '_')}"
-            params = bench_params(raw, work / folder, epochs, **settings[name])
-            runs[name].append(run_side(folder, params, base, train, val, work))
-        # FLOPs: the pipeline's LoRA model, counted once (same adapters on both sides).
-        params = bench_params(raw, work)
-        model = get_peft_model(load_base_model(base), lora_config(params))
-        flops = train_flops(model, lengths) * epochs
+            if name == "recipe":
+                with output_layer_everywhere():
+                    run = train_side(f"{i}_recipe", recipe_params, base, train, val, work)
+                target = run["val_loss"] if target is None else target
+            else:
+                assert target is not None  # the recipe runs first
+                clock = ValidationClock(tokenizer, val, check_every, target)
+                run = train_side(f"{i}_pipeline", pipeline_params, base, train, val, work, clock)
+                print("bench: plain loop ...", file=sys.stderr, flush=True)
+                runs["plain loop"].append(
+                    plain_loop(pipeline_params, base, train, plain_steps, raw["train"]["seed"])
+                )
+            runs[name].append(run)
+        models = {
+            side: get_peft_model(load_base_model(base), lora_config(p))
+            for side, p in (("recipe", recipe_params), ("pipeline", pipeline_params))
+        }
+        recipe_flops = performed_train_flops(
+            models["recipe"], lengths, supervised, head_everywhere=True
+        )
+        pipeline_flops_per_example = performed_train_flops(
+            models["pipeline"], lengths, supervised, head_everywhere=False
+        ) / len(train)
     peak = max(peak, matmul_peak())
-    sides = {name: combine(side_runs) for name, side_runs in runs.items()}
-    for side in sides.values():
-        side["supervised_tokens_per_s"] = round(supervised * epochs / side["train_seconds"], 1)
-        side["examples_per_s"] = round(len(train) * epochs / side["train_seconds"], 2)
-        side["model_flops_per_s"] = round(flops / side["train_seconds"], 0)
-        side["matmul_peak_fraction"] = round(flops / side["train_seconds"] / peak, 4)
-    article, pipeline = sides["article"], sides["pipeline"]
-    speedup = article["train_seconds"] / pipeline["train_seconds"]
-    # "Equal" validation loss: the pipeline's micro-batch of 8 and the seed tutorial's 4 accumulated
-    # batches of 2 take the same optimizer steps, and differ only in float summation order.
-    equal_loss = pipeline["val_loss"] <= article["val_loss"] * (1 + VAL_LOSS_TOLERANCE)
+    return summarise(
+        runs,
+        peak=peak,
+        target=target,
+        recipe_flops=recipe_flops,
+        pipeline_flops_per_example=pipeline_flops_per_example,
+        tokens_per_example=sum(lengths) / len(train),
+        supervised_per_example=sum(supervised) / len(train),
+        batch=pipeline_params.train.batch_size,
+        extra={
+            "rounds": rounds,
+            "examples": len(train),
+            "examples_total": len(every),
+            "subset": len(train) < len(every),
+            "val_examples": len(val),
+            "check_every": check_every,
+            "recipe_settings": {"lora": RECIPE_LORA, "train": RECIPE_TRAIN},
+            "pipeline_settings": {"lora": raw["lora"], "train": raw["train"]},
+            "model": raw["model"]["name"],
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarise(
+    runs: dict[str, list[dict[str, Any]]],
+    *,
+    peak: float,
+    target: float | None,
+    recipe_flops: float,
+    pipeline_flops_per_example: float,
+    tokens_per_example: float,
+    supervised_per_example: float,
+    batch: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Means over the rounds, the ratios and whether each target holds."""
+    recipe, pipeline, plain = runs["recipe"], runs["pipeline"], runs["plain loop"]
+    recipe_s = _mean([r["train_seconds"] for r in recipe])
+    reached = all(r["reached"] is not None for r in pipeline)
+    to_target = [r["reached"]["seconds"] if r["reached"] else r["train_seconds"] for r in pipeline]
+    pipeline_s = _mean(to_target)
+    # Examples the pipeline trained on up to the target (every step is a full batch here).
+    steps = [r["reached"]["step"] if r["reached"] else r["optimizer_steps"] for r in pipeline]
+    pipeline_examples = _mean([s * batch for s in steps])
+    pipeline_flops = pipeline_flops_per_example * pipeline_examples
+    pipeline_tokens_per_s = tokens_per_example * pipeline_examples / pipeline_s
+    plain_tokens_per_s = _mean([p["tokens_per_s"] for p in plain])
+    plain_flops_per_s = _mean([p["flops"] / p["seconds"] for p in plain])
+    examples = extra["examples"]
+    sides = {
+        "recipe": {
+            "seconds": round(recipe_s, 2),
+            "runs_seconds": [r["train_seconds"] for r in recipe],
+            "optimizer_steps": recipe[0]["optimizer_steps"],
+            "val_loss": round(target, 6) if target is not None else None,
+            "runs_val_loss": [round(r["val_loss"], 6) for r in recipe],
+            "tokens_per_s": round(tokens_per_example * examples / recipe_s, 1),
+            "supervised_tokens_per_s": round(supervised_per_example * examples / recipe_s, 1),
+            "flops_per_s": round(recipe_flops / recipe_s),
+            "matmul_peak_fraction": round(recipe_flops / recipe_s / peak, 4),
+        },
+        "pipeline": {
+            "seconds": round(pipeline_s, 2),
+            "runs_seconds": to_target,
+            "optimizer_steps": round(_mean(steps), 1),
+            "runs_steps": steps,
+            "val_loss": [
+                r["reached"]["val_loss"] if r["reached"] else r["val_loss"] for r in pipeline
+            ],
+            "curves": [r["curve"] for r in pipeline],
+            "tokens_per_s": round(pipeline_tokens_per_s, 1),
+            "supervised_tokens_per_s": round(
+                supervised_per_example * pipeline_examples / pipeline_s, 1
+            ),
+            "flops_per_s": round(pipeline_flops / pipeline_s),
+            "matmul_peak_fraction": round(pipeline_flops / pipeline_s / peak, 4),
+        },
+        "plain loop": {
+            "seconds": round(_mean([p["seconds"] for p in plain]), 2),
+            "runs_seconds": [p["seconds"] for p in plain],
+            "optimizer_steps": plain[0]["steps"],
+            "padding_share": plain[0]["padding_share"],
+            "tokens_per_s": round(plain_tokens_per_s, 1),
+            "flops_per_s": round(plain_flops_per_s),
+            "matmul_peak_fraction": round(plain_flops_per_s / peak, 4),
+        },
+    }
+    time_ratio = recipe_s / pipeline_s
+    plain_ratio = pipeline_tokens_per_s / plain_tokens_per_s
+    fraction = sides["pipeline"]["matmul_peak_fraction"]
     return {
-        "rounds": rounds,
-        "examples": len(train),
-        "examples_total": total,
-        "subset": len(train) < total,
-        "epochs": epochs,
-        "val_examples": len(val),
-        "supervised_tokens": supervised,  # per epoch
-        "tokens": sum(lengths),  # per epoch
-        "train_flops": flops,
-        "matmul_peak_flops_per_s": round(peak, 0),
+        **extra,
+        "matmul_peak_flops_per_s": round(peak),
+        "target_val_loss": target,
         "sides": sides,
-        "speedup": round(speedup, 3),
-        "val_loss_delta": round(pipeline["val_loss"] - article["val_loss"], 6),
-        "target_speedup": 2.0,
-        "val_loss_tolerance": VAL_LOSS_TOLERANCE,
-        "holds": speedup >= 2.0 and equal_loss,
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        "reached_target": reached,
+        "time_to_loss_ratio": round(time_ratio, 3),
+        "plain_loop_ratio": round(plain_ratio, 3),
+        "targets": {
+            "time_to_loss_ratio": TARGET_TIME_RATIO,
+            "matmul_peak_fraction": TARGET_PEAK_FRACTION,
+            "plain_loop_ratio": TARGET_PLAIN_RATIO,
+        },
+        "holds": {
+            "time_to_loss": reached and time_ratio >= TARGET_TIME_RATIO,
+            "matmul_peak_fraction": fraction >= TARGET_PEAK_FRACTION,
+            "plain_loop": plain_ratio >= TARGET_PLAIN_RATIO,
+        },
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
+    s = result["sides"]
+    r, p, q = s["recipe"], s["pipeline"], s["plain loop"]
+    each = ", ".join
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}%"
+
     rows = [
-        "| settings | micro-batch x accumulation | lr | warm-up | optimizer steps | train s "
-        "| CPU s | supervised tokens/s | vs tutorial | val loss | model GFLOP/s | of matmul peak |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| side | settings | optimizer steps | train s (each run) | all tokens/s "
+        "| supervised tokens/s | val loss | GFLOP/s performed | of matmul peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| recipe | LoRA r 8 q/v, batch 2 x 4, lr 2e-4, one epoch | {r['optimizer_steps']} | "
+        f"{r['seconds']:.1f} ({each(f'{x:.1f}' for x in r['runs_seconds'])}) | "
+        f"{r['tokens_per_s']:.0f} | {r['supervised_tokens_per_s']:.1f} | {r['val_loss']:.4f} | "
+        f"{r['flops_per_s'] / 1e9:.1f} | {pct(r['matmul_peak_fraction'])} |",
+        f"| pipeline | params.yaml, to the recipe's val loss | "
+        f"{each(str(x) for x in p['runs_steps'])} | "
+        f"{p['seconds']:.1f} ({each(f'{x:.1f}' for x in p['runs_seconds'])}) | "
+        f"{p['tokens_per_s']:.0f} | {p['supervised_tokens_per_s']:.1f} | "
+        f"{each(f'{x:.4f}' for x in p['val_loss'])} | {p['flops_per_s'] / 1e9:.1f} | "
+        f"{pct(p['matmul_peak_fraction'])} |",
+        f"| plain loop | pipeline's LoRA, batch, rate; loss at every position | "
+        f"{q['optimizer_steps']} | {q['seconds']:.1f} "
+        f"({each(f'{x:.1f}' for x in q['runs_seconds'])}) | {q['tokens_per_s']:.0f} | | | "
+        f"{q['flops_per_s'] / 1e9:.1f} | "
+        f"{pct(q['matmul_peak_fraction'])} |",
     ]
-    article = result["sides"]["article"]["train_seconds"]
-    for name, s in result["sides"].items():
-        each = f" ({', '.join(f'{x:.1f}' for x in s['runs_seconds'])})"
-        each = each if len(s["runs_seconds"]) > 1 else ""
-        rows.append(
-            f"| {name} | {s['batch_size']} x {s['grad_accum']} | {s['learning_rate']:g} | "
-            f"{s['warmup_ratio']:g} | {s['optimizer_steps']} | {s['train_seconds']:.1f}{each} | "
-            f"{s['train_cpu_seconds']:.1f} | "
-            f"{s['supervised_tokens_per_s']:.1f} | {article / s['train_seconds']:.2f}x | "
-            f"{s['val_loss']:.4f} | {s['model_flops_per_s'] / 1e9:.1f} | "
-            f"{100 * s['matmul_peak_fraction']:.1f}% |"
-        )
     subset = (
         f"the first {result['examples']} of {result['examples_total']} training examples"
         if result["subset"]
         else f"all {result['examples']} training examples"
     )
-    verdict = "PASS" if result["holds"] else "FAIL"
+    h = result["holds"]
+    verdict = {True: "holds", False: "does not hold"}
     return "\n".join(
         [
             *rows,
             "",
-            f"Article and pipeline trained {result['rounds']} times each in ABBA order (train s: "
-            f"the mean, each run's in brackets); "
-            f"{result['epochs']:g} epoch(s) over {subset} ({result['supervised_tokens']:,} "
-            f"supervised of {result['tokens']:,} tokens an epoch) per row, val loss on "
-            f"{result['val_examples']} validation examples; fp32 matmul peak "
-            f"{result['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s; {result['threads']} torch "
-            f"threads, load average {result['loadavg_before'][0]:.2f} before, "
-            f"{result['loadavg_after'][0]:.2f} after; torch {result['torch']}. {verdict}: "
-            f"pipeline {result['speedup']:.2f}x the seed tutorial's tokens/s (target 2x), val loss "
-            f"{result['val_loss_delta']:+.6f} vs the seed tutorial's (equal: within "
-            f"{100 * result['val_loss_tolerance']:g}%)",
+            f"{result['model']}, {subset}; recipe and pipeline {result['rounds']} times each in "
+            f"ABBA order, the plain loop after each pipeline run; val loss on "
+            f"{result['val_examples']} validation examples, the pipeline's every "
+            f"{result['check_every']} steps (pauses excluded from its seconds); fp32 matmul "
+            f"peak {result['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; {result['threads']} "
+            f"torch threads, load average {result['loadavg_before'][0]:.2f} before, "
+            f"{result['loadavg_after'][0]:.2f} after; torch {result['torch']}.",
+            f"Time to the recipe's val loss: {result['time_to_loss_ratio']:.2f}x faster "
+            f"(target {result['targets']['time_to_loss_ratio']:g}x: "
+            f"{verdict[h['time_to_loss']]}); pipeline step at {pct(p['matmul_peak_fraction'])} "
+            f"of the matmul peak (target {pct(result['targets']['matmul_peak_fraction'])}: "
+            f"{verdict[h['matmul_peak_fraction']]}); all-token throughput "
+            f"{result['plain_loop_ratio']:.2f}x the plain loop's (target "
+            f"{result['targets']['plain_loop_ratio']:g}x: {verdict[h['plain_loop']]}).",
         ]
     )
 
@@ -295,33 +510,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     parser.add_argument("--out", default="reports/bench_train.json", help="where to write results")
-    parser.add_argument("--examples", type=int, default=None, help="train on the first N only")
-    parser.add_argument("--epochs", type=float, default=1, help="epochs for every side (1)")
-    parser.add_argument(
-        "--rounds", type=int, default=2, help="tutorial-recipe/pipeline runs each, ABBA order (2)"
-    )
-    parser.add_argument(
-        "--sweep",
-        nargs="*",
-        default=[],
-        metavar="BATCH,ACCUM",
-        help="also time these micro-batch,accumulation settings (with the pipeline's others)",
-    )
+    parser.add_argument("--examples", type=int, default=400, help="the first N (400; 0: all)")
+    parser.add_argument("--rounds", type=int, default=2, help="recipe/pipeline runs each (2)")
+    parser.add_argument("--check-every", type=int, default=3, help="pipeline val loss every N")
+    parser.add_argument("--plain-steps", type=int, default=16, help="plain loop steps (16)")
     args = parser.parse_args(argv)
-    sweep = [tuple(int(x) for x in item.split(",")) for item in args.sweep]
-    if any(len(s) != 2 or min(s) < 1 for s in sweep):
-        parser.error("--sweep takes BATCH,ACCUM pairs of positive integers, e.g. 8,1 16,1")
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
-
-    pairs = [(b, a) for b, a in sweep]
+    if min(args.rounds, args.check_every, args.plain_steps) < 1 or args.examples < 0:
+        parser.error("--rounds, --check-every and --plain-steps must be at least 1")
     try:
         result = measure(
             Path(args.params),
-            examples=args.examples,
-            sweep=pairs,
-            epochs=args.epochs,
+            examples=args.examples or None,
             rounds=args.rounds,
+            check_every=args.check_every,
+            plain_steps=args.plain_steps,
         )
     except FileNotFoundError as exc:
         print(f"bench: error: {exc}", file=sys.stderr)

@@ -78,3 +78,36 @@ def test_extra_adapters_score_as_they_would_alone(tiny_base: Path, tmp_path: Pat
 def test_adapter_names_that_would_clash_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="cannot name an adapter"):
         EvalCfg(**conf_group("eval", adapters={name: "x"}))
+
+
+def test_a_folded_adapter_answers_as_the_unfolded_one(tiny_base: Path, tmp_path: Path) -> None:
+    """The evaluate stage generates with the adapter folded into the weights (faster): the same
+    greedy answers and the same validation loss as computing LoRA's products apart."""
+    from peft import PeftModel
+
+    from lorapipe.evaluation import adapter_folded, completion_loss
+    from lorapipe.generation import generate_with_stops
+
+    tok = load_tokenizer(tiny_base)
+    questions = make_questions(24, seed=7)
+    prompts = [build_prompt(tok, q["instruction"]) for q in questions]
+    val = [
+        {"prompt": p, "completion": q["response"] + tok.eos_token}
+        for p, q in zip(prompts, questions, strict=True)
+    ]
+    adapter = _adapter(tiny_base, tmp_path / "a", seed=1, trained=True)
+    model = PeftModel.from_pretrained(load_base_model(tiny_base, dtype="float32"), str(adapter))
+    base_weight = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    before = base_weight.detach().clone()
+
+    apart, apart_stops = generate_with_stops(model, tok, prompts, batch_size=8, max_new_tokens=12)
+    apart_loss = completion_loss(model, tok, val, batch_size=8)
+    with adapter_folded(model) as folded:
+        assert not torch.equal(base_weight, before)  # folded in: the base layer alone runs
+        answers, stops = generate_with_stops(folded, tok, prompts, batch_size=8, max_new_tokens=12)
+        loss = completion_loss(folded, tok, val, batch_size=8)
+    assert answers == apart and stops == apart_stops
+    assert len(set(answers)) > 1  # the answers say something (a random adapter changes them)
+    assert loss == pytest.approx(apart_loss, rel=1e-5)
+    # Taken out again: the base weights as they were, to rounding.
+    torch.testing.assert_close(base_weight, before, rtol=1e-5, atol=1e-6)

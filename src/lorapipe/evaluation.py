@@ -4,7 +4,8 @@ and each model's completion-only loss on the validation split."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,25 @@ def retain_scores(
     return metrics, rows
 
 
+@contextmanager
+def adapter_folded(model: Any) -> Iterator[Any]:
+    """The active adapter of a PEFT model folded into the base weights for the duration (PEFT's
+    `merge_adapter`), then taken out again (`unmerge_adapter`).
+
+    Unfolded, every adapted layer runs three products (the base's and LoRA's A and B, each tiny
+    and poorly used by the CPU kernels) plus a scale and an add; folded, one. On the default
+    model this makes the adapter's batched generation ~1.3x faster, with the same answers
+    (tests/test_eval_adapters.py; `make bench` compares them on the real test prompts). Taking
+    it out subtracts what was added, which can leave the base weights a rounding error (~1e-7
+    relative) off: the base is always evaluated first, untouched.
+    """
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        model.unmerge_adapter()
+
+
 def run_models(
     cfg: EvalCfg,
     base_dir: Path,
@@ -146,18 +166,21 @@ def run_models(
             model.load_adapter(str(adapters[name]), adapter_name=name)
         if name != "base":
             model.set_adapter(name)
-        outputs[name], stops[name] = generate_with_stops(model, tokenizer, prompts, **gen_kwargs)
-        if val:
-            losses[name] = completion_loss(model, tokenizer, val, batch_size=cfg.batch_size)
-        if retain is not None and name != "base":
-            retain_prompts, max_new_tokens = retain  # greedy, as the base answered them
-            retained[name] = generate_with_stops(
-                model,
-                tokenizer,
-                retain_prompts,
-                batch_size=cfg.batch_size,
-                max_new_tokens=max_new_tokens,
-            )[0]
+        with adapter_folded(model) if name != "base" else nullcontext(model) as folded:
+            outputs[name], stops[name] = generate_with_stops(
+                folded, tokenizer, prompts, **gen_kwargs
+            )
+            if val:
+                losses[name] = completion_loss(folded, tokenizer, val, batch_size=cfg.batch_size)
+            if retain is not None and name != "base":
+                retain_prompts, max_new_tokens = retain  # greedy, as the base answered them
+                retained[name] = generate_with_stops(
+                    folded,
+                    tokenizer,
+                    retain_prompts,
+                    batch_size=cfg.batch_size,
+                    max_new_tokens=max_new_tokens,
+                )[0]
     return outputs, stops, losses, retained
 
 
