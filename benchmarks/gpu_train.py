@@ -31,7 +31,8 @@ path, not the speed), the pipeline's LoRA, and one batch of real examples: the f
 formatted here), padded to the longest, labels on the completions, with the train stage's
 loss (TRL's fused LM head, as SFTTrainer adds it: the output layer projects only the
 supervised positions, `train_memory.pipeline_loss`). Tokens/s counts the real tokens; the
-model FLOPs (`real_step_flops`) count the output layer only where it runs.
+model FLOPs (benchmarks/flops.py `performed_train_flops`) count the real tokens and the output
+layer only where it runs.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from flops import matmul_peak, train_flops
+from flops import matmul_peak, performed_train_flops, train_flops
 from output import publish
 from shapes import build_random_base
 
@@ -153,22 +154,6 @@ def time_variant(
     }
 
 
-def real_step_flops(model: Any, batch: dict[str, Any], compact: bool) -> float:
-    """Model FLOPs of one training step on a `real_batch` with the train stage's loss: as
-    benchmarks/flops.py `train_flops` over the real (non-padding) tokens, but the output layer
-    (H weights) only where it runs: at the scored positions (labels[1:] not -100) when the fused
-    head is `compact`, else at every position. Per sequence: l * (4(F - H) + 6R) + 4H * s
-    + 12 * layers * d * l^2."""
-    head = model.get_base_model().get_output_embeddings()
-    weights = int(head.in_features * head.out_features)
-    lengths = batch["lengths"]
-    flops = train_flops(model, lengths)
-    if compact:
-        scored = sum(label != -100 for row in batch["labels"] for label in row[1:])
-        flops -= 4 * weights * (sum(lengths) - scored)
-    return flops
-
-
 def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str, Any]:
     """The real default model (`paths.base`) per variant: loaded as the train stage loads it,
     the pipeline's LoRA, the first `--real-batch` training examples as one padded batch, the
@@ -210,7 +195,9 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
             autocast=dtype == "bfloat16",
         )
         seconds = run["seconds"]
-        flops = real_step_flops(model, batch, compact) * args.steps
+        flops = args.steps * performed_train_flops(
+            model, batch["lengths"], batch["supervised"], head_everywhere=not compact
+        )
         results[variant] = {  # 4 significant digits: on a CPU these are small numbers
             "seconds_per_step": float(f"{seconds / args.steps:.4g}"),
             "tokens_per_s": float(f"{tokens * args.steps / seconds:.4g}"),

@@ -110,27 +110,6 @@ def test_gpu_script_runs_the_real_model_on_cpu(
         assert ratio == pytest.approx(r["model_flops_per_token"], rel=1e-3)
 
 
-def test_real_step_flops_count_the_output_layer_only_where_it_runs(
-    benchmarks: None, tiny_base: Path
-) -> None:
-    from flops import train_flops
-    from gpu_train import real_step_flops
-    from peft import LoraConfig, get_peft_model
-
-    from lorapipe.models import load_base_model
-
-    model = get_peft_model(
-        load_base_model(tiny_base),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"),
-    )
-    h, vocab = model.config.hidden_size, model.config.vocab_size
-    # Two sequences of 5 and 3 real tokens (padded to 5), 2 and 1 labelled tokens.
-    batch = {"lengths": [5, 3], "labels": [[-100, -100, -100, 7, 8], [-100, -100, 9, -100, -100]]}
-    full = train_flops(model, [5, 3])
-    assert real_step_flops(model, batch, compact=False) == full
-    assert real_step_flops(model, batch, compact=True) == full - 4 * h * vocab * (8 - 3)
-
-
 def test_memory_benchmark_measures_a_real_model_step_in_its_own_process(
     benchmarks: None, real_params: Path, smol_base: Path, tmp_path: Path
 ) -> None:
