@@ -71,3 +71,35 @@ def test_gpu_script_rejects_a_zero_step_count(benchmarks: None) -> None:
     with pytest.raises(SystemExit) as exc:
         parse_args(["--steps", "0"])
     assert exc.value.code == 2
+
+
+def test_performed_flops_count_the_output_layer_where_it_runs(
+    benchmarks: None, tiny_base: Path
+) -> None:
+    from flops import generation_flops, lm_head_weights, performed_train_flops, train_flops
+    from peft import LoraConfig, get_peft_model
+
+    from lorapipe.models import load_base_model
+
+    model = get_peft_model(
+        load_base_model(tiny_base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    c = model.config
+    head = c.hidden_size * c.vocab_size
+    assert lm_head_weights(model) == head
+    lengths, supervised = [5, 9], [2, 3]
+    everywhere = performed_train_flops(model, lengths, supervised, head_everywhere=True)
+    assert everywhere == train_flops(model, lengths)
+    # Only at the 5 supervised positions instead of all 14: 9 positions x 4H fewer.
+    compact = performed_train_flops(model, lengths, supervised, head_everywhere=False)
+    assert everywhere - compact == 4 * head * (14 - 5)
+
+    # Generation: a prompt of 3 tokens and 3 new tokens = a prefill (output layer once) and two
+    # one-token passes attending over 4 and 5 positions.
+    h, i, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    weights = layers * (4 * h * h + 3 * h * i) + head + layers * 2 * 4 * (h + h)
+    prefill = 2 * (weights - head) * 3 + 2 * head + 4 * layers * h * 9
+    decode = sum(2 * weights + 4 * layers * h * kv for kv in (4, 5))
+    assert generation_flops(model, [3], [3]) == prefill + decode
+    assert generation_flops(model, [3], [1]) == prefill  # the first token comes from the prefill
