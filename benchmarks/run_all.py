@@ -133,6 +133,23 @@ def _memory_targets(r: dict[str, Any]) -> list[Row]:
             f"{v['fp32']['peak_rss_mib']:.0f} MiB; anonymous memory {100 * r['anon_ratio']:.1f}%)",
             f"<= {100 * r['bound']:.0f}%",
             bool(r["within_bound"]),
+        ),
+        *_real_memory_rows(r.get("real_model")),
+    ]
+
+
+def _real_memory_rows(real: dict[str, Any] | None) -> list[Row]:
+    if not real or "variants" not in real:
+        return []
+    v = real["variants"]
+    return [
+        (
+            f"{real['model']} training step (batch {real['batch']} x {real['seq_len']} tokens): "
+            "peak RSS, LoRA fp32 / QLoRA nf4",
+            f"{v['lora-fp32']['peak_rss_mib']:.0f} / {v['qlora-nf4']['peak_rss_mib']:.0f} MiB "
+            f"({100 * real['ratio']:.1f}%)",
+            "(reported)",
+            None,
         )
     ]
 
@@ -147,7 +164,13 @@ def _gpu_targets(r: dict[str, Any]) -> list[Row]:
             "(reported)",
             None,
         )
-        for name, v in r["variants"].items()
+        for name, v in {
+            **r["variants"],
+            **{
+                f"{k} (default model)": x
+                for k, x in r.get("real_model", {}).get("variants", {}).items()
+            },
+        }.items()
     ]
 
 
