@@ -19,7 +19,9 @@ with `lorapipe.evaluation.completion_loss` (the evaluate stage's):
   seconds for its epoch.
 - plain loop: the twenty lines anyone could write (peft model with the pipeline's LoRA, the
   model's own loss over every position, backward, AdamW on the LoRA weights), same batch size,
-  rate and examples (shuffled, padded to the longest), `--plain-steps` steps.
+  rate and examples (shuffled, padded to the longest), `--plain-steps` steps after an untimed
+  first. Its all-token throughput is set against the pipeline's steady state (its steps after
+  the first, at the mean example length).
 
 The recipe and the pipeline run `--rounds` times each in ABBA order (recipe, pipeline, pipeline,
 recipe, ...), the plain loop after each pipeline run, so a machine that speeds up or slows down
@@ -126,11 +128,18 @@ class ValidationClock(TrainerCallback):
         self.started = self.paused = 0.0
         self.curve: list[dict[str, float]] = []
         self.reached: dict[str, float] | None = None
+        self.step_seconds: list[float] = []
+        self.step_started = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started, self.paused = time.perf_counter(), 0.0
+        self.step_seconds = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step_started = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step_seconds.append(time.perf_counter() - self.step_started)
         if state.global_step % self.every:
             return
         from lorapipe.evaluation import completion_loss
@@ -182,6 +191,7 @@ def train_side(
     }
     if clock is not None:
         out["curve"] = clock.curve
+        out["step_seconds"] = [round(x, 3) for x in clock.step_seconds]
         out["reached"] = clock.reached
         out["val_loss"] = clock.curve[-1]["val_loss"] if clock.curve else None
     else:
@@ -383,7 +393,10 @@ def summarise(
     steps = [r["reached"]["step"] if r["reached"] else r["optimizer_steps"] for r in pipeline]
     pipeline_examples = _mean([s * batch for s in steps])
     pipeline_flops = pipeline_flops_per_example * pipeline_examples
-    pipeline_tokens_per_s = tokens_per_example * pipeline_examples / pipeline_s
+    # All-token throughput in steady state, as the plain loop's: every step but the first (which
+    # pays the trainer's and the optimizer's set-up), batches of the mean example length.
+    steady = [sum(r["step_seconds"][1:]) / max(len(r["step_seconds"]) - 1, 1) for r in pipeline]
+    pipeline_tokens_per_s = tokens_per_example * batch / _mean(steady)
     plain_tokens_per_s = _mean([p["tokens_per_s"] for p in plain])
     plain_flops_per_s = _mean([p["flops"] / p["seconds"] for p in plain])
     examples = extra["examples"]
@@ -409,6 +422,7 @@ def summarise(
             ],
             "curves": [r["curve"] for r in pipeline],
             "tokens_per_s": round(pipeline_tokens_per_s, 1),
+            "steady_step_seconds": [round(x, 3) for x in steady],
             "supervised_tokens_per_s": round(
                 supervised_per_example * pipeline_examples / pipeline_s, 1
             ),
@@ -512,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/bench_train.json", help="where to write results")
     parser.add_argument("--examples", type=int, default=400, help="the first N (400; 0: all)")
     parser.add_argument("--rounds", type=int, default=2, help="recipe/pipeline runs each (2)")
-    parser.add_argument("--check-every", type=int, default=3, help="pipeline val loss every N")
+    parser.add_argument("--check-every", type=int, default=2, help="pipeline val loss every N")
     parser.add_argument("--plain-steps", type=int, default=16, help="plain loop steps (16)")
     args = parser.parse_args(argv)
     if min(args.rounds, args.check_every, args.plain_steps) < 1 or args.examples < 0:
