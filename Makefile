@@ -27,7 +27,7 @@ repro: setup           ## run the pipeline: only stages whose inputs changed re-
 test: setup            ## the whole test suite (a few minutes on 2 cores)
 	$(PY) -m pytest
 
-bench: setup           ## all benchmarks (<= 15 min on 2 cores): reports/bench.json + reports/bench.md
+bench: setup           ## all benchmarks on the default model (<= 20 min on 2 cores): reports/bench.{json,md}
 	$(PY) benchmarks/run_all.py
 
 lint: setup
