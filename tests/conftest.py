@@ -4,7 +4,10 @@ pyqa splits for it, and params shrunk for training tests."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -125,13 +128,56 @@ def smol_tokenizer(smol_base: Path) -> object:
     return load_tokenizer(smol_base)
 
 
+# A hub token planted in the environment of the pipeline runs that test_reliability searches
+# afterwards (it must reach no file they wrote). Unique, token-shaped, and never a real token.
+FAKE_TOKEN = "hf_" + "PlantedByLorapipeTests" + "x9Q2r7Lk4mZt8"
+
+
+@contextmanager
+def planted(caches: Path) -> Iterator[None]:
+    """FAKE_TOKEN in HF_TOKEN (and the legacy name), the hub's and DVC's machine-wide caches
+    moved under `caches` (so they get searched too)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", FAKE_TOKEN)
+        mp.setenv("HUGGING_FACE_HUB_TOKEN", FAKE_TOKEN)
+        mp.setenv("HF_HOME", str(caches / "hf"))
+        mp.setenv("DVC_SITE_CACHE_DIR", str(caches / "dvc-site"))
+        yield
+
+
 @pytest.fixture(scope="session")
-def repro_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def planted_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder the planted runs use as HF_HOME and DVC's site cache."""
+    return tmp_path_factory.mktemp("caches")
+
+
+@dataclass
+class Run:
+    project: Path
+    output: str
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory: pytest.TempPathFactory, planted_caches: Path) -> Run:
     """A git + DVC copy of the tracked tree, composed with the shrunken config (test_pipeline's
-    SMALL) and run once by `dvc repro`. test_pipeline.py changes it; others copy it first."""
+    SMALL), with an untracked file (a dirty tree, as a working copy usually is), run once from
+    scratch by `dvc repro` with the hub token planted. Never changed afterwards: tests that
+    change a project copy it (`repro_project`); test_reliability compares a second clean run
+    with it and searches it for the token."""
     from tests.test_pipeline import STAGES, copy_project, ran, sh, shrink
 
-    dest = shrink(copy_project(tmp_path_factory.mktemp("project")))
-    out = sh(dest, "dvc", "repro")
-    assert ran(out) == STAGES, out
+    project = shrink(copy_project(tmp_path_factory.mktemp("run-a")))
+    (project / "scratch.txt").write_text("notes of run-a\n")
+    with planted(planted_caches):
+        output = sh(project, "dvc", "repro")
+    assert ran(output) == STAGES, output
+    return Run(project, output)
+
+
+@pytest.fixture(scope="session")
+def repro_project(first_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `first_run`'s project, as `dvc repro` left it. test_pipeline.py changes it;
+    others copy it first."""
+    dest = tmp_path_factory.mktemp("project") / "project"
+    shutil.copytree(first_run.project, dest, symlinks=True)
     return dest

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil  # a DVC dependency
@@ -28,55 +27,43 @@ import yaml
 
 from lorapipe.io import atomic_dir
 from lorapipe.params import write_params
+from tests.conftest import FAKE_TOKEN, Run, planted
 from tests.test_pipeline import copy_project, ran, sh, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("base", "references@train", "references@eval", "prepare", "format", "train", "evaluate")
 STAGES += ("merge",)
-# Unique, token-shaped, and never a real token.
-FAKE_TOKEN = "hf_" + "PlantedByLorapipeTests" + "x9Q2r7Lk4mZt8"
 
 
 @pytest.fixture(scope="module")
-def planted_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def planted_env(planted_caches: Path) -> Iterator[Path]:
     """The fake token in HF_TOKEN (and the legacy name) for every command of this module, the
-    hub's and DVC's machine-wide caches moved under one folder (so they get searched too)."""
-    caches = tmp_path_factory.mktemp("caches")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_TOKEN", FAKE_TOKEN)
-        mp.setenv("HUGGING_FACE_HUB_TOKEN", FAKE_TOKEN)
-        mp.setenv("HF_HOME", str(caches / "hf"))
-        mp.setenv("DVC_SITE_CACHE_DIR", str(caches / "dvc-site"))
-        yield caches
+    hub's and DVC's machine-wide caches moved under one folder (so they get searched too): the
+    folder conftest's `first_run` ran with."""
+    with planted(planted_caches):
+        yield planted_caches
 
 
 def fresh(dest: Path) -> Path:
     return shrink(copy_project(dest))
 
 
-@dataclass
-class Run:
-    project: Path
-    output: str
-
-
 @pytest.fixture(scope="module")
-def clean_runs(tmp_path_factory: pytest.TempPathFactory, planted_env: Path) -> list[Run]:
+def clean_runs(
+    first_run: Run, tmp_path_factory: pytest.TempPathFactory, planted_env: Path
+) -> list[Run]:
     """Two copies of the project, each run from scratch (`dvc repro`) with the token planted:
     at two different commits that change no stage's code, each with an untracked file (a dirty
-    tree, as a working copy usually is)."""
-    runs = []
-    for name in ("run-a", "run-b"):
-        project = fresh(tmp_path_factory.mktemp(name))
-        (project / "scratch.txt").write_text(f"notes of {name}\n")
-        if name == "run-b":
-            with (project / "README.md").open("a") as readme:
-                readme.write("\nA later commit that changes no stage.\n")
-            sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "doc")
-        output = sh(project, "dvc", "repro")
-        assert ran(output) == set(STAGES), output
-        runs.append(Run(project, output))
-    return runs
+    tree, as a working copy usually is). The first is conftest's `first_run` (which the other
+    pipeline tests copy); the second runs here, one commit later."""
+    project = fresh(tmp_path_factory.mktemp("run-b"))
+    (project / "scratch.txt").write_text("notes of run-b\n")
+    with (project / "README.md").open("a") as readme:
+        readme.write("\nA later commit that changes no stage.\n")
+    sh(project, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "doc")
+    output = sh(project, "dvc", "repro")
+    assert ran(output) == set(STAGES), output
+    return [first_run, Run(project, output)]
 
 
 def locked_outs(project: Path) -> dict[str, dict[str, str]]:
