@@ -191,6 +191,11 @@ def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
     from tests.test_pipeline import STAGES, copy_project, ran, sh
 
     project = copy_project(tmp_path / "project")
+    # The first few questions of each retain part: the base answers all of them (references)
+    # and evaluate scores the adapter on the eval part, at the real model's cost per prompt.
+    for part, rows in (("train", 8), ("eval", 6)):
+        path = project / "data" / "retain" / f"{part}.jsonl"
+        path.write_text("".join(path.read_text().splitlines(keepends=True)[:rows]))
     small = [
         "data.split_counts={train: 24, val: 4, test: 6}",
         "train.max_steps=3",
@@ -207,6 +212,7 @@ def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
     assert json.loads((base / "pin.json").read_text())["sha256"] == SMOLLM2["sha256"]
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     assert metrics["examples"] == 6 and set(metrics) >= {"base", "adapter", "retain"}
+    assert metrics["retain"]["examples"] == 6
     assert metrics["base"]["exact_match"] == 0.0  # it explains instead of answering
     merge = json.loads((project / "reports" / "merge.json").read_text())
     assert merge["passed"] and merge["adapter_max_abs_logit_effect"] > 0
