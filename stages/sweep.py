@@ -1,8 +1,8 @@
 """Sweep (not a DVC stage): train + evaluate one member per Hydra multirun job.
 
 python -m stages.sweep -m lora.r=4,8 lora.alpha=8,16
-Other launchers (conf/hydra/launcher/): hydra/launcher=local_parallel (joblib: members side by
-side on this machine), submitit_local, slurm, ray_local.
+python -m stages.sweep -m lora.r=4,8 hydra/launcher=local_parallel   # members side by side
+Other launchers (conf/hydra/launcher/): submitit_local, slurm, ray_local.
 
 Members start from params.yaml as it stands (its values, then each member's overrides on
 conf/; group choices such as lora=llama_all work) and reuse the formatted data and base model

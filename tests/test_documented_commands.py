@@ -231,7 +231,10 @@ CHECKS: dict[str, Check] = {
     ),
 }
 # Hydra multirun (its own process): the members that must have completed.
-SWEEPS = {"python -m stages.sweep -m lora.r=4,8 lora.alpha=8,16": 4}
+SWEEPS = {
+    "python -m stages.sweep -m lora.r=4,8 lora.alpha=8,16": 4,
+    "python -m stages.sweep -m lora.r=4,8 hydra/launcher=local_parallel": 2,
+}
 GGUF_REFUSED = "merge: error: merge.gguf: models/base cannot be exported to GGUF: a BPE tokenizer"
 EXIT = {"python -m stages.merge 'merge.gguf=[f16,q8_0]'": 2, "python -m stages.merge merge=gguf": 2}
 STDIN = "What does `len('ab')` return?\n/quit\n"
