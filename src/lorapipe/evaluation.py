@@ -12,7 +12,7 @@ from typing import Any
 from lorapipe.config import EvalCfg
 from lorapipe.errors import PipelineError
 from lorapipe.formatting import common_prefix_length
-from lorapipe.generation import generate_with_stops
+from lorapipe.generation import PREFILL_TOKENS, generate_with_stops
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.scoring import score
 
@@ -44,8 +44,13 @@ def completion_loss(
     total, tokens = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for first in range(0, len(encoded), batch_size):
-            batch = encoded[first : first + batch_size]
+        first = 0
+        while first < len(encoded):
+            # At most `batch_size` examples and about PREFILL_TOKENS tokens a pass: the logits
+            # of every position are kept (49,152 floats each on SmolLM2).
+            width = len(encoded[min(first + batch_size, len(encoded)) - 1][0])  # sorted
+            batch = encoded[first : first + max(1, min(batch_size, PREFILL_TOKENS // width))]
+            first += len(batch)
             width = max(len(ids) for ids, _ in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
