@@ -178,6 +178,10 @@ def kill_during(project: Path, stage: str, pattern: str, delay: float, how: str)
         return True
     finally:
         proc.wait(timeout=120)
+        # A whole job killed while DVC stages a file in git (core.autostage) leaves git's own
+        # lock behind, and every later git write refuses until it goes, as git's message says:
+        # the user's step after a crash, not the pipeline's to take.
+        (project / ".git" / "index.lock").unlink(missing_ok=True)
 
 
 @pytest.mark.slow
