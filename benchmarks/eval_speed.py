@@ -1,6 +1,6 @@
 """Evaluation speed: a tutorial's one-prompt-at-a-time sampling vs the pipeline's batched greedy.
 
-make bench                                   # the first 64 test prompts, reports/bench_eval.json
+make bench                                   # runs this: the first 128 test prompts
 python benchmarks/eval_speed.py --limit 16 --out /tmp/bench_eval.json
 
 Both ways run in this one process on the test split (`<paths.formatted>/test.jsonl`), first with
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     parser.add_argument("--out", default="reports/bench_eval.json", help="where to write results")
-    parser.add_argument("--limit", type=int, default=64, help="the first N prompts (64; 0: all)")
+    parser.add_argument("--limit", type=int, default=128, help="the first N prompts (128; 0: all)")
     parser.add_argument("--temperature", type=float, default=0.7, help="the tutorial's (0.7)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args(argv)

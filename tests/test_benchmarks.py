@@ -1,4 +1,5 @@
-"""The training benchmarks' own logic: the FLOP count, and the GPU script's code path on CPU."""
+"""The benchmarks' own logic: the FLOP counts, the GPU script's code path on CPU, and the speed
+benchmarks run small on the tiny pipeline."""
 
 from __future__ import annotations
 
@@ -103,3 +104,66 @@ def test_performed_flops_count_the_output_layer_where_it_runs(
     decode = sum(2 * weights + 4 * layers * h * kv for kv in (4, 5))
     assert generation_flops(model, [3], [3]) == prefill + decode
     assert generation_flops(model, [3], [1]) == prefill  # the first token comes from the prefill
+
+
+def ratio_of_rounded(ratio: float, num: float, den: float, *, step: float) -> bool:
+    """Whether `ratio` (of unrounded figures, itself rounded to 2 places) can be num / den, the
+    two given rounded to `step`."""
+    half = step / 2
+    return (num - half) / (den + half) - 0.01 <= ratio <= (num + half) / (den - half) + 0.01
+
+
+@pytest.mark.slow
+def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
+    benchmarks: None, repro_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make bench`'s training and evaluation scripts, on a copy of the shrunken tiny pipeline
+    (its base, formatted data and adapter), as small as they go: every side runs and is timed,
+    the target verdicts follow from the figures, and folding the adapter changes no answer."""
+    import shutil
+
+    import eval_speed
+    import train_speed
+
+    project = tmp_path / "project"
+    shutil.copytree(repro_project, project, symlinks=True)
+    monkeypatch.chdir(project)
+    out = tmp_path / "eval.json"
+    assert eval_speed.main(["--limit", "3", "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["examples"] == 3 and ev["examples_total"] > 3
+    for name in ("base", "adapter"):
+        model = ev["models"][name]
+        assert model["tutorial"]["seconds"] > 0 and model["pipeline"]["flops"] > 0
+        seconds = model["tutorial"]["seconds"], model["pipeline"]["seconds"]
+        assert ratio_of_rounded(model["speedup"], *seconds, step=0.001)
+    stage = ev["models"]["adapter"]["stage"]
+    assert stage["examples"] == ev["examples_total"]
+    assert stage["same_answers_unfolded"] == stage["examples"]
+    assert ev["holds"]["base_speedup"] == (ev["models"]["base"]["speedup"] >= 10)
+    assert ev["holds"]["adapter_peak_fraction"] == (stage["matmul_peak_fraction"] >= 0.5)
+
+    out = tmp_path / "train.json"
+    args = ["--examples", "24", "--rounds", "1", "--plain-steps", "2", "--out", str(out)]
+    assert train_speed.main(args) == 0
+    tr = json.loads(out.read_text())
+    recipe, pipeline, plain = (tr["sides"][s] for s in ("recipe", "pipeline", "plain loop"))
+    assert tr["examples"] == 24 and recipe["optimizer_steps"] == 3  # 24 / (2 x 4), one epoch
+    assert tr["target_val_loss"] == pytest.approx(recipe["val_loss"], abs=1e-6)
+    assert tr["reached_target"] and max(pipeline["val_loss"]) <= tr["target_val_loss"]
+    assert plain["optimizer_steps"] == 2
+    for side in (recipe, pipeline, plain):
+        assert side["seconds"] > 0 and side["tokens_per_s"] > 0
+        assert side["matmul_peak_fraction"] == pytest.approx(
+            side["flops_per_s"] / tr["matmul_peak_flops_per_s"], abs=1e-3
+        )
+    assert tr["time_to_loss_ratio"] == pytest.approx(
+        recipe["seconds"] / pipeline["seconds"], rel=0.05
+    )
+    ratio = pipeline["tokens_per_s"] / plain["tokens_per_s"]
+    assert tr["plain_loop_ratio"] == pytest.approx(ratio, rel=0.01)
+    assert tr["holds"] == {
+        "time_to_loss": tr["time_to_loss_ratio"] >= 3,
+        "matmul_peak_fraction": pipeline["matmul_peak_fraction"] >= 0.6,
+        "plain_loop": tr["plain_loop_ratio"] >= 1.2,
+    }
