@@ -57,6 +57,9 @@ def test_a_batch_prefilled_in_chunks_generates_what_one_pass_does(
             a, b = getattr(chunked, kind), getattr(full, kind)  # [rows, heads, tokens, dim]
             assert torch.allclose(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5)
     assert generate(model, tok, prompts, batch_size=24, max_new_tokens=12) == one_pass
+    one_token = mask.clone()
+    one_token[0, :-1] = 0  # a prompt of one token leaves nothing to fill: generate fills it
+    assert generation._prefilled(model, ids, one_token) is None
 
 
 def test_the_output_layer_on_a_contiguous_input_gives_the_same_logits(tiny_base: Path) -> None:

@@ -124,7 +124,7 @@ def _prefilled(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
 
     rows, width = input_ids.shape
     per_pass = max(1, PREFILL_TOKENS // width)
-    if rows <= per_pass or width < 2:
+    if rows <= per_pass or int(mask.sum(dim=1).min()) < 2:  # a chunk needs a token to fill
         return None
     try:
         layout = DynamicCache(config=model.config)
