@@ -157,9 +157,8 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
         assert side["matmul_peak_fraction"] == pytest.approx(
             side["flops_per_s"] / tr["matmul_peak_flops_per_s"], abs=1e-3
         )
-    assert tr["time_to_loss_ratio"] == pytest.approx(
-        recipe["seconds"] / pipeline["seconds"], rel=0.05
-    )
+    seconds = recipe["seconds"], pipeline["seconds"]
+    assert ratio_of_rounded(tr["time_to_loss_ratio"], *seconds, step=0.01)
     ratio = pipeline["tokens_per_s"] / plain["tokens_per_s"]
     assert tr["plain_loop_ratio"] == pytest.approx(ratio, rel=0.01)
     assert tr["holds"] == {

@@ -48,8 +48,8 @@ def completion_loss(
         while first < len(encoded):
             # At most `batch_size` examples and about PREFILL_TOKENS tokens a pass: the logits
             # of every position are kept (49,152 floats each on SmolLM2).
-            width = len(encoded[min(first + batch_size, len(encoded)) - 1][0])  # sorted
-            batch = encoded[first : first + max(1, min(batch_size, PREFILL_TOKENS // width))]
+            longest = len(encoded[min(first + batch_size, len(encoded)) - 1][0])  # sorted
+            batch = encoded[first : first + max(1, min(batch_size, PREFILL_TOKENS // longest))]
             first += len(batch)
             width = max(len(ids) for ids, _ in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
