@@ -78,3 +78,43 @@ def test_the_output_layer_on_a_contiguous_input_gives_the_same_logits(tiny_base:
             contiguous = model(**enc, logits_to_keep=1).logits
     assert strided.shape == contiguous.shape == (6, 1, model.config.vocab_size)
     assert torch.allclose(strided, contiguous, atol=1e-5)
+
+
+def test_rows_that_end_leave_the_batch_and_the_rest_decode_as_in_one_call(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_decode` ends each `generate` call once half of its rows have ended and goes on with
+    the rest alone (their tokens and their part of the cache): every row gets the tokens one
+    `generate` call over the whole batch gives it. The tiny model never makes its EOS, so a
+    token it makes mid-answer in about half of the rows stands in for it."""
+    import torch
+
+    from lorapipe import generation
+
+    tok = load_tokenizer(tiny_base)
+    model = load_base_model(tiny_base, dtype="float32").eval()
+    tok.padding_side = "left"
+    prompts = [build_prompt(tok, r["instruction"]) for r in make_questions(24, seed=5)]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ids, mask, width = enc["input_ids"], enc["attention_mask"], enc["input_ids"].shape[1]
+    eos = tok.convert_tokens_to_ids("q")  # made by 13 of the 24 rows, first after 6-11 tokens
+    greedy = {"do_sample": False, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        whole = model.generate(**enc, max_new_tokens=12, eos_token_id=eos, **greedy)[:, width:]
+    ended = (whole == eos).any(dim=1)
+    assert 8 <= int(ended.sum()) <= 16  # some rows end early, some run to the cap
+    calls: list[int] = []
+    real = model.generate
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(len(kwargs["input_ids"]))  # type: ignore[arg-type]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", counted)
+    with torch.no_grad():
+        rows = generation._decode(model, ids, mask, None, max_new_tokens=12, eos=eos, **greedy)
+    assert calls[0] == 24 and len(calls) >= 2 and calls[-1] <= 12  # the batch shrank
+    for got, want, end in zip(rows, whole, ended, strict=True):
+        n = int((want == eos).nonzero()[0]) + 1 if end else 12
+        assert got[:n].tolist() == want[:n].tolist()
+        assert len(got) <= 12 and set(got[n:].tolist()) <= {tok.pad_token_id}
