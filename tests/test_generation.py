@@ -50,7 +50,7 @@ def test_a_batch_prefilled_in_chunks_generates_what_one_pass_does(
     with torch.no_grad():
         whole = model(
             input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions
-        ).past_key_values
+        ).cache
     real = mask[:, :-1].bool()
     for chunked, full in zip(cache.layers, whole.layers, strict=True):
         for kind in ("keys", "values"):

@@ -125,14 +125,14 @@ def _decode(
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=budget,
             stopping_criteria=stop,
             eos_token_id=eos,
             return_dict_in_generate=True,
             **kwargs,
         )
-        seqs, cache = out.sequences, out.past_key_values
+        seqs, cache = out.sequences, out.cache
         made = seqs.shape[1] - ids.shape[1]
         budget -= made
         finished = (seqs[:, width:] == eos).any(dim=1) | (budget <= 0)
@@ -213,11 +213,11 @@ def _prefilled(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
             input_ids=ids,
             attention_mask=part,
             position_ids=positions,
-            past_key_values=DynamicCache(config=model.config),
+            cache=DynamicCache(config=model.config),
             use_cache=True,
             logits_to_keep=1,
         )
-        chunks.append((lead, out.past_key_values))
+        chunks.append((lead, out.cache))
     pad = torch.nn.functional.pad
     merged = [
         tuple(
