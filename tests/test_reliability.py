@@ -135,7 +135,7 @@ KILL_POINTS = [
     ("prepare", "data/prepared", 0.0, "stage"),  # splits swapped in, report maybe not yet
     ("format", "data/.tmp-formatted-*", 0.0, "stage"),
     ("format", "data/formatted", 0.0, "group"),  # before format.json and the length plots
-    ("train", "models/.tmp-adapter-*", 3.0, "stage"),  # mid-training
+    ("train", "models/.tmp-adapter-*", 1.0, "stage"),  # mid-training
     ("train", "models/adapter", 0.0, "group"),  # adapter in place, train.json not yet
     ("evaluate", "reports/predictions.jsonl", 0.0, "stage"),  # before metrics and report
     ("merge", "models/.tmp-merged-*", 0.0, "group"),
@@ -172,10 +172,16 @@ def kill_during(project: Path, stage: str, pattern: str, delay: float, how: str)
         time.sleep(delay)
         if how == "group":
             os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-        return True
+            return True
+        hit = False
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:  # a stage that has ended is not hit
+                    child.kill()
+                    hit = True
+            except psutil.NoSuchProcess:
+                continue
+        return hit  # False: the stage ended between its file appearing and the kill
     finally:
         proc.wait(timeout=120)
         # A whole job killed while DVC stages a file in git (core.autostage) leaves git's own
