@@ -3,7 +3,7 @@
 python benchmarks/train_speed.py                     # writes reports/bench_train.json
 python benchmarks/train_speed.py --examples 160 --rounds 1 --out /tmp/t.json   # a quick look
 
-Three sides, one process, the same base (`paths.base`) and the same examples (the first
+Three sides, the same base (`paths.base`) and the same examples (the first
 `--examples` of `paths.formatted`/train.jsonl), validation loss always on the whole val split
 with `lorapipe.evaluation.completion_loss` (the evaluate stage's):
 
@@ -20,7 +20,10 @@ with `lorapipe.evaluation.completion_loss` (the evaluate stage's):
 - plain loop: the twenty lines anyone could write (peft model with the pipeline's LoRA, the
   model's own loss over every position, backward, AdamW on the LoRA weights), same batch size,
   rate and examples (shuffled, padded to the longest), `--plain-steps` steps after an untimed
-  first. Its all-token throughput is set against the pipeline's steady state (its steps after
+  first, each time in a fresh Python process (`--plain-only`): glibc's allocator as a user's
+  script has it, where the trainer in this process keeps freed memory for reuse
+  (`lorapipe.runtime.keep_freed_memory`, one of the train stage's levers, process-wide once
+  set). Its all-token throughput is set against the pipeline's steady state (its steps after
   the first, at the mean example length).
 
 The recipe and the pipeline run `--rounds` times each in ABBA order (recipe, pipeline, pipeline,
@@ -37,9 +40,11 @@ pipeline), over real tokens only, per second of training, as a fraction of the f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -268,6 +273,30 @@ def plain_loop(
     }
 
 
+def plain_loop_apart(params_file: Path, examples: int | None, steps: int) -> dict[str, Any]:
+    """`plain_loop` run by `--plain-only` in a fresh Python process, its result."""
+    command = [sys.executable, __file__, "--plain-only", "--params", str(params_file)]
+    command += ["--examples", str(examples or 0), "--plain-steps", str(steps)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the plain loop's process failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def plain_only(params_file: Path, examples: int | None, steps: int) -> dict[str, Any]:
+    """The plain loop alone, on the pipeline's settings (this process's share of
+    `plain_loop_apart`)."""
+    from lorapipe.io import read_jsonl
+
+    raw = yaml.safe_load(params_file.read_text())
+    base, formatted = Path(raw["paths"]["base"]), Path(raw["paths"]["formatted"])
+    every = read_jsonl(formatted / "train.jsonl")
+    train = every[:examples] if examples else every
+    with tempfile.TemporaryDirectory(prefix="bench-plain-") as tmp:
+        params = bench_params(raw, Path(tmp) / "pipeline")
+        return plain_loop(params, base, train, steps, raw["train"]["seed"])
+
+
 def measure(
     params_file: Path,
     *,
@@ -322,9 +351,7 @@ def measure(
                 clock = ValidationClock(tokenizer, val, check_every, target)
                 run = train_side(f"{i}_pipeline", pipeline_params, base, train, val, work, clock)
                 print("bench: plain loop ...", file=sys.stderr, flush=True)
-                runs["plain loop"].append(
-                    plain_loop(pipeline_params, base, train, plain_steps, raw["train"]["seed"])
-                )
+                runs["plain loop"].append(plain_loop_apart(params_file, examples, plain_steps))
             runs[name].append(run)
         models = {
             side: get_peft_model(load_base_model(base), lora_config(p))
@@ -503,7 +530,8 @@ def markdown(result: dict[str, Any]) -> str:
             *rows,
             "",
             f"{result['model']}, {subset}; recipe and pipeline {result['rounds']} times each in "
-            f"ABBA order, the plain loop after each pipeline run; val loss on "
+            f"ABBA order, the plain loop after each pipeline run, in a fresh process (glibc's "
+            f"allocator defaults); val loss on "
             f"{result['val_examples']} validation examples, the pipeline's every "
             f"{result['check_every']} steps (pauses excluded from its seconds); fp32 matmul "
             f"peak {result['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; {result['threads']} "
@@ -528,9 +556,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="recipe/pipeline runs each (2)")
     parser.add_argument("--check-every", type=int, default=2, help="pipeline val loss every N")
     parser.add_argument("--plain-steps", type=int, default=16, help="plain loop steps (16)")
+    parser.add_argument(
+        "--plain-only", action="store_true", help="only the plain loop; its result (JSON) on stdout"
+    )
     args = parser.parse_args(argv)
     if min(args.rounds, args.check_every, args.plain_steps) < 1 or args.examples < 0:
         parser.error("--rounds, --check-every and --plain-steps must be at least 1")
+    if args.plain_only:
+        print(json.dumps(plain_only(Path(args.params), args.examples or None, args.plain_steps)))
+        return 0
     try:
         result = measure(
             Path(args.params),
