@@ -206,6 +206,44 @@ def test_kept_freed_memory_serves_the_next_block_without_page_faults(
         assert faults > pages // 2, faults
 
 
+SAME_STEP = """
+import sys, torch
+from pathlib import Path
+from lorapipe.models import load_base_model
+from lorapipe.runtime import keep_freed_memory
+if sys.argv[2] == "kept":
+    assert keep_freed_memory()
+model = load_base_model(Path(sys.argv[1]), dtype="float32")
+ids = torch.randint(5, 200, (4, 24), generator=torch.Generator().manual_seed(0))
+for _ in range(2):  # the second step reuses what the first freed
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+print(loss.item().hex(), grads.abs().sum().item().hex())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_kept_freed_memory_gives_the_same_loss_and_gradients(tiny_base: Path) -> None:
+    """The allocator setting changes where blocks come from, never a number: a training step's
+    loss and gradients are bit-identical with and without it (each in a fresh process)."""
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", SAME_STEP, str(tiny_base), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": src},
+        ).stdout.split()
+        for mode in ("default", "kept")
+    ]
+    assert len(outputs[0]) == 2 and outputs[0] == outputs[1], outputs
+
+
 def test_a_qlora_evaluation_on_cpu_leaves_training_gradients_exact(tiny_base: Path) -> None:
     """bitsandbytes repacks 4-bit weights for a bf16 CPU kernel with no backward the first
     time a layer runs in eval mode without gradients (the trainer's evaluation); training after
