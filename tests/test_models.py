@@ -114,6 +114,20 @@ def test_a_converting_load_reads_tensor_by_tensor_and_equals_from_pretrained(
     assert torch.equal(quantized(ids).logits, reference(ids).logits)
 
 
+def run_fragment(source: str, *args: str) -> str:
+    """What `source` prints, run by a fresh Python (process-wide allocator settings stay there)."""
+    import subprocess
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    return subprocess.run(
+        [sys.executable, "-c", source, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": src},
+    ).stdout
+
+
 FRAGMENT = """
 import sys
 from pathlib import Path
@@ -145,17 +159,7 @@ def test_a_fixed_mmap_threshold_gives_freed_blocks_back(
 ) -> None:
     """After a big block is freed, glibc serves 4 MiB blocks from the heap and keeps them once
     freed (the QLoRA step's ~700 MiB); with fix_mmap_threshold they go back to the system."""
-    import subprocess
-
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    done = subprocess.run(
-        [sys.executable, "-c", FRAGMENT, mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": src},
-    )
-    kept = int(done.stdout.strip())
+    kept = int(run_fragment(FRAGMENT, mode))
     if kept_at_least is not None:
         assert kept >= kept_at_least, kept
     if kept_at_most is not None:
@@ -189,17 +193,7 @@ def test_kept_freed_memory_serves_the_next_block_without_page_faults(
     """By default glibc gives a freed 64 MiB block back and the next one faults in all of its
     16,384 pages again; after keep_freed_memory it comes from the heap, already in memory;
     fix_mmap_threshold (quantised training) turns that off again."""
-    import subprocess
-
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    done = subprocess.run(
-        [sys.executable, "-c", REUSE, steps],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": src},
-    )
-    faults, pages = int(done.stdout.strip()), 8 * (64 << 20) // 4096
+    faults, pages = int(run_fragment(REUSE, steps)), 8 * (64 << 20) // 4096
     if reused:
         assert faults < pages // 100, faults
     else:
@@ -224,24 +218,15 @@ print(loss.item().hex(), grads.abs().sum().item().hex())
 """
 
 
+MODES = ("default", "kept")
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
 def test_kept_freed_memory_gives_the_same_loss_and_gradients(tiny_base: Path) -> None:
     """The allocator setting changes where blocks come from, never a number: a training step's
     loss and gradients are bit-identical with and without it (each in a fresh process)."""
-    import subprocess
-
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    outputs = [
-        subprocess.run(
-            [sys.executable, "-c", SAME_STEP, str(tiny_base), mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONPATH": src},
-        ).stdout.split()
-        for mode in ("default", "kept")
-    ]
-    assert len(outputs[0]) == 2 and outputs[0] == outputs[1], outputs
+    default, kept = (run_fragment(SAME_STEP, str(tiny_base), mode).split() for mode in MODES)
+    assert len(default) == 2 and default == kept, (default, kept)
 
 
 def test_a_qlora_evaluation_on_cpu_leaves_training_gradients_exact(tiny_base: Path) -> None:

@@ -110,14 +110,15 @@ def _decode(
     have ended (`_HalfEnded`); the rows still going, their tokens so far and their slice of the
     cache (`batch_select_indices`) go into the next call, which feeds each row's last token as
     the cache expects. Greedy rows get the tokens one call would give them
-    (tests/test_generation.py). Only for caches of full-length layers, as `_prefilled`.
+    (tests/test_generation.py). Only for caches of full-length layers (`_full_length_layers`);
+    other caches, and a single row, decode in one call.
     """
     from transformers import StoppingCriteriaList
 
     rows, width = input_ids.shape
     done: list[torch.Tensor | None] = [None] * rows
     going = torch.arange(rows)
-    shrinks = rows > 1 and _full_length_cache(model)
+    shrinks = _full_length_layers(model) > 0
     ids, budget = input_ids, max_new_tokens
     while True:
         shrinking = shrinks and len(going) > 1
@@ -200,9 +201,9 @@ def _prefilled(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
     per_pass = max(1, PREFILL_TOKENS // width)
     if rows <= per_pass or int(mask.sum(dim=1).min()) < 2:  # a chunk needs a token to fill
         return None
-    if not _full_length_cache(model):
+    layers = _full_length_layers(model)
+    if not layers:
         return None
-    layers = len(DynamicCache(config=model.config).layers)
     chunks: list[tuple[int, Any]] = []
     for first in range(0, rows, per_pass):
         ids, part = input_ids[first : first + per_pass, :-1], mask[first : first + per_pass, :-1]
@@ -229,14 +230,16 @@ def _prefilled(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
     return DynamicCache(ddp_cache_data=merged, config=model.config)
 
 
-def _full_length_cache(model: Any) -> bool:
-    """Whether `generate`'s cache for `model` is a DynamicCache of full-length layers only (no
-    sliding windows or recurrent state), which can be filled in chunks and cut by row."""
+def _full_length_layers(model: Any) -> int:
+    """The layers of `generate`'s cache for `model` when it is a DynamicCache of full-length
+    layers only (no sliding windows or recurrent state), which can be filled in chunks and cut
+    by row; 0 otherwise."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     try:
         layout = DynamicCache(config=model.config)
     except Exception:  # a config transformers cannot lay a cache out for: leave it to generate
-        return False
-    return bool(layout.layers) and all(type(layer) is DynamicLayer for layer in layout.layers)
+        return 0
+    full = all(type(layer) is DynamicLayer for layer in layout.layers)
+    return len(layout.layers) if full else 0
