@@ -33,11 +33,24 @@ class Spy(TrainerCallback):
         self.checkpointing = kwargs["model"].base_model.model.is_gradient_checkpointing
 
 
+class LayerKinds(TrainerCallback):
+    """Records the LoRA layer classes the trainer got, by name."""
+
+    def __init__(self) -> None:
+        self.kinds: set[str] = set()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        modules = kwargs["model"].modules()
+        self.kinds = {type(m).__name__ for m in modules if hasattr(m, "lora_A")}
+
+
 def test_lora_training_is_deterministic_and_only_adapts_lora(
     tiny_base: Path, formatted: Path, tmp_path: Path, train_params: Callable[..., Params]
 ) -> None:
     params = train_params()
-    first = train(params, tiny_base, formatted, tmp_path / "a")
+    kinds = LayerKinds()
+    first = train(params, tiny_base, formatted, tmp_path / "a", callbacks=[kinds])
+    assert kinds.kinds == {"FusedLoraLinear"}  # lorapipe.fused_lora: every layer
     second = train(params, tiny_base, formatted, tmp_path / "b")
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -56,7 +69,9 @@ def test_qlora_nf4_trains_on_cpu_and_merges_into_full_precision(
     tiny_base: Path, formatted: Path, tmp_path: Path, train_params: Callable[..., Params]
 ) -> None:
     params = train_params("quant=nf4")
-    summary = train(params, tiny_base, formatted, tmp_path / "qlora")
+    kinds = LayerKinds()
+    summary = train(params, tiny_base, formatted, tmp_path / "qlora", callbacks=[kinds])
+    assert kinds.kinds == {"Linear4bit"}  # peft's own 4-bit LoRA layers, not fused
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
     tok = load_tokenizer(tiny_base)
     prompts = [tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)]

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from lorapipe.checkpoints import prepare_checkpoints, remove_checkpoints, resumable, run_inputs
 from lorapipe.config import Params, TrainCfg
 from lorapipe.errors import PipelineError
+from lorapipe.fused_lora import fuse_lora_updates
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.runtime import fix_mmap_threshold, keep_freed_memory, peak_rss_mib
@@ -360,6 +361,7 @@ def setup_model(params: Params, base_dir: Path, precision: str) -> tuple[Any, bo
     check_target_modules(model, params.lora.target_modules)
     check_modules_to_save(model, params.lora.modules_to_save)
     model = get_peft_model(model, lora_config(params))
+    fuse_lora_updates(model)  # the plain-Linear layers only: quantised ones keep peft's classes
     trainable, total = trainable_parameters(model)
     print(f"train: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     if trainable == 0:

@@ -1,0 +1,111 @@
+"""The fused LoRA update (`lorapipe.fused_lora`): the same outputs and gradients as peft's own
+layer, and peft's own path wherever the fused one does not apply."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import layer as lora_layer
+
+from lorapipe.fused_lora import FusedLoraLinear, fuse_lora_updates
+from lorapipe.models import load_base_model
+
+
+def peft_model(base: Path, **lora: Any) -> Any:
+    """The tiny base with LoRA on every linear layer, B non-zero so that the update counts."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora)
+    model = get_peft_model(load_base_model(base, dtype="float32"), config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    return model
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 200, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # a padded row
+    return ids, mask
+
+
+def loss_and_grads(model: Any, seed: int = 2) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    ids, mask = batch()
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks for both computations
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    out.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return out.logits.detach(), [out.loss.detach(), *grads]
+
+
+class PeftCalls:
+    """Counts calls of peft's own LoRA Linear forward."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original: Callable[..., Any] = lora_layer.Linear.forward
+
+        def counted(module: Any, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return original(module, *args, **kwargs)
+
+        monkeypatch.setattr(lora_layer.Linear, "forward", counted)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_layers_give_peft_outputs_and_gradients(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch, dropout: float
+) -> None:
+    """Logits, loss and every LoRA gradient as peft computes them (float rounding aside), also
+    with LoRA dropout in training mode (the same masks)."""
+    model = peft_model(tiny_base, lora_dropout=dropout)
+    model.train()
+    layers = sum(type(m) is lora_layer.Linear for m in model.modules())
+    want_logits, want = loss_and_grads(model)
+
+    assert fuse_lora_updates(model) == layers > 0
+    assert sum(isinstance(m, FusedLoraLinear) for m in model.modules()) == layers
+    spy = PeftCalls(monkeypatch)
+    got_logits, got = loss_and_grads(model)
+    assert spy.calls == 0  # every layer took the fused path
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert not torch.equal(got[0], torch.zeros(()))
+
+
+def test_peft_runs_its_own_forward_where_fusing_does_not_apply(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adapters disabled, merged, or a LoRA variant (DoRA): peft's own forward, the same result
+    bit for bit."""
+    ids, mask = batch()
+    model = peft_model(tiny_base)
+    model.eval()
+    fuse_lora_updates(model)
+    spy = PeftCalls(monkeypatch)
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=mask).logits
+        assert spy.calls == 0
+        with model.disable_adapter():
+            off = model(input_ids=ids, attention_mask=mask).logits
+        layers = sum(isinstance(m, FusedLoraLinear) for m in model.modules())
+        assert spy.calls == layers
+        model.merge_adapter()
+        merged = model(input_ids=ids, attention_mask=mask).logits
+        assert spy.calls == 2 * layers
+    assert not torch.allclose(off, fused)  # the adapter changes the output ...
+    torch.testing.assert_close(merged, fused, rtol=1e-4, atol=1e-5)  # ... and merged, the same
+
+    dora = peft_model(tiny_base, use_dora=True)
+    dora.eval()
+    with torch.no_grad():
+        want = dora(input_ids=ids, attention_mask=mask).logits
+        assert fuse_lora_updates(dora) > 0
+        assert torch.equal(dora(input_ids=ids, attention_mask=mask).logits, want)
