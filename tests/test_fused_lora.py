@@ -83,8 +83,8 @@ def test_fused_layers_give_peft_outputs_and_gradients(
 def test_peft_runs_its_own_forward_where_fusing_does_not_apply(
     tiny_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Adapters disabled, merged, or a LoRA variant (DoRA): peft's own forward, the same result
-    bit for bit."""
+    """Adapters disabled, merged, under autocast, or a LoRA variant (DoRA): peft's own forward,
+    the same result bit for bit."""
     ids, mask = batch()
     model = peft_model(tiny_base)
     model.eval()
@@ -102,6 +102,12 @@ def test_peft_runs_its_own_forward_where_fusing_does_not_apply(
         assert spy.calls == 2 * layers
     assert not torch.allclose(off, fused)  # the adapter changes the output ...
     torch.testing.assert_close(merged, fused, rtol=1e-4, atol=1e-5)  # ... and merged, the same
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.unmerge_adapter()
+        calls = spy.calls
+        model(input_ids=ids, attention_mask=mask)
+        assert spy.calls == calls + layers  # autocast chooses dtypes: peft's own path
 
     dora = peft_model(tiny_base, use_dora=True)
     dora.eval()

@@ -9,8 +9,8 @@ temporaries. On SmolLM2 (210 adapted layers, batch 8) that made a training step 
 (tests/test_fused_lora.py). Written here because peft has no fused path on CPU.
 
 Only the plain case takes the fused path: one active LoRA adapter (no DoRA or other variant, no
-bias on B), not merged, a plain `torch.nn.Linear` base with no hooks, everything in one dtype,
-no extra forward arguments. Anything else runs peft's own forward, unchanged. The adapter's
+bias on B), not merged, a plain `torch.nn.Linear` base with no hooks, everything in one dtype
+and no autocast, no extra forward arguments. Anything else runs peft's own forward, unchanged. The adapter's
 weights, names and saved files are peft's: only the class of each layer object changes.
 """
 
@@ -35,6 +35,8 @@ class FusedLoraLinear(Linear):
         if self.lora_B[name].bias is not None or type(base) is not torch.nn.Linear:
             return False
         if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+            return False
+        if torch.is_autocast_enabled(x.device.type):  # autocast picks each product's dtype
             return False
         return x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
 
