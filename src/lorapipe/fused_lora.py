@@ -10,8 +10,9 @@ temporaries. On SmolLM2 (210 adapted layers, batch 8) that made a training step 
 
 Only the plain case takes the fused path: one active LoRA adapter (no DoRA or other variant, no
 bias on B), not merged, a plain `torch.nn.Linear` base with no hooks, everything in one dtype
-and no autocast, no extra forward arguments. Anything else runs peft's own forward, unchanged. The adapter's
-weights, names and saved files are peft's: only the class of each layer object changes.
+and no autocast, no extra forward arguments. Anything else runs peft's own forward, unchanged.
+The adapter's weights, names and saved files are peft's: only the class of each layer object
+changes.
 """
 
 from __future__ import annotations
