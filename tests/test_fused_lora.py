@@ -83,8 +83,8 @@ def test_fused_layers_give_peft_outputs_and_gradients(
 def test_peft_runs_its_own_forward_where_fusing_does_not_apply(
     tiny_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Adapters disabled, merged, under autocast, or a LoRA variant (DoRA): peft's own forward,
-    the same result bit for bit."""
+    """Adapters disabled, merged, under autocast, or a LoRA variant (DoRA): peft's own forward
+    (for DoRA, the same result bit for bit)."""
     ids, mask = batch()
     model = peft_model(tiny_base)
     model.eval()
