@@ -110,7 +110,8 @@ def _train_targets(r: dict[str, Any]) -> list[Row]:
             f"pipeline {100 * pipeline['matmul_peak_fraction']:.1f}%, plain loop "
             f"{100 * s['plain loop']['matmul_peak_fraction']:.1f}%, recipe "
             f"{100 * recipe['matmul_peak_fraction']:.1f}% of "
-            f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s",
+            f"{r['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s (the pipeline step's matrix "
+            f"products run alone: {100 * r['products_alone']['matmul_peak_fraction']:.1f}%)",
             ">= 60%",
             bool(holds["matmul_peak_fraction"]),
         ),

@@ -34,7 +34,9 @@ Efficiency: FLOPs each side actually performs (benchmarks/flops.py `performed_tr
 sequence l * (4(F - H) + 6R) + 12 * layers * d * l^2 plus the output layer's 4H at each position
 where it runs: every position for the recipe and the plain loop, the supervised ones for the
 pipeline), over real tokens only, per second of training, as a fraction of the fp32
-`torch.matmul` peak measured in the same run (the better of before and after).
+`torch.matmul` peak measured in the same run (the better of before and after). Beside it, the
+most such a step could reach: the pipeline's second step recorded, its matrix products run again
+alone at their shapes (benchmarks/products.py), their FLOPs per second against the same peak.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import Any
 import yaml
 from flops import matmul_peak, performed_train_flops
 from output import publish
+from products import Product, ProductRecorder, replay_seconds, summary
 from transformers import TrainerCallback
 
 # The seed tutorial's LoraConfig and TrainingArguments ("LoraConfig", "Training with SFTTrainer").
@@ -160,6 +163,44 @@ class ValidationClock(TrainerCallback):
         if loss <= self.target:
             self.reached = point
             control.should_training_stop = True
+
+
+class RecordStep(TrainerCallback):
+    """Records the matrix products of optimizer step `step` (1-based; the first pays set-up)."""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+        self.recorder: ProductRecorder | None = None
+        self.products: list[Product] = []
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step + 1 == self.step:
+            self.recorder = ProductRecorder()
+            self.recorder.__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.__exit__(None, None, None)
+            self.products, self.recorder = self.recorder.products, None
+
+
+def products_alone(
+    raw: dict[str, Any], base: Path, train: list[dict[str, Any]], work: Path, peak: float
+) -> dict[str, Any]:
+    """The pipeline's second training step recorded (benchmarks/products.py), its matrix
+    products run again alone: the most of the matmul peak the step could reach."""
+    from lorapipe.io import write_jsonl
+    from lorapipe.training import train_adapter
+
+    data = work / "products" / "formatted"
+    data.mkdir(parents=True)
+    write_jsonl(data / "train.jsonl", train)
+    write_jsonl(data / "val.jsonl", [])
+    params = bench_params(raw, work / "products", max_steps=2)
+    record = RecordStep(step=2)
+    out = work / "products"
+    train_adapter(params, base, data, out / "adapter", out / "curves", callbacks=[record])
+    return summary(record.products, replay_seconds(record.products), peak)
 
 
 def train_side(
@@ -353,6 +394,8 @@ def measure(
                 print("bench: plain loop ...", file=sys.stderr, flush=True)
                 runs["plain loop"].append(plain_loop_apart(params_file, examples, plain_steps))
             runs[name].append(run)
+        print("bench: the step's products alone ...", file=sys.stderr, flush=True)
+        products = products_alone(raw, base, train, work, peak)
         models = {
             side: get_peft_model(load_base_model(base), lora_config(p))
             for side, p in (("recipe", recipe_params), ("pipeline", pipeline_params))
@@ -380,6 +423,7 @@ def measure(
             "subset": len(train) < len(every),
             "val_examples": len(val),
             "check_every": check_every,
+            "products_alone": products,
             "recipe_settings": {"lora": RECIPE_LORA, "train": RECIPE_TRAIN},
             "pipeline_settings": {"lora": raw["lora"], "train": raw["train"]},
             "model": raw["model"]["name"],
@@ -523,7 +567,7 @@ def markdown(result: dict[str, Any]) -> str:
         if result["subset"]
         else f"all {result['examples']} training examples"
     )
-    h = result["holds"]
+    h, alone = result["holds"], result["products_alone"]
     verdict = {True: "holds", False: "does not hold"}
     return "\n".join(
         [
@@ -544,6 +588,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"{verdict[h['matmul_peak_fraction']]}); all-token throughput "
             f"{result['plain_loop_ratio']:.2f}x the plain loop's (target "
             f"{result['targets']['plain_loop_ratio']:g}x: {verdict[h['plain_loop']]}).",
+            f"The pipeline's second step recorded and its {alone['products']} matrix products "
+            f"run again alone, at their shapes, with nothing in between "
+            f"(benchmarks/products.py): {alone['seconds_alone']:.3f} s, "
+            f"{alone['flops_per_s'] / 1e9:.1f} GFLOP/s over their own FLOPs (padding included), "
+            f"{pct(alone['matmul_peak_fraction'])} of the peak: the most a step made of these "
+            f"products could reach.",
         ]
     )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -36,6 +37,65 @@ def test_train_flops_counts_frozen_lora_and_attention(benchmarks: None, tiny_bas
     lora = layers * 2 * 4 * (h + h)  # q_proj and v_proj: A (h x r) and B (r x h)
     expected = sum(n * (4 * frozen + 6 * lora) + 12 * layers * h * n * n for n in (5, 9))
     assert train_flops(model, [5, 9]) == expected
+
+
+def _lora_step(tiny_base: Path, length: int = 7) -> tuple[Any, Any]:
+    """A peft LoRA model of the tiny base (every linear layer) and one training pass over one
+    sequence of `length` tokens, without padding, with the model's own loss."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorapipe.models import load_base_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(load_base_model(tiny_base), config)
+    ids = torch.randint(0, 200, (1, length))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return model, step
+
+
+def test_flop_formula_is_what_torch_performs(benchmarks: None, tiny_base: Path) -> None:
+    """flops.py's count against torch's own FLOP counter over a real forward and backward: the
+    products of the linear layers (frozen, LoRA, output layer) are exactly the formula less its
+    attention term (the CPU's fused SDPA kernel, whose products torch's counter does not see), and
+    the recorder of benchmarks/products.py sees the same products."""
+    from flops import attention_width, train_flops
+    from products import ProductRecorder
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, step = _lora_step(tiny_base, length=7)
+    model.enable_input_require_grads()  # the first layer's input gradient too, as counted
+    with FlopCounterMode(display=False) as counter, ProductRecorder() as recorder:
+        step()
+    layers, width = attention_width(model.config)
+    attention = 12 * layers * width * 7**2
+    assert counter.get_total_flops() == train_flops(model, [7]) - attention
+    assert sum(p.flops for p in recorder.products) == counter.get_total_flops()
+
+
+def test_replay_runs_the_recorded_products_again(benchmarks: None, tiny_base: Path) -> None:
+    """The step's products as the pipeline runs them (LoRA's update fused in place, `addmm_`) are
+    run again by `replay_seconds` with the same operators, shapes, strides and arguments, in the
+    same order: a warm-up pass, then each timed one."""
+    from products import PRODUCTS, ProductRecorder, replay_seconds, summary
+
+    from lorapipe.fused_lora import fuse_lora_updates
+
+    model, step = _lora_step(tiny_base)
+    assert fuse_lora_updates(model) > 0
+    with ProductRecorder() as recorded:
+        step()
+    ops = {p.op for p in recorded.products}
+    assert torch.ops.aten.addmm_.default in ops and ops <= set(PRODUCTS)
+    with ProductRecorder() as again:
+        seconds = replay_seconds(recorded.products, repeats=2)
+    assert again.products == recorded.products * 3
+    result = summary(recorded.products, seconds, peak=1e9)
+    assert result["products"] == len(recorded.products) and seconds > 0
+    assert result["matmul_peak_fraction"] == pytest.approx(result["flops"] / seconds / 1e9, 1e-3)
 
 
 def test_gpu_script_runs_its_code_path_on_cpu(benchmarks: None, tmp_path: Path) -> None:
@@ -161,6 +221,9 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     assert ratio_of_rounded(tr["time_to_loss_ratio"], *seconds, step=0.01)
     ratio = pipeline["tokens_per_s"] / plain["tokens_per_s"]
     assert tr["plain_loop_ratio"] == pytest.approx(ratio, rel=0.01)
+    alone = tr["products_alone"]
+    assert alone["products"] > 0 and alone["seconds_alone"] > 0
+    assert alone["flops_per_s"] == pytest.approx(alone["flops"] / alone["seconds_alone"], 1e-3)
     assert tr["holds"] == {
         "time_to_loss": tr["time_to_loss_ratio"] >= 3,
         "matmul_peak_fraction": pipeline["matmul_peak_fraction"] >= 0.6,
