@@ -25,6 +25,22 @@ def test_batched_greedy_equals_batch_size_one_in_fp32(tiny_base: Path) -> None:
     )  # the outputs depend on the prompt, so the comparison means something
 
 
+def test_prompts_are_batched_by_token_count_and_answered_in_input_order(tiny_base: Path) -> None:
+    """Batches and prefill chunks take the prompts shortest first by tokens, not characters (the
+    byte-level tokenizer makes each "é" two tokens), and the answers come back in input order,
+    each what its prompt alone gives."""
+    from lorapipe.generation import _shortest_first
+
+    tok = load_tokenizer(tiny_base)
+    model = load_base_model(tiny_base, dtype="float32")
+    prompts = [build_prompt(tok, text) for text in ("é" * 6, "abcdefgh", "xyz")]
+    chars = sorted(range(3), key=lambda i: len(prompts[i]))
+    assert chars == [2, 0, 1] and _shortest_first(tok, prompts) == [2, 1, 0]
+    batched = generate(model, tok, prompts, batch_size=2, max_new_tokens=6)
+    alone = [generate(model, tok, [p], batch_size=1, max_new_tokens=6)[0] for p in prompts]
+    assert batched == alone and len(set(alone)) > 1
+
+
 def test_a_batch_prefilled_in_chunks_generates_what_one_pass_does(
     tiny_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,7 +43,7 @@ def generate_with_stops(
     `seed` (when given) seeds torch's generator once before the first batch, so the same seed,
     prompts and batch size give the same completions.
 
-    Prompts are sorted by length and padded on the left, so every prompt ends where generation
+    Prompts are sorted by token count and padded on the left, so every prompt ends where generation
     starts. A batch of many prompts enters the KV cache in chunks of about `PREFILL_TOKENS`
     tokens, each padded only to its own longest prompt (`_prefilled`), and is then decoded
     together: one decoding step costs about the same for 64 rows as for 200 on a CPU (it reads
@@ -58,7 +58,7 @@ def generate_with_stops(
         raise ValueError(f"a streamer follows one sequence: pass one prompt, got {len(prompts)}")
     keep_freed_memory()  # each pass makes the tensors the last one freed: no fresh pages
     tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = _shortest_first(tokenizer, prompts)
     outputs: list[str] = [""] * len(prompts)
     stopped: list[bool] = [False] * len(prompts)
     sampling: dict[str, Any] = {"do_sample": False}
@@ -89,6 +89,14 @@ def generate_with_stops(
         for i, text, tokens in zip(idx, texts, new_tokens, strict=True):
             outputs[i], stopped[i] = text.strip(), bool((tokens == tokenizer.eos_token_id).any())
     return outputs, stopped
+
+
+def _shortest_first(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Indices of `prompts` by token count, shortest first (ties in input order). Each prefill
+    chunk is padded to its own longest prompt; sorted by characters instead, the default's 200
+    test prompts carried twice the padding (7.7% of the prefill's positions against 3.8%)."""
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    return sorted(range(len(prompts)), key=lengths.__getitem__)
 
 
 def _decode(
