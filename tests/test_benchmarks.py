@@ -224,6 +224,9 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     alone = tr["products_alone"]
     assert alone["products"] > 0 and alone["seconds_alone"] > 0
     assert alone["flops_per_s"] == pytest.approx(alone["flops"] / alone["seconds_alone"], 1e-3)
+    assert alone["matmul_peak_fraction"] == pytest.approx(
+        alone["flops_per_s"] / tr["matmul_peak_flops_per_s"], abs=1e-3
+    )  # against the same peak as the sides
     assert tr["holds"] == {
         "time_to_loss": tr["time_to_loss_ratio"] >= 3,
         "matmul_peak_fraction": pipeline["matmul_peak_fraction"] >= 0.6,
