@@ -165,6 +165,18 @@ class ValidationClock(TrainerCallback):
             control.should_training_stop = True
 
 
+def formatted_split(folder: Path, train: list[dict[str, Any]]) -> Path:
+    """`folder`/formatted with `train` as its train split and an empty val split (validation,
+    where a side has it, runs through a callback, outside the timing)."""
+    from lorapipe.io import write_jsonl
+
+    data = folder / "formatted"
+    data.mkdir(parents=True)
+    write_jsonl(data / "train.jsonl", train)
+    write_jsonl(data / "val.jsonl", [])
+    return data
+
+
 class RecordStep(TrainerCallback):
     """Records the matrix products of optimizer step `step` (1-based; the first pays set-up)."""
 
@@ -189,13 +201,9 @@ def products_alone(
 ) -> tuple[list[Product], float]:
     """The pipeline's second training step recorded (benchmarks/products.py) and its matrix
     products run again alone: (the products, their best seconds)."""
-    from lorapipe.io import write_jsonl
     from lorapipe.training import train_adapter
 
-    data = work / "products" / "formatted"
-    data.mkdir(parents=True)
-    write_jsonl(data / "train.jsonl", train)
-    write_jsonl(data / "val.jsonl", [])
+    data = formatted_split(work / "products", train)
     params = bench_params(raw, work / "products", max_steps=2)
     record = RecordStep(step=2)
     out = work / "products"
@@ -217,14 +225,10 @@ def train_side(
     from peft import PeftModel
 
     from lorapipe.evaluation import completion_loss
-    from lorapipe.io import write_jsonl
     from lorapipe.models import load_base_model, load_tokenizer
     from lorapipe.training import train_adapter
 
-    data = work / name / "formatted"
-    data.mkdir(parents=True)
-    write_jsonl(data / "train.jsonl", train)
-    write_jsonl(data / "val.jsonl", [])  # validation only through `clock`, outside the timing
+    data = formatted_split(work / name, train)
     callbacks = [clock] if clock is not None else []
     summary = train_adapter(
         params, base, data, work / name / "adapter", work / name / "curves", callbacks=callbacks
