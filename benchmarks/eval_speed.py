@@ -13,13 +13,14 @@ default is 200):
     in batches of `eval.batch_size`, the adapter folded into the weights as the stage does
     (`lorapipe.evaluation.adapter_folded`); for the adapter also unfolded, that lever alone.
 Both stop at the tokenizer's EOS and are decoded the same way, then scored for exact match.
-The base model answers at length (it explains first), so one-at-a-time decoding pays its
-per-step cost for every token of every prompt, which batching shares: its target is the speed-up
-(>= 10x). The adapter answers in a few tokens, so its batched evaluation is mostly the prompts'
-forward pass: its target is efficiency, the FLOPs of (b) (benchmarks/flops.py
-`generation_flops`, counted over real tokens; the new tokens are the answer re-tokenised, plus
-EOS where it stopped) per second against the fp32 matmul peak measured in this run (>= 50%),
-the one-at-a-time ratio beside. `--limit N` times both on the first N prompts (0: all).
+The base model answers at length (it explains first), so one-at-a-time decoding pays its per-step
+cost for every token of every prompt, which batching shares: its target is the speed-up (>= 10x).
+The adapter answers in a few tokens, so its batched evaluation is mostly the prompts' forward pass:
+its target is efficiency, the FLOPs of (b) (benchmarks/flops.py `batched_generation_flops`, counted
+over real tokens, each batch's shared prompt beginning once; the new tokens are the answer
+re-tokenised, plus EOS where it stopped) per second against the fp32 matmul peak measured in this
+run (>= 50%), the one-at-a-time ratio beside. `--limit N` times both on the first N prompts (0:
+all).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 import yaml
-from flops import generation_flops, matmul_peak
+from flops import batched_generation_flops, matmul_peak
 from output import publish
 
 from lorapipe.errors import PipelineError
@@ -180,7 +181,7 @@ def run(
 
     base_dir = Path(paths["base"])
     tokenizer = load_tokenizer(base_dir)
-    prompt_lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
     base = load_base_model(base_dir, dtype="float32").to(device).eval()
     models: dict[str, Any] = {}
 
@@ -197,14 +198,15 @@ def run(
         """The adapter's batched generation over every test prompt, as the stage runs it
         (folding included in the time), then unfolded: the folding lever alone."""
         texts = [ex["prompt"] for ex in every]
-        lengths = [len(tokenizer(p)["input_ids"]) for p in texts]
+        ids = [tokenizer(p)["input_ids"] for p in texts]
         (folded, stops), seconds = _time(lambda: stage_generate(model, "adapter", texts))
         (apart, _), apart_seconds = _time(
             lambda: generate_with_stops(
                 model, tokenizer, texts, batch_size=batch, max_new_tokens=max_new
             )
         )
-        flops = generation_flops(model, lengths, new_token_counts(tokenizer, folded, stops))
+        made = new_token_counts(tokenizer, folded, stops)
+        flops = batched_generation_flops(model, ids, made, batch_size=batch)
         return {
             "examples": len(texts),
             "seconds": round(seconds, 3),
@@ -230,7 +232,7 @@ def run(
         )
         (pipeline, stopped), t_pipeline = _time(lambda m=model, n=name: stage_generate(m, n))
         new_tokens = new_token_counts(tokenizer, pipeline, stopped)
-        flops = generation_flops(model, prompt_lengths, new_tokens)
+        flops = batched_generation_flops(model, prompt_ids, new_tokens, batch_size=batch)
         models[name] = {
             way: {
                 "seconds": round(seconds, 3),
@@ -265,7 +267,7 @@ def run(
         "examples": len(prompts),
         "examples_total": total,
         "subset": len(prompts) < total,
-        "prompt_tokens": sum(prompt_lengths),
+        "prompt_tokens": sum(map(len, prompt_ids)),
         "max_new_tokens": max_new,
         "batch_size": batch,
         "temperature": temperature,

@@ -109,18 +109,52 @@ def performed_train_flops(
     return total
 
 
-def generation_flops(model: Any, prompt_lengths: Iterable[int], new_tokens: Iterable[int]) -> float:
-    """FLOPs of greedy generation with a KV cache, over real tokens only: per prompt of P tokens
-    that generated g new ones, the prefill (every linear layer but the output layer at each of
-    the P positions, the output layer at the last one: 2(F - H) * P + 2H; attention's full P x P
-    products, 4 * layers * d * P^2) and g - 1 decoding passes of one token each (2F, and
-    attention over the P + t cached positions, 4 * layers * d * (P + t)). Rows of a batch that
-    already ended, and padding, are computed by `generate` but not counted."""
+def generation_flops(
+    model: Any, prompt_lengths: Iterable[int], new_tokens: Iterable[int], *, shared: int = 0
+) -> float:
+    """FLOPs of greedy generation with a KV cache, over real tokens only, for one batch whose
+    prompts all begin with the same `shared` tokens, computed once (`lorapipe.generation`
+    prefills a batch's shared beginning as one row): that prefix pass, 2(F - H) * S plus
+    attention's full S x S products, 4 * layers * d * S^2; then per prompt of P tokens that
+    generated g new ones, the rest of its prefill (every linear layer but the output layer at
+    its P - S other positions, the output layer at the last one: 2(F - H) * (P - S) + 2H;
+    attention of those P - S positions over all P, 4 * layers * d * (P - S) * P) and g - 1
+    decoding passes of one token each (2F, and attention over the P + t cached positions,
+    4 * layers * d * (P + t)). With nothing shared (S = 0) a prompt's prefill is
+    2(F - H) * P + 2H + 4 * layers * d * P^2. Rows of a batch that already ended, and padding,
+    are computed by `generate` but not counted."""
     frozen, lora = linear_weights(model)
     weights, head = frozen + lora, lm_head_weights(model)
     layers, width = attention_width(model.config)
-    total = 0.0
+    total = 2.0 * (weights - head) * shared + 4 * layers * width * shared * shared
     for p, g in zip(prompt_lengths, new_tokens, strict=True):
-        total += 2 * (weights - head) * p + 2 * head + 4 * layers * width * p * p
+        if p <= shared:
+            raise ValueError(f"a prompt of {p} tokens cannot share {shared} and leave its last")
+        total += (
+            2 * (weights - head) * (p - shared) + 2 * head + 4 * layers * width * (p - shared) * p
+        )
         total += sum(2 * weights + 4 * layers * width * (p + t) for t in range(1, g))
+    return total
+
+
+def batched_generation_flops(
+    model: Any, prompt_ids: list[list[int]], new_tokens: list[int], *, batch_size: int
+) -> float:
+    """`generation_flops` over the batches `lorapipe.generation.generate_with_stops` forms:
+    prompts by token count (ties in input order), `batch_size` at a time, each batch's shared
+    beginning (its prompts' common first tokens, leaving each its last) counted once."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    total = 0.0
+    for start in range(0, len(order), batch_size):
+        rows = [prompt_ids[i] for i in order[start : start + batch_size]]
+        shared = 0
+        while len(rows) > 1 and all(
+            len(r) > shared + 1 and r[shared] == rows[0][shared] for r in rows
+        ):
+            shared += 1
+        lengths, made = (
+            [len(r) for r in rows],
+            [new_tokens[i] for i in order[start : start + batch_size]],
+        )
+        total += generation_flops(model, lengths, made, shared=shared)
     return total

@@ -166,6 +166,37 @@ def test_performed_flops_count_the_output_layer_where_it_runs(
     assert generation_flops(model, [3], [1]) == prefill  # the first token comes from the prefill
 
 
+@pytest.mark.parametrize("batch_size", [6, 2])
+def test_generation_flops_are_what_batched_generation_performs(
+    benchmarks: None, tiny_base: Path, batch_size: int
+) -> None:
+    """The products `generate_with_stops` dispatches (torch's own FLOP counter) for prompts of
+    one length that share their beginning, each batch's shared part computed once, are the
+    counted FLOPs less the attention term (CPU SDPA, which torch's counter does not see); a
+    count of every prompt whole would be higher."""
+    from flops import attention_width, batched_generation_flops, generation_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lorapipe.generation import generate_with_stops
+    from lorapipe.models import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_base)
+    model = load_base_model(tiny_base, dtype="float32").eval()
+    prompts = [f"The letter {c} comes first" for c in "abcdef"]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    (length,) = {len(i) for i in ids}  # one length: no padding, which is computed, not counted
+    shared = next(j for j in range(length) if len({i[j] for i in ids}) > 1)
+    assert 2 <= shared <= length - 3  # a prefix, then something of each prompt's own
+    with FlopCounterMode(display=False) as counter:
+        generate_with_stops(model, tok, prompts, batch_size=batch_size, max_new_tokens=1)
+    counted = batched_generation_flops(model, ids, [1] * 6, batch_size=batch_size)
+    layers, width = attention_width(model.config)
+    attention = 6 // batch_size * 4 * layers * width * shared**2  # each batch's prefix
+    attention += 6 * 4 * layers * width * (length - shared) * length
+    assert counter.get_total_flops() == counted - attention
+    assert counted < generation_flops(model, [length] * 6, [1] * 6)
+
+
 def ratio_of_rounded(ratio: float, num: float, den: float, *, step: float) -> bool:
     """Whether `ratio` (of unrounded figures, itself rounded to 2 places) can be num / den, the
     two given rounded to `step`."""

@@ -44,8 +44,10 @@ def test_prompts_are_batched_by_token_count_and_answered_in_input_order(tiny_bas
 def test_a_batch_prefilled_in_chunks_generates_what_one_pass_does(
     tiny_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every prompt its own prefill pass (`PREFILL_TOKENS` of 1), then all decoded together:
-    the cache holds what one whole-batch pass computes, and the answers are the same."""
+    """The prompts' shared beginning (the chat template's system turn) computed once, the rest
+    of each prompt in its own prefill pass (`PREFILL_TOKENS` of 1), then all decoded together:
+    every real token keeps its place in order, the cache holds at every real token what one
+    whole-batch pass computes, and the answers are the same."""
     import torch
 
     from lorapipe import generation
@@ -54,28 +56,93 @@ def test_a_batch_prefilled_in_chunks_generates_what_one_pass_does(
     model = load_base_model(tiny_base, dtype="float32").eval()
     prompts = [build_prompt(tok, r["instruction"]) for r in make_questions(24, seed=5)]
     one_pass = generate(model, tok, prompts, batch_size=24, max_new_tokens=12)
-    assert len(set(one_pass)) > 1
+    alone = [generate(model, tok, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
+    assert one_pass == alone and len(set(one_pass)) > 1
     tok.padding_side = "left"
     enc = tok(sorted(prompts, key=len), return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    assert generation._prefilled(model, ids, mask) is None  # one pass holds all 24
+    shared = generation._shared_prefix(ids, mask)
+    assert 5 <= shared < int(mask.sum(dim=1).min()) - 1  # the system turn, not every token
     monkeypatch.setattr(generation, "PREFILL_TOKENS", 1)
-    cache = generation._prefilled(model, ids, mask)
+    laid, laid_mask, cache = generation._prefilled(model, ids, mask)
     assert cache is not None and cache.get_seq_length() == ids.shape[1] - 1
+    assert (laid_mask[:, :shared] == 1).all() and (laid[:, :shared] == laid[:1, :shared]).all()
+    assert (laid_mask[:, -1] == 1).all()  # every row still ends where generation starts
+    for row in range(len(ids)):  # the same tokens in the same order, padding moved
+        assert laid[row][laid_mask[row] == 1].tolist() == ids[row][mask[row] == 1].tolist()
     positions = (mask[:, :-1].cumsum(-1) - 1).masked_fill(mask[:, :-1] == 0, 0)
     with torch.no_grad():
         whole = model(
             input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions
         ).cache
-    real = mask[:, :-1].bool()
     for chunked, full in zip(cache.layers, whole.layers, strict=True):
         for kind in ("keys", "values"):
             a, b = getattr(chunked, kind), getattr(full, kind)  # [rows, heads, tokens, dim]
-            assert torch.allclose(a.transpose(1, 2)[real], b.transpose(1, 2)[real], atol=1e-5)
+            a, b = (
+                a.transpose(1, 2)[laid_mask[:, :-1].bool()],
+                b.transpose(1, 2)[mask[:, :-1].bool()],
+            )
+            assert torch.allclose(a, b, atol=1e-5)
     assert generate(model, tok, prompts, batch_size=24, max_new_tokens=12) == one_pass
     one_token = mask.clone()
     one_token[0, :-1] = 0  # a prompt of one token leaves nothing to fill: generate fills it
-    assert generation._prefilled(model, ids, one_token) is None
+    assert generation._prefilled(model, ids, one_token)[2] is None
+
+
+def test_prompts_without_a_shared_beginning_are_left_as_they_are(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing shared (no BOS, each prompt its own first word): the batch keeps its layout; one
+    pass that holds every prompt is left to `generate`, and chunks (one prompt each) decode to
+    what one `generate` call over the batch gives."""
+    import torch
+
+    from lorapipe import generation
+
+    tok = load_tokenizer(tiny_base)
+    model = load_base_model(tiny_base, dtype="float32").eval()
+    words = ("alpha", "beta", "gamma", "delta", "omega", "zeta")
+    texts = [
+        f"{w} {r['instruction']}" for w, r in zip(words, make_questions(6, seed=2), strict=True)
+    ]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert generation._shared_prefix(ids, mask) == 0
+    laid, laid_mask, cache = generation._prefilled(model, ids, mask)
+    assert cache is None and laid is ids and laid_mask is mask
+    monkeypatch.setattr(generation, "PREFILL_TOKENS", 1)
+    laid, laid_mask, cache = generation._prefilled(model, ids, mask)
+    assert cache is not None and laid.equal(ids) and laid_mask.equal(mask)
+    eos, greedy = tok.eos_token_id, {"do_sample": False, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        want = model.generate(**enc, max_new_tokens=8, **greedy)[:, ids.shape[1] :]
+        got = generation._decode(model, laid, laid_mask, cache, max_new_tokens=8, eos=eos, **greedy)
+    assert _until_eos(got, eos) == _until_eos(want, eos) and len(set(_until_eos(want, eos))) > 1
+
+
+def test_prompts_that_differ_only_in_their_last_token_decode_from_the_prefix_alone(
+    tiny_base: Path,
+) -> None:
+    """All but the last token shared: the cache is the prefix, computed once, and every row
+    gets the tokens one `generate` call over the batch gives it."""
+    import torch
+
+    from lorapipe import generation
+
+    tok = load_tokenizer(tiny_base)
+    model = load_base_model(tiny_base, dtype="float32").eval()
+    stem = tok("def add(a, b): return", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[*stem, last] for last in (11, 12, 13, 14)])
+    mask = torch.ones_like(ids)
+    laid, laid_mask, cache = generation._prefilled(model, ids, mask)
+    assert cache is not None and cache.get_seq_length() == len(stem) and laid.equal(ids)
+    eos, greedy = tok.eos_token_id, {"do_sample": False, "pad_token_id": tok.pad_token_id}
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, **greedy)
+        got = generation._decode(model, laid, laid_mask, cache, max_new_tokens=6, eos=eos, **greedy)
+    want = want[:, ids.shape[1] :]
+    assert _until_eos(got, eos) == _until_eos(want, eos) and len(set(_until_eos(want, eos))) > 1
 
 
 def test_the_output_layer_on_a_contiguous_input_gives_the_same_logits(tiny_base: Path) -> None:
@@ -134,3 +201,12 @@ def test_rows_that_end_leave_the_batch_and_the_rest_decode_as_in_one_call(
         n = int((want == eos).nonzero()[0]) + 1 if end else 12
         assert got[:n].tolist() == want[:n].tolist()
         assert len(got) <= 12 and set(got[n:].tolist()) <= {tok.pad_token_id}
+
+
+def _until_eos(rows: object, eos: int) -> list[tuple[int, ...]]:
+    """Each row's tokens up to and including its first `eos` (what follows is padding)."""
+    out = []
+    for row in rows:  # type: ignore[attr-defined]
+        tokens = row.tolist()
+        out.append(tuple(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens))
+    return out

@@ -43,16 +43,17 @@ def generate_with_stops(
     `seed` (when given) seeds torch's generator once before the first batch, so the same seed,
     prompts and batch size give the same completions.
 
-    Prompts are sorted by token count and padded on the left, so every prompt ends where generation
-    starts. A batch of many prompts enters the KV cache in chunks of about `PREFILL_TOKENS`
-    tokens, each padded only to its own longest prompt (`_prefilled`), and is then decoded
-    together: one decoding step costs about the same for 64 rows as for 200 on a CPU (it reads
-    every weight once either way), so large batches pay off, without the padding a large batch
-    of mixed lengths would carry. Once half of a batch's rows have ended, the rest decode on
-    without them (`_decode`): a pass costs in proportion to its rows, and short answers would
-    otherwise be carried, finished, for as many passes as the longest needs. A `streamer`
-    (transformers' TextStreamer) receives the tokens as they come; it follows one sequence, so
-    it needs one prompt.
+    Prompts are sorted by token count and padded on the left, so every prompt ends where
+    generation starts. What every prompt of a batch begins with (a chat template's system turn)
+    enters the KV cache once; the rest of a batch of many prompts enters it in chunks of about
+    `PREFILL_TOKENS` tokens, each padded only to its own longest prompt (`_prefilled`), and the
+    batch is then decoded together: one decoding step costs about the same for 64 rows as for
+    200 on a CPU (it reads every weight once either way), so large batches pay off, without the
+    padding a large batch of mixed lengths would carry. Once half of a batch's rows have ended,
+    the rest decode on without them (`_decode`): a pass costs in proportion to its rows, and
+    short answers would otherwise be carried, finished, for as many passes as the longest needs.
+    A `streamer` (transformers' TextStreamer) receives the tokens as they come; it follows one
+    sequence, so it needs one prompt.
     """
     if streamer is not None and len(prompts) != 1:
         raise ValueError(f"a streamer follows one sequence: pass one prompt, got {len(prompts)}")
@@ -73,11 +74,11 @@ def generate_with_stops(
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with _contiguous_output_layer(model):
-            cache = _prefilled(model, enc["input_ids"], enc["attention_mask"])
+            ids, mask, cache = _prefilled(model, enc["input_ids"], enc["attention_mask"])
             new_tokens = _decode(
                 model,
-                enc["input_ids"],
-                enc["attention_mask"],
+                ids,
+                mask,
                 cache,
                 max_new_tokens=max_new_tokens,
                 eos=tokenizer.eos_token_id,
@@ -190,52 +191,125 @@ def _contiguous_output_layer(model: Any) -> Iterator[None]:
         handle.remove()
 
 
-def _prefilled(model: Any, input_ids: torch.Tensor, mask: torch.Tensor) -> Any:
-    """A KV cache holding every prompt token but the last (`generate` computes the last one,
-    and from it the first new token), filled `PREFILL_TOKENS` at a time; None when one pass
-    holds the whole batch, or the model's cache is not one of full-length layers (sliding
-    windows, recurrent state): then `generate` fills it itself.
+def _prefilled(
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The batch's `input_ids` and `mask` laid out for generation, and a KV cache holding every
+    prompt token but the last (`generate` computes the last one, and from it the first new
+    token); the cache is None when one pass holds the whole batch and nothing is shared, or the
+    model's cache is not one of full-length layers (sliding windows, recurrent state): then
+    `generate` fills it itself from the batch as given.
 
     Written by hand: transformers' `generate` pads a batch to its longest prompt and fills the
-    cache in one pass; it has no chunked prefill on this path. Each chunk (consecutive rows,
-    sorted by length) is padded only to its own longest prompt, with the positions `generate`
-    gives a left-padded row (counting from its first real token), then its keys and values are
-    zero-padded on the left to the batch's length: those columns are masked out, so every real
-    token's cache entry is what a whole-batch pass computes (tests/test_generation.py).
+    cache in one pass; it has neither chunked prefill nor a shared prefix on this path.
+    - Shared prefix: the tokens every prompt of the batch begins with (a chat template's system
+      turn: 17 of the default's ~39 tokens a prompt) pass through the model once, as one row,
+      and their keys and values are repeated for every row. For that the batch is laid out
+      prefix first, then each row's padding, then the rest of its prompt (`_prefix_first`):
+      the padding is masked out wherever it sits, and `generate` counts positions over the
+      unmasked tokens, so every real token keeps the position it has left-padded.
+    - Chunks: the rest of the prompts (consecutive rows, sorted by length) go through in chunks
+      of about `PREFILL_TOKENS` tokens, each padded only to its own longest row, with the
+      positions `generate` gives them; their keys and values are zero-padded on the left to the
+      batch's length: those columns are masked out.
+    Every real token's cache entry is what a whole-batch pass computes, and the answers are the
+    same (tests/test_generation.py).
     """
     from transformers import DynamicCache
 
     rows, width = input_ids.shape
-    per_pass = max(1, PREFILL_TOKENS // width)
-    if rows <= per_pass or int(mask.sum(dim=1).min()) < 2:  # a chunk needs a token to fill
-        return None
+    if rows < 2 or int(mask.sum(dim=1).min()) < 2:  # a row needs a token to fill
+        return input_ids, mask, None
     layers = _full_length_layers(model)
     if not layers:
-        return None
-    chunks: list[tuple[int, Any]] = []
-    for first in range(0, rows, per_pass):
-        ids, part = input_ids[first : first + per_pass, :-1], mask[first : first + per_pass, :-1]
-        lead = int((part.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # padding in every row
-        ids, part = ids[:, lead:], part[:, lead:]
-        positions = (part.long().cumsum(-1) - 1).masked_fill(part == 0, 0)  # as generate's
-        out = model(
-            input_ids=ids,
-            attention_mask=part,
-            position_ids=positions,
+        return input_ids, mask, None
+    shared = _shared_prefix(input_ids, mask)
+    per_pass = max(1, PREFILL_TOKENS // (width - shared))
+    if not shared and rows <= per_pass:
+        return input_ids, mask, None
+    input_ids, mask = _prefix_first(input_ids, mask, shared)
+    decoder = model.get_decoder()  # the layers alone: no output layer, no logits to throw away
+    prefix = None
+    if shared:
+        prefix = decoder(
+            input_ids=input_ids[:1, :shared],
             cache=DynamicCache(config=model.config),
             use_cache=True,
-            logits_to_keep=1,
+        ).cache
+    # The cache's keys and values, [rows, heads, width - 1, head_dim] a layer, zero where masked.
+    store: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def put(kv: list[tuple[torch.Tensor, torch.Tensor]], at_rows: slice, at_cols: slice) -> None:
+        if not store:
+            store.extend(
+                (
+                    k.new_zeros(rows, k.shape[1], width - 1, k.shape[3]),
+                    v.new_zeros(rows, v.shape[1], width - 1, v.shape[3]),
+                )
+                for k, v in kv
+            )
+        for (k, v), (to_k, to_v) in zip(kv, store, strict=True):
+            to_k[at_rows, :, at_cols], to_v[at_rows, :, at_cols] = k, v
+
+    if prefix is not None:
+        put([(layer.keys, layer.values) for layer in prefix.layers], slice(None), slice(0, shared))
+    per_pass = -(-rows // -(-rows // per_pass))  # as many passes as needed, rows spread evenly
+    for first in range(0, rows, per_pass):
+        ids = input_ids[first : first + per_pass, shared:-1]
+        part = mask[first : first + per_pass, shared:-1]
+        lead = int((part.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # padding in every row
+        ids, part = ids[:, lead:], part[:, lead:]
+        n, cols = ids.shape
+        if not cols:  # every row of the chunk is its prefix and its last token
+            continue
+        held = [
+            (layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
+            for layer in (prefix.layers if prefix is not None else [])
+        ]
+        positions = (shared + part.long().cumsum(-1) - 1).masked_fill(part == 0, 0)
+        out = decoder(
+            input_ids=ids,
+            attention_mask=torch.cat([part.new_ones(n, shared), part], dim=1),
+            position_ids=positions,
+            cache=DynamicCache(ddp_cache_data=held or None, config=model.config),
+            use_cache=True,
         )
-        chunks.append((lead, out.cache))
-    pad = torch.nn.functional.pad
-    merged = [
-        tuple(
-            torch.cat([pad(getattr(c.layers[i], kind), (0, 0, lead, 0)) for lead, c in chunks])
-            for kind in ("keys", "values")
+        put(
+            [
+                (layer.keys[:, :, shared:], layer.values[:, :, shared:])
+                for layer in out.cache.layers
+            ],
+            slice(first, first + n),
+            slice(width - 1 - cols, width - 1),
         )
-        for i in range(layers)
-    ]
-    return DynamicCache(ddp_cache_data=merged, config=model.config)
+    return input_ids, mask, DynamicCache(ddp_cache_data=store, config=model.config)
+
+
+def _shared_prefix(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many tokens every row of a left-padded batch begins with, leaving each row at least
+    its last token (which `generate` computes)."""
+    rows, width = input_ids.shape
+    lengths = mask.sum(dim=1)
+    span = int(lengths.min()) - 1
+    if rows < 2 or span < 1:
+        return 0
+    starts = (width - lengths).unsqueeze(1) + torch.arange(span).unsqueeze(0)
+    tokens = input_ids.gather(1, starts)
+    return int((tokens == tokens[:1]).all(dim=0).long().cumprod(dim=0).sum())
+
+
+def _prefix_first(
+    input_ids: torch.Tensor, mask: torch.Tensor, shared: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A left-padded batch laid out as its `shared` first tokens, then each row's padding, then
+    the rest of each row."""
+    rows, width = input_ids.shape
+    lead = (mask == 0).sum(dim=1, keepdim=True)
+    cols = torch.arange(width).expand(rows, width)
+    source = torch.where(
+        cols < shared, cols + lead, torch.where(cols < shared + lead, cols - shared, cols)
+    )
+    return input_ids.gather(1, source), mask.gather(1, source)
 
 
 def _full_length_layers(model: Any) -> int:
