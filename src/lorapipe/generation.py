@@ -16,6 +16,8 @@ from lorapipe.runtime import keep_freed_memory
 # prompts of ~41 tokens: 5.2-5.6 s per 128 prompts; 16 prompts a pass: 5.8 s; 8: 7.0 s).
 PREFILL_TOKENS = 2048
 
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # keys and values, [rows, heads, tokens, dim] a layer
+
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
     """Completions for `prompts` (see `generate_with_stops`, which also says where each ended)."""
@@ -229,17 +231,36 @@ def _prefilled(
         return input_ids, mask, None
     input_ids, mask = _prefix_first(input_ids, mask, shared)
     decoder = model.get_decoder()  # the layers alone: no output layer, no logits to throw away
-    prefix = None
+    prefix: KV = []
     if shared:
-        prefix = decoder(
+        out = decoder(
             input_ids=input_ids[:1, :shared],
             cache=DynamicCache(config=model.config),
             use_cache=True,
-        ).cache
-    # The cache's keys and values, [rows, heads, width - 1, head_dim] a layer, zero where masked.
-    store: list[tuple[torch.Tensor, torch.Tensor]] = []
+        )
+        prefix = [(layer.keys, layer.values) for layer in out.cache.layers]
+    store = _filled(decoder, model.config, input_ids, mask, prefix, per_pass)
+    return input_ids, mask, DynamicCache(ddp_cache_data=store, config=model.config)
 
-    def put(kv: list[tuple[torch.Tensor, torch.Tensor]], at_rows: slice, at_cols: slice) -> None:
+
+def _filled(
+    decoder: Any,
+    config: Any,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    prefix: KV,
+    per_pass: int,
+) -> KV:
+    """The cache of every token of a prefix-first batch but the last (zero where masked): the
+    shared `prefix`'s keys and values (one row) in every row, then the rest of the rows computed
+    by `decoder` over the prefix, about `per_pass` rows a pass, spread evenly over the passes."""
+    from transformers import DynamicCache
+
+    rows, width = input_ids.shape
+    shared = prefix[0][0].shape[2] if prefix else 0
+    store: KV = []
+
+    def put(kv: KV, at_rows: slice, at_cols: slice) -> None:
         if not store:
             store.extend(
                 (
@@ -251,8 +272,8 @@ def _prefilled(
         for (k, v), (to_k, to_v) in zip(kv, store, strict=True):
             to_k[at_rows, :, at_cols], to_v[at_rows, :, at_cols] = k, v
 
-    if prefix is not None:
-        put([(layer.keys, layer.values) for layer in prefix.layers], slice(None), slice(0, shared))
+    if prefix:
+        put(prefix, slice(None), slice(0, shared))
     per_pass = -(-rows // -(-rows // per_pass))  # as many passes as needed, rows spread evenly
     for first in range(0, rows, per_pass):
         ids = input_ids[first : first + per_pass, shared:-1]
@@ -262,16 +283,12 @@ def _prefilled(
         n, cols = ids.shape
         if not cols:  # every row of the chunk is its prefix and its last token
             continue
-        held = [
-            (layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1))
-            for layer in (prefix.layers if prefix is not None else [])
-        ]
-        positions = (shared + part.long().cumsum(-1) - 1).masked_fill(part == 0, 0)
+        held = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix]
         out = decoder(
             input_ids=ids,
             attention_mask=torch.cat([part.new_ones(n, shared), part], dim=1),
-            position_ids=positions,
-            cache=DynamicCache(ddp_cache_data=held or None, config=model.config),
+            position_ids=(shared + part.long().cumsum(-1) - 1).masked_fill(part == 0, 0),
+            cache=DynamicCache(ddp_cache_data=held or None, config=config),
             use_cache=True,
         )
         put(
@@ -282,7 +299,7 @@ def _prefilled(
             slice(first, first + n),
             slice(width - 1 - cols, width - 1),
         )
-    return input_ids, mask, DynamicCache(ddp_cache_data=store, config=model.config)
+    return store
 
 
 def _shared_prefix(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -293,7 +310,7 @@ def _shared_prefix(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
     span = int(lengths.min()) - 1
     if rows < 2 or span < 1:
         return 0
-    starts = (width - lengths).unsqueeze(1) + torch.arange(span).unsqueeze(0)
+    starts = (width - lengths).unsqueeze(1) + torch.arange(span, device=mask.device)
     tokens = input_ids.gather(1, starts)
     return int((tokens == tokens[:1]).all(dim=0).long().cumprod(dim=0).sum())
 
@@ -305,7 +322,7 @@ def _prefix_first(
     the rest of each row."""
     rows, width = input_ids.shape
     lead = (mask == 0).sum(dim=1, keepdim=True)
-    cols = torch.arange(width).expand(rows, width)
+    cols = torch.arange(width, device=mask.device).expand(rows, width)
     source = torch.where(
         cols < shared, cols + lead, torch.where(cols < shared + lead, cols - shared, cols)
     )
