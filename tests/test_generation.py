@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -203,10 +205,10 @@ def test_rows_that_end_leave_the_batch_and_the_rest_decode_as_in_one_call(
         assert len(got) <= 12 and set(got[n:].tolist()) <= {tok.pad_token_id}
 
 
-def _until_eos(rows: object, eos: int) -> list[tuple[int, ...]]:
-    """Each row's tokens up to and including its first `eos` (what follows is padding)."""
+def _until_eos(rows: Iterable[Any], eos: int) -> list[tuple[int, ...]]:
+    """Each row's tokens (tensors) up to and including its first `eos` (then padding follows)."""
     out = []
-    for row in rows:  # type: ignore[attr-defined]
+    for row in rows:
         tokens = row.tolist()
         out.append(tuple(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens))
     return out
