@@ -146,15 +146,13 @@ def batched_generation_flops(
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     total = 0.0
     for start in range(0, len(order), batch_size):
-        rows = [prompt_ids[i] for i in order[start : start + batch_size]]
-        shared = 0
+        batch = order[start : start + batch_size]
+        rows = [prompt_ids[i] for i in batch]
+        shared = 0  # counted independently of generation's own rule; the test ties the two
         while len(rows) > 1 and all(
             len(r) > shared + 1 and r[shared] == rows[0][shared] for r in rows
         ):
             shared += 1
-        lengths, made = (
-            [len(r) for r in rows],
-            [new_tokens[i] for i in order[start : start + batch_size]],
-        )
-        total += generation_flops(model, lengths, made, shared=shared)
+        made = [new_tokens[i] for i in batch]
+        total += generation_flops(model, [len(r) for r in rows], made, shared=shared)
     return total

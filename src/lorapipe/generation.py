@@ -212,8 +212,8 @@ def _prefilled(
       unmasked tokens, so every real token keeps the position it has left-padded.
     - Chunks: the rest of the prompts (consecutive rows, sorted by length) go through in chunks
       of about `PREFILL_TOKENS` tokens, each padded only to its own longest row, with the
-      positions `generate` gives them; their keys and values are zero-padded on the left to the
-      batch's length: those columns are masked out.
+      positions `generate` gives them, over the prefix (`_filled`); their keys and values are
+      written at the batch's columns, zero where a row is padded (masked out).
     Every real token's cache entry is what a whole-batch pass computes, and the answers are the
     same (tests/test_generation.py).
     """
@@ -222,8 +222,7 @@ def _prefilled(
     rows, width = input_ids.shape
     if rows < 2 or int(mask.sum(dim=1).min()) < 2:  # a row needs a token to fill
         return input_ids, mask, None
-    layers = _full_length_layers(model)
-    if not layers:
+    if not _full_length_layers(model):
         return input_ids, mask, None
     shared = _shared_prefix(input_ids, mask)
     per_pass = max(1, PREFILL_TOKENS // (width - shared))
