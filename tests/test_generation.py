@@ -212,3 +212,44 @@ def _until_eos(rows: Iterable[Any], eos: int) -> list[tuple[int, ...]]:
         tokens = row.tolist()
         out.append(tuple(tokens[: tokens.index(eos) + 1] if eos in tokens else tokens))
     return out
+
+
+def test_a_preallocated_cache_layer_holds_what_transformers_dynamic_layer_holds() -> None:
+    """`_Preallocated` writes into storage set aside once instead of concatenating: after the
+    same updates, crops and row selections it returns what transformers' `DynamicLayer`
+    returns, whether the room set aside suffices or has to grow, and two layers over different
+    rows of one batch's storage write into their own rows of it."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from lorapipe.generation import _Preallocated
+
+    torch.manual_seed(0)
+
+    def states(rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(rows, 3, tokens, 8), torch.randn(rows, 3, tokens, 8)
+
+    for room in (12, 4):  # enough for every token, and too little (the storage grows)
+        store: list[torch.Tensor] = []
+        layer, reference = _Preallocated(store, slice(None), 0, (5, room)), DynamicLayer()
+        for step in (states(5, 4), states(5, 1), states(5, 1)):
+            got, want = layer.update(*step), reference.update(*step)
+            assert all(a.equal(b) for a, b in zip(got, want, strict=True))
+        assert layer.get_seq_length() == reference.get_seq_length() == 6
+        layer.crop(-2)
+        reference.crop(-2)
+        keep = torch.tensor([0, 3, 4])
+        layer.batch_select_indices(keep)
+        reference.batch_select_indices(keep)
+        step = states(3, 2)
+        got, want = layer.update(*step), reference.update(*step)
+        assert all(a.equal(b) for a, b in zip(got, want, strict=True))
+        assert got[0].shape == (3, 3, 6, 8)
+    with pytest.raises(ValueError, match="negated"):
+        layer.crop(2)
+    store = []
+    top, bottom = (_Preallocated(store, rows, 0, (4, 6)) for rows in (slice(0, 2), slice(2, 4)))
+    upper, lower = states(2, 3), states(2, 3)
+    top.update(*upper)
+    bottom.update(*lower)
+    assert store[0][:2, :, :3].equal(upper[0]) and store[1][2:, :, :3].equal(lower[1])

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from lorapipe.runtime import keep_freed_memory
 
@@ -15,8 +17,6 @@ from lorapipe.runtime import keep_freed_memory
 # 2 CPU cores SmolLM2's prefill runs as fast per token from ~1,300 tokens a pass up (32-128
 # prompts of ~41 tokens: 5.2-5.6 s per 128 prompts; 16 prompts a pass: 5.8 s; 8: 7.0 s).
 PREFILL_TOKENS = 2048
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # keys and values, [rows, heads, tokens, dim] a layer
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
@@ -76,7 +76,9 @@ def generate_with_stops(
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         with _contiguous_output_layer(model):
-            ids, mask, cache = _prefilled(model, enc["input_ids"], enc["attention_mask"])
+            ids, mask, cache = _prefilled(
+                model, enc["input_ids"], enc["attention_mask"], room=max_new_tokens
+            )
             new_tokens = _decode(
                 model,
                 ids,
@@ -154,7 +156,7 @@ def _decode(
         if keep.numel() == 0:
             return [t for t in done if t is not None]
         if cache.get_seq_length() > seqs.shape[1] - 1:  # holds every token but the last
-            cache.crop(seqs.shape[1] - 1)
+            cache.crop(seqs.shape[1] - 1 - cache.get_seq_length())  # (a negative count)
         cache.batch_select_indices(keep)
         ids, going = seqs[keep], going[keep]
         mask = torch.cat([mask, mask.new_ones(len(mask), made)], dim=1)[keep]
@@ -194,111 +196,183 @@ def _contiguous_output_layer(model: Any) -> Iterator[None]:
 
 
 def _prefilled(
-    model: Any, input_ids: torch.Tensor, mask: torch.Tensor
+    model: Any, input_ids: torch.Tensor, mask: torch.Tensor, *, room: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """The batch's `input_ids` and `mask` laid out for generation, and a KV cache holding every
     prompt token but the last (`generate` computes the last one, and from it the first new
-    token); the cache is None when one pass holds the whole batch and nothing is shared, or the
-    model's cache is not one of full-length layers (sliding windows, recurrent state): then
-    `generate` fills it itself from the batch as given.
+    token), with `room` more columns set aside for the tokens to come (`_Preallocated`); the
+    cache is None when one pass holds the whole batch and nothing is shared, or the model's
+    cache is not one of full-length layers (sliding windows, recurrent state): then `generate`
+    fills it itself from the batch as given.
 
     Written by hand: transformers' `generate` pads a batch to its longest prompt and fills the
     cache in one pass; it has neither chunked prefill nor a shared prefix on this path.
     - Shared prefix: the tokens every prompt of the batch begins with (a chat template's system
       turn: 17 of the default's ~39 tokens a prompt) pass through the model once, as one row,
-      and their keys and values are repeated for every row. For that the batch is laid out
+      and their keys and values are copied to every row. For that the batch is laid out
       prefix first, then each row's padding, then the rest of its prompt (`_prefix_first`):
       the padding is masked out wherever it sits, and `generate` counts positions over the
       unmasked tokens, so every real token keeps the position it has left-padded.
     - Chunks: the rest of the prompts (consecutive rows, sorted by length) go through in chunks
       of about `PREFILL_TOKENS` tokens, each padded only to its own longest row, with the
-      positions `generate` gives them, over the prefix (`_filled`); their keys and values are
-      written at the batch's columns, zero where a row is padded (masked out).
+      positions `generate` gives them, over the prefix (`_filled`); each pass writes its keys
+      and values straight into the batch's cache at its rows and columns.
     Every real token's cache entry is what a whole-batch pass computes, and the answers are the
     same (tests/test_generation.py).
     """
-    from transformers import DynamicCache
-
     rows, width = input_ids.shape
     if rows < 2 or int(mask.sum(dim=1).min()) < 2:  # a row needs a token to fill
         return input_ids, mask, None
-    if not _full_length_layers(model):
+    layers = _full_length_layers(model)
+    if not layers:
         return input_ids, mask, None
     shared = _shared_prefix(input_ids, mask)
     per_pass = max(1, PREFILL_TOKENS // (width - shared))
     if not shared and rows <= per_pass:
         return input_ids, mask, None
     input_ids, mask = _prefix_first(input_ids, mask, shared)
-    decoder = model.get_decoder()  # the layers alone: no output layer, no logits to throw away
-    prefix: KV = []
-    if shared:
-        out = decoder(
-            input_ids=input_ids[:1, :shared],
-            cache=DynamicCache(config=model.config),
-            use_cache=True,
-        )
-        prefix = [(layer.keys, layer.values) for layer in out.cache.layers]
-    store = _filled(decoder, model.config, input_ids, mask, prefix, per_pass)
-    return input_ids, mask, DynamicCache(ddp_cache_data=store, config=model.config)
+    store: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+    caches = _Caches(model.config, store, (rows, width - 1 + room))
+    # The layers alone: no output layer, no logits to throw away.
+    _filled(model.get_decoder(), caches, input_ids, mask, shared, per_pass)
+    return input_ids, mask, caches(slice(None), width - 1)
+
+
+class _Caches:
+    """Caches (transformers' `DynamicCache`) of `_Preallocated` layers over one batch's `store`
+    (per decoder layer its keys and values, set aside once for `size`: rows, columns)."""
+
+    def __init__(self, config: Any, store: list[list[torch.Tensor]], size: tuple[int, int]):
+        self.config, self.store, self.size = config, store, size
+
+    def __call__(self, rows: slice, filled: int) -> Any:
+        """A cache of the batch's `rows`, holding its first `filled` columns."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        cache.layers = [_Preallocated(kv, rows, filled, self.size) for kv in self.store]
+        return cache
 
 
 def _filled(
     decoder: Any,
-    config: Any,
+    caches: _Caches,
     input_ids: torch.Tensor,
     mask: torch.Tensor,
-    prefix: KV,
+    shared: int,
     per_pass: int,
-) -> KV:
-    """The cache of every token of a prefix-first batch but the last (zero where masked): the
-    shared `prefix`'s keys and values (one row) in every row, then the rest of the rows computed
-    by `decoder` over the prefix, about `per_pass` rows a pass, spread evenly over the passes."""
-    from transformers import DynamicCache
-
+) -> None:
+    """Fills the cache of every token of a prefix-first batch but the last (zero where masked):
+    the `shared` prefix computed once, in the first row, and copied to every row, then the rest
+    of the rows computed by `decoder` over it, about `per_pass` rows a pass, spread evenly over
+    the passes, each written at its rows and columns."""
     rows, width = input_ids.shape
-    shared = prefix[0][0].shape[2] if prefix else 0
-    store: KV = []
-
-    def put(kv: KV, at_rows: slice, at_cols: slice) -> None:
-        if not store:
-            store.extend(
-                (
-                    k.new_zeros(rows, k.shape[1], width - 1, k.shape[3]),
-                    v.new_zeros(rows, v.shape[1], width - 1, v.shape[3]),
-                )
-                for k, v in kv
-            )
-        for (k, v), (to_k, to_v) in zip(kv, store, strict=True):
-            to_k[at_rows, :, at_cols], to_v[at_rows, :, at_cols] = k, v
-
-    if prefix:
-        put(prefix, slice(None), slice(0, shared))
+    if shared:
+        decoder(input_ids=input_ids[:1, :shared], cache=caches(slice(0, 1), 0), use_cache=True)
+        for states in chain.from_iterable(caches.store):
+            states[1:, :, :shared] = states[:1, :, :shared]
     per_pass = -(-rows // -(-rows // per_pass))  # as many passes as needed, rows spread evenly
     for first in range(0, rows, per_pass):
-        ids = input_ids[first : first + per_pass, shared:-1]
         part = mask[first : first + per_pass, shared:-1]
         lead = int((part.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # padding in every row
-        ids, part = ids[:, lead:], part[:, lead:]
+        ids, part = input_ids[first : first + per_pass, shared + lead : -1], part[:, lead:]
         n, cols = ids.shape
+        for states in chain.from_iterable(caches.store):  # columns no pass writes: masked out,
+            states[first : first + n, :, shared : shared + lead] = 0  # but they must be finite
         if not cols:  # every row of the chunk is its prefix and its last token
             continue
-        held = [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix]
-        out = decoder(
+        decoder(
             input_ids=ids,
-            attention_mask=torch.cat([part.new_ones(n, shared), part], dim=1),
+            attention_mask=mask[first : first + n, :-1],  # the prefix, padding, these tokens
             position_ids=(shared + part.long().cumsum(-1) - 1).masked_fill(part == 0, 0),
-            cache=DynamicCache(ddp_cache_data=held or None, config=config),
+            cache=caches(slice(first, first + n), width - 1 - cols),
             use_cache=True,
         )
-        put(
-            [
-                (layer.keys[:, :, shared:], layer.values[:, :, shared:])
-                for layer in out.cache.layers
-            ],
-            slice(first, first + n),
-            slice(width - 1 - cols, width - 1),
-        )
-    return store
+
+
+class _Preallocated(DynamicLayer):
+    """One decoder layer's KV cache for some rows of a batch, kept in storage set aside once for
+    the whole batch and every token to come (`store`: its keys and values, [rows, heads,
+    columns, dim], made when the first keys arrive, shared by the caches of every prefill pass
+    over the batch): new keys and values are written after the `filled` columns, and `keys` and
+    `values` are views of what is filled.
+
+    Written here because transformers' `DynamicLayer` concatenates the whole cache onto a fresh
+    copy at every pass (10% of the adapter's decoding in the evaluate stage, a profile of
+    2026-12-01) and its `StaticLayer` attends over every column it has set aside at every pass.
+    Out of room (a longer generation than set aside for), the storage doubles.
+    """
+
+    def __init__(
+        self, store: list[torch.Tensor], rows: slice, filled: int, size: tuple[int, int]
+    ) -> None:
+        super().__init__()
+        self.store, self.rows, self.filled, self.size = store, rows, filled, size
+        if store:
+            self.is_initialized, self.device = True, store[0].device
+            self._view()
+
+    def _view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = (s[self.rows, :, : self.filled] for s in self.store)
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[-2]
+        if not self.store:  # the first keys of this decoder layer: set the batch's storage aside
+            rows, columns = self.size
+            # Not zeroed, but for the columns before these keys: every other column is written
+            # before it is read, or zeroed by `_filled` when no pass writes it (masked padding).
+            self.store.extend(
+                s.new_empty(rows, s.shape[1], columns, s.shape[3])
+                for s in (key_states, value_states)
+            )
+            for s in self.store:
+                s[:, :, : self.filled] = 0
+            self.is_initialized, self.device = True, key_states.device
+        room = self.store[0].shape[2]
+        if self.filled + new > room:
+            grow = max(room, self.filled + new - room)
+            self.store[:] = [
+                torch.cat([s, s.new_zeros(*s.shape[:2], grow, s.shape[3])], 2) for s in self.store
+            ]
+        for s, states in zip(self.store, (key_states, value_states), strict=True):
+            s[self.rows, :, self.filled : self.filled + new] = states
+        self.filled += new
+        return self._view()
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop takes the number of tokens to remove, negated: got {tokens_to_remove}"
+            )
+        self.filled += tokens_to_remove
+        self._view()
+
+    def reset(self) -> None:
+        self.filled = 0
+        if self.store:
+            self._view()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(lambda s: s[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def _rows(self, pick: Any) -> None:
+        """This layer's rows of the storage, re-selected by `pick`, as its own storage."""
+        self.store = [pick(s[self.rows]) for s in self.store]
+        self.rows = slice(None)
+        self._view()
 
 
 def _shared_prefix(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
