@@ -43,19 +43,29 @@ def test_prompts_are_batched_by_token_count_and_answered_in_input_order(tiny_bas
     assert batched == alone and len(set(alone)) > 1
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["heads", "grouped-query"])
 def test_a_batch_prefilled_in_chunks_generates_what_one_pass_does(
-    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch, grouped: bool
 ) -> None:
     """The prompts' shared beginning (the chat template's system turn) computed once, the rest
     of each prompt in its own prefill pass (`PREFILL_TOKENS` of 1), then all decoded together:
     every real token keeps its place in order, the cache holds at every real token what one
-    whole-batch pass computes, and the answers are the same."""
+    whole-batch pass computes, and the answers are the same. Also with grouped-query attention
+    (4 query heads to 2 key heads, as SmolLM2's 9 to 3), which the prefill passes hand to the
+    attention kernel whole (`_grouped_attention`) and a whole-batch pass copies per head."""
     import torch
 
     from lorapipe import generation
 
     tok = load_tokenizer(tiny_base)
     model = load_base_model(tiny_base, dtype="float32").eval()
+    if grouped:
+        from transformers import AutoModelForCausalLM
+
+        config = model.config
+        config.num_attention_heads, config.num_key_value_heads = 4, 2
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
     prompts = [build_prompt(tok, r["instruction"]) for r in make_questions(24, seed=5)]
     one_pass = generate(model, tok, prompts, batch_size=24, max_new_tokens=12)
     alone = [generate(model, tok, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]

@@ -3,6 +3,7 @@ stopping at EOS."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import chain
@@ -195,6 +196,30 @@ def _contiguous_output_layer(model: Any) -> Iterator[None]:
         handle.remove()
 
 
+@contextmanager
+def _grouped_attention(device: torch.device) -> Iterator[None]:
+    """On CPU, for the duration: grouped-query attention (several query heads to a key head,
+    SmolLM2's 9 to 3) computed by PyTorch's attention kernel itself (`enable_gqa`).
+
+    Written here because transformers (5.x) lets the kernel take the groups only without a mask
+    (a limit of CUDA's kernels) and otherwise copies every key and value once per query head
+    that reads it (`repeat_kv`); the CPU kernel takes the groups with a mask. transformers' own
+    switch is the environment variable `TRANSFORMERS_SDPA_FORCE_GQA`, read at every call. A
+    prefill pass of 50 prompts over the cache (22 x 39 positions): 1.43 against 1.96 ms a
+    layer. Only for prefill: decoding one token a row, transformers folds a key head's queries
+    into one row of queries instead, faster still (200 rows: 0.81 against 1.04 ms a layer).
+    """
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if device.type != "cpu" or name in os.environ:
+        yield
+        return
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[name]
+
+
 def _prefilled(
     model: Any, input_ids: torch.Tensor, mask: torch.Tensor, *, room: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -233,8 +258,9 @@ def _prefilled(
     input_ids, mask = _prefix_first(input_ids, mask, shared)
     store: list[list[torch.Tensor]] = [[] for _ in range(layers)]
     caches = _Caches(model.config, store, (rows, width - 1 + room))
-    # The layers alone: no output layer, no logits to throw away.
-    _filled(model.get_decoder(), caches, input_ids, mask, shared, per_pass)
+    with _grouped_attention(input_ids.device):
+        # The layers alone: no output layer, no logits to throw away.
+        _filled(model.get_decoder(), caches, input_ids, mask, shared, per_pass)
     return input_ids, mask, caches(slice(None), width - 1)
 
 
