@@ -152,6 +152,32 @@ def test_val_loss_equals_the_models_own_loss_for_one_example(tiny_base: Path) ->
     assert batched == pytest.approx(weighted, rel=1e-5)
 
 
+def test_val_loss_from_the_supervised_positions_alone_equals_every_positions(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`completion_loss` sends only the positions that predict a supervised token through the
+    output layer (`logits_to_keep`); with every position projected, as for a model whose
+    forward does not take it, the loss is the same."""
+    from lorapipe import evaluation
+
+    tok = load_tokenizer(tiny_base)
+    model = load_base_model(tiny_base, dtype="float32")
+    examples = [
+        {"prompt": build_prompt(tok, q["instruction"]), "completion": q["response"] + tok.eos_token}
+        for q in make_questions(9, seed=7)
+    ]
+    assert evaluation._keeps_logits(model)
+    projected: list[int] = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
+    compact = completion_loss(model, tok, examples, batch_size=4)
+    monkeypatch.setattr(evaluation, "_keeps_logits", lambda _model: False)
+    widths = len(projected)
+    full = completion_loss(model, tok, examples, batch_size=4)
+    assert compact == pytest.approx(full, rel=1e-6)
+    assert sum(projected[:widths]) < sum(projected[widths:]) / 2  # far fewer positions
+
+
 def test_seeded_sampling_is_reproducible_and_differs_from_greedy(tiny_base: Path) -> None:
     tok = load_tokenizer(tiny_base)
     model = load_base_model(tiny_base, dtype="float32")
