@@ -155,9 +155,11 @@ def test_val_loss_equals_the_models_own_loss_for_one_example(tiny_base: Path) ->
 def test_val_loss_from_the_supervised_positions_alone_equals_every_positions(
     tiny_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`completion_loss` sends only the positions that predict a supervised token through the
+    """`completion_loss` computes the examples' shared beginning once (the chat template's
+    system turn) and sends only the positions that predict a supervised token through the
     output layer (`logits_to_keep`); with every position projected, as for a model whose
-    forward does not take it, the loss is the same."""
+    forward does not take it, the loss is the same. (That the shared beginning changes no
+    loss: the test above, batched against the model's own loss one example at a time.)"""
     from lorapipe import evaluation
 
     tok = load_tokenizer(tiny_base)
@@ -167,6 +169,12 @@ def test_val_loss_from_the_supervised_positions_alone_equals_every_positions(
         for q in make_questions(9, seed=7)
     ]
     assert evaluation._keeps_logits(model)
+    encoded = [
+        (tok(ex["prompt"] + ex["completion"])["input_ids"], len(tok(ex["prompt"])["input_ids"]))
+        for ex in examples
+    ]
+    shared, prefix = evaluation._shared_start(model, encoded)
+    assert 5 <= shared < min(start for _, start in encoded) and prefix.get_seq_length() == shared
     projected: list[int] = []
     head = model.get_output_embeddings()
     head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))

@@ -27,6 +27,12 @@ def completion_loss(
     The mean is over all supervised tokens of all examples (so equal to the model's own loss
     for a single example). Runs in the model's dtype under no_grad; raises ValueError if no
     example has a supervised token.
+
+    What every example begins with before its completion (a chat template's system turn) goes
+    through the model once, and each batch goes on from its keys and values (`_shared_start`);
+    only the positions that predict a supervised token go through the output layer
+    (`_keeps_logits`). The loss is what one pass over every position computes
+    (tests/test_report.py).
     """
     import torch
 
@@ -42,13 +48,12 @@ def completion_loss(
     encoded.sort(key=lambda e: len(e[0]))  # little padding per batch
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, tokens = 0.0, 0
-    compact = _keeps_logits(model)
     model.eval()
     with torch.no_grad():
+        shared, prefix = _shared_start(model, encoded)
         first = 0
         while first < len(encoded):
-            # At most `batch_size` examples and about PREFILL_TOKENS tokens a pass: the logits
-            # of every position are kept (49,152 floats each on SmolLM2).
+            # At most `batch_size` examples and about PREFILL_TOKENS tokens a pass.
             longest = len(encoded[min(first + batch_size, len(encoded)) - 1][0])  # sorted
             batch = encoded[first : first + max(1, min(batch_size, PREFILL_TOKENS // longest))]
             first += len(batch)
@@ -60,27 +65,82 @@ def completion_loss(
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention[row, : len(ids)] = 1
                 labels[row, start : len(ids)] = torch.tensor(ids[start:])
-            # Token t predicts token t+1, as in the models' own loss. Only the positions that
-            # predict a supervised token in some row go through the output layer (transformers'
-            # `logits_to_keep`, so whatever the model does to its logits still happens): the
-            # prompt is ~90% of a chat example, and the output layer (576 x 49,152 on SmolLM2)
-            # over every position was a fifth of the forward pass.
-            keep = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
-            kept = {"logits_to_keep": keep.to(model.device)} if compact else {}
-            logits = model(
-                input_ids=input_ids.to(model.device),
-                attention_mask=attention.to(model.device),
-                **kept,
-            ).logits.float()
-            targets = (labels[:, keep + 1] if compact else labels[:, 1:]).to(logits.device)
-            total += torch.nn.functional.cross_entropy(
-                logits[:, : targets.shape[1]].reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            ).item()
-            tokens += int((targets != -100).sum())
+            batch_total, batch_tokens = _batch_loss(
+                model, input_ids, attention, labels, shared, prefix
+            )
+            total, tokens = total + batch_total, tokens + batch_tokens
     return total / tokens
+
+
+def _shared_start(model: Any, encoded: list[tuple[list[int], int]]) -> tuple[int, Any]:
+    """How many tokens every example begins with before the first position that predicts one of
+    its completion tokens, and those tokens' KV cache (one row), computed here; (0, None) when
+    none, or when the model's cache is not one of full-length layers.
+
+    Written by hand, as the evaluation's generation does for prompts (`generation._prefilled`):
+    transformers computes a shared beginning once per row. SmolLM2's default validation examples
+    are ~44 tokens, 17 of them the same system turn and `<|im_start|>user`."""
+    import torch
+    from transformers import DynamicCache
+
+    from lorapipe.generation import _full_length_layers
+
+    reference = encoded[0][0]
+    shared = min(start - 1 for _, start in encoded)  # position start-1 predicts token start
+    for ids, _ in encoded[1:]:
+        shared = min(shared, common_prefix_length(reference, ids))
+    if shared < 1 or not _full_length_layers(model):
+        return 0, None
+    head = torch.tensor([reference[:shared]], device=model.device)
+    cache = DynamicCache(config=model.config)
+    model.get_decoder()(input_ids=head, cache=cache, use_cache=True)  # no output layer
+    return shared, cache
+
+
+def _batch_loss(
+    model: Any,
+    input_ids: Any,
+    attention: Any,
+    labels: Any,
+    shared: int,
+    prefix: Any,
+) -> tuple[float, int]:
+    """The summed cross-entropy of a right-padded batch over its supervised tokens, and their
+    count, its first `shared` columns already in `prefix` (a one-row KV cache, or None).
+
+    Token t predicts token t+1, as in the models' own loss. Only the positions that predict a
+    supervised token in some row go through the output layer (transformers' `logits_to_keep`,
+    so whatever the model does to its logits still happens): the prompt is ~90% of a chat
+    example, and the output layer (576 x 49,152 on SmolLM2) over every position was a fifth of
+    the forward pass."""
+    import torch
+    from transformers import DynamicCache
+
+    rows, width = input_ids.shape
+    if _keeps_logits(model):
+        positions = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+        kept = {"logits_to_keep": (positions - shared).to(model.device)}
+    else:
+        positions, kept = torch.arange(shared, width - 1), {}
+    if prefix is not None:
+        held = [
+            (layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+            for layer in prefix.layers
+        ]
+        kept["cache"] = DynamicCache(ddp_cache_data=held, config=model.config)
+    logits = model(
+        input_ids=input_ids[:, shared:].to(model.device),
+        attention_mask=attention.to(model.device),
+        **kept,
+    ).logits[:, : len(positions)]
+    targets = labels[:, positions + 1].to(logits.device)
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    return loss.item(), int((targets != -100).sum())
 
 
 def _keeps_logits(model: Any) -> bool:
