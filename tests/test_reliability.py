@@ -242,7 +242,8 @@ def test_interrupt_exits_cleanly_and_keeps_the_previous_output(
     previous = tmp_path / "models" / "adapter"
     previous.mkdir(parents=True)
     (previous / "adapter_model.safetensors").write_bytes(b"the previous run's adapter")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    # PYTHONFAULTHANDLER: a stage that does not stop is made to print where every thread stands.
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "stages.train"],
         cwd=tmp_path,
@@ -257,7 +258,12 @@ def test_interrupt_exits_cleanly_and_keeps_the_previous_output(
         time.sleep(0.05)
     time.sleep(3.0)  # loading the base or training: max_steps keeps it busy for hours
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # the fault handler prints every thread's stack
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"still running 60 s after the signal; its last stderr:\n{stderr[-8000:]}")
     assert proc.returncode == 130, stderr
     # The last words on stderr (a progress bar being torn down may still write \r and escapes).
     plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stderr)
