@@ -251,6 +251,9 @@ def test_interrupt_exits_cleanly_and_keeps_the_previous_output(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a shell script's background job (`.ci/run &`) hands its children
+        # SIGINT ignored, and Python then keeps ignoring it (the stage trained on for 60 s).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not list((tmp_path / "reports").glob(".tmp-train-*")) and time.time() < deadline:
