@@ -51,6 +51,7 @@ def completion_loss(
     model.eval()
     with torch.no_grad():
         shared, prefix = _shared_start(model, encoded)
+        compact = _keeps_logits(model)
         first = 0
         while first < len(encoded):
             # At most `batch_size` examples and about PREFILL_TOKENS tokens a pass.
@@ -66,7 +67,7 @@ def completion_loss(
                 attention[row, : len(ids)] = 1
                 labels[row, start : len(ids)] = torch.tensor(ids[start:])
             batch_total, batch_tokens = _batch_loss(
-                model, input_ids, attention, labels, shared, prefix
+                model, input_ids, attention, labels, shared, prefix, compact=compact
             )
             total, tokens = total + batch_total, tokens + batch_tokens
     return total / tokens
@@ -104,9 +105,12 @@ def _batch_loss(
     labels: Any,
     shared: int,
     prefix: Any,
+    *,
+    compact: bool,
 ) -> tuple[float, int]:
     """The summed cross-entropy of a right-padded batch over its supervised tokens, and their
-    count, its first `shared` columns already in `prefix` (a one-row KV cache, or None).
+    count, its first `shared` columns already in `prefix` (a one-row KV cache, or None);
+    `compact` when the model takes `logits_to_keep` (`_keeps_logits`).
 
     Token t predicts token t+1, as in the models' own loss. Only the positions that predict a
     supervised token in some row go through the output layer (transformers' `logits_to_keep`,
@@ -117,7 +121,7 @@ def _batch_loss(
     from transformers import DynamicCache
 
     rows, width = input_ids.shape
-    if _keeps_logits(model):
+    if compact:
         positions = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
         kept = {"logits_to_keep": (positions - shared).to(model.device)}
     else:
