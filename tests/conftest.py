@@ -110,7 +110,7 @@ def train_params(tmp_path: Path) -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def smol_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """models/base as the base stage writes it for the real default, SmolLM2-135M-Instruct from
-    its GGUF file (about 20 s on 2 cores, once per session)."""
+    its GGUF file (about 10 s on 2 cores, once per session)."""
     import yaml
 
     from lorapipe.base_model import build_base

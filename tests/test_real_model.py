@@ -45,6 +45,35 @@ def test_the_gguf_becomes_a_pinned_dense_model_with_one_tied_embedding(smol_base
     assert "quantization_config" not in config  # dense: trainable and savable
 
 
+def test_a_conversion_parses_the_gguf_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' loader opens the file for the config, the tokenizer and the weights, and our
+    header check once more: within `_read_once` all four share one parse, and gguf's own reader
+    and name map are back in place after it."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from lorapipe.gguf_source import _read_once, inspect
+
+    parsed: list[str] = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, path: str, mode: str = "r") -> None:
+            parsed.append(str(path))
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    name_map = gguf.get_tensor_name_map
+    with _read_once():
+        assert inspect(gguf_file())["architecture"] == "llama"
+        first = load_gguf_checkpoint(str(gguf_file()))  # as transformers calls it
+        again = load_gguf_checkpoint(str(gguf_file()))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 30) is gguf.get_tensor_name_map(arch, 30)
+    assert parsed == [str(gguf_file())]
+    assert first["config"] == again["config"] and first["config"]["num_hidden_layers"] == 30
+    assert gguf.GGUFReader is Counted and gguf.get_tensor_name_map is name_map
+
+
 def test_the_converted_model_answers_like_the_original(smol_base: Path, smol_tokenizer) -> None:
     """Greedy generation through the saved folder, the template's default system prompt and
     <|im_end|> as the stop: the answer the GGUF itself gives."""

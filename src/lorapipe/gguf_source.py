@@ -11,11 +11,14 @@ template included) and generation config; no later stage reads the GGUF again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lorapipe.config import ModelCfg
 from lorapipe.errors import PipelineError
@@ -93,6 +96,38 @@ def inspect(path: Path) -> dict[str, Any]:
     return {"architecture": architecture, "tensors": sum(types.values()), "tensor_types": types}
 
 
+@contextmanager
+def _read_once() -> Iterator[None]:
+    """Within it, gguf's reader parses each file once and its tensor-name map is built once per
+    architecture and depth.
+
+    Written here because neither library shares them: transformers' GGUF loader opens the file
+    afresh for the config, the tokenizer and the weights (`from gguf import GGUFReader` at each
+    call), and each opening parses the header's 49,152-token vocabulary entry by entry (~5 s
+    on 2 cores for the default); its weight map calls `gguf.get_tensor_name_map` once per module
+    (397 times, ~6 s). Both are read-only after construction, so one instance serves every call.
+    """
+    from unittest import mock
+
+    import gguf
+
+    reader_cls = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: Literal["r", "r+", "c"] = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    name_map = functools.cache(gguf.get_tensor_name_map)
+    with (
+        mock.patch.object(gguf, "GGUFReader", reader),
+        mock.patch.object(gguf, "get_tensor_name_map", name_map),
+    ):
+        yield
+
+
 def convert(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     """Check the GGUF file `cfg` names and write it to `out_dir` as a dense float32 safetensors
     model with its tokenizer and generation config. Returns the pin: name, origin, sha256, size,
@@ -108,18 +143,19 @@ def convert(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
             f"model.sha256: {path} has sha256 {digest}, not the pinned {cfg.sha256}: "
             "a different file; pin the new hash in conf/model/ only if you meant to change models"
         )
-    header = inspect(path)
     folder, name = str(path.parent), path.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            gguf_file=name,
-            quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
-    except (ValueError, KeyError, NotImplementedError) as exc:
-        raise GgufSourceError(f"{path}: transformers cannot load it: {exc}") from None
+    with _read_once():
+        header = inspect(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                gguf_file=name,
+                quantization_config=GgufConfig(dequantize=True),
+                dtype=torch.float32,
+            )
+        except (ValueError, KeyError, NotImplementedError) as exc:
+            raise GgufSourceError(f"{path}: transformers cannot load it: {exc}") from None
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {
