@@ -3,6 +3,7 @@ pyqa splits for it, and params shrunk for training tests."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -14,6 +15,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # One share of the cores per pytest worker, for torch here and in every process a test
+    # starts (read when torch is first imported, after this). Two workers of two threads each
+    # on two cores made a test 10x slower (5.8 -> 56 s), torch's threads spinning on each other.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_ARCH = {
@@ -23,6 +29,27 @@ SMALL_ARCH = {
     "num_heads": 2,
     "max_position_embeddings": 256,
 }
+
+
+# The slowest files first. `make test` runs two workers that each take whole files in this
+# order (`--no-loadscope-reorder`; xdist's own order is by test count), so the long files start
+# at once and the short ones fill in at the end instead of one long file running alone. A
+# stable sort: each file's tests keep their order.
+SLOWEST_FIRST = (
+    "test_reliability.py",
+    "test_real_model.py",
+    "test_pipeline.py",
+    "test_documented_commands.py",
+    "test_gguf_export.py",
+    "test_bench_real_model.py",
+    "test_distributed.py",
+    "test_benchmarks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def conf_group(group: str, option: str | None = None, **over: object) -> dict[str, object]:
@@ -145,10 +172,20 @@ def planted(caches: Path) -> Iterator[None]:
         yield
 
 
+def across_workers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every pytest-xdist worker of this run sees (`make test` runs two): the run's
+    base temporary folder, which each worker's own is inside."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def planted_caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The folder the planted runs use as HF_HOME and DVC's site cache."""
-    return tmp_path_factory.mktemp("caches")
+    """The folder the planted runs use as HF_HOME and DVC's site cache (one for all workers:
+    `first_run` ran with it, whichever worker ran it)."""
+    caches = across_workers(tmp_path_factory) / "caches"
+    caches.mkdir(exist_ok=True)
+    return caches
 
 
 @dataclass
@@ -164,20 +201,30 @@ def first_run(tmp_path_factory: pytest.TempPathFactory, planted_caches: Path) ->
     scratch by `dvc repro` with the hub token planted. Never changed afterwards: tests that
     change a project copy it (`repro_project`); test_reliability compares a second clean run
     with it and searches it for the token."""
+    from filelock import FileLock
+
     from tests.test_pipeline import STAGES, copy_project, ran, sh, shrink
 
-    project = shrink(copy_project(tmp_path_factory.mktemp("run-a")))
-    (project / "scratch.txt").write_text("notes of run-a\n")
-    with planted(planted_caches):
-        output = sh(project, "dvc", "repro")
-    assert ran(output) == STAGES, output
+    # Run once for all workers: the first to ask runs it, the others wait and read where it is.
+    shared = across_workers(tmp_path_factory)
+    record = shared / "run-a.json"
+    with FileLock(shared / "run-a.lock"):
+        if record.is_file():
+            done = json.loads(record.read_text())
+            return Run(Path(done["project"]), done["output"])
+        project = shrink(copy_project(tmp_path_factory.mktemp("run-a")))
+        (project / "scratch.txt").write_text("notes of run-a\n")
+        with planted(planted_caches):
+            output = sh(project, "dvc", "repro")
+        assert ran(output) == STAGES, output
+        record.write_text(json.dumps({"project": str(project), "output": output}))
     return Run(project, output)
 
 
 @pytest.fixture(scope="session")
 def repro_project(first_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of `first_run`'s project, as `dvc repro` left it. test_pipeline.py changes it;
-    others copy it first."""
+    """A copy of `first_run`'s project, as `dvc repro` left it. Never changed: tests that change
+    a project copy this one first."""
     dest = tmp_path_factory.mktemp("project") / "project"
     shutil.copytree(first_run.project, dest, symlinks=True)
     return dest

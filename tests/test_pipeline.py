@@ -91,9 +91,12 @@ def copy_project(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(repro_project: Path) -> Path:
-    """The shrunken pipeline copy that `dvc repro` ran once (conftest); these tests change it."""
-    return repro_project
+def project(repro_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shrunken pipeline that `dvc repro` ran once (conftest); these tests change
+    it, in order."""
+    dest = tmp_path_factory.mktemp("pipeline") / "project"
+    shutil.copytree(repro_project, dest, symlinks=True)
+    return dest
 
 
 @pytest.mark.slow
