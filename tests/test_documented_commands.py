@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -82,7 +83,11 @@ def run_module(project: Path, command: str, stdin: str = "") -> tuple[int, str]:
     cwd = Path.cwd()
     try:
         os.chdir(project)
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        with warnings.catch_warnings():  # run in a process that imported it: expected here
+            warnings.filterwarnings(
+                "ignore", ".* found in sys.modules after import", RuntimeWarning
+            )
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

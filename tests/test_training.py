@@ -224,7 +224,7 @@ def test_scoring_only_supervised_positions_gives_the_full_loss_and_gradients(
         model.zero_grad()
         loss = trainer.compute_loss(model, dict(batch))
         loss.backward()
-        return float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # TRL's CPU default
     full_loss, full_grads = loss_and_grads()
