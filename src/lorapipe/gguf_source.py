@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from lorapipe.config import ModelCfg
 from lorapipe.errors import PipelineError
@@ -111,19 +111,9 @@ def _read_once() -> Iterator[None]:
 
     import gguf
 
-    reader_cls = gguf.GGUFReader
-    readers: dict[tuple[str, str], Any] = {}
-
-    def reader(path: Any, mode: Literal["r", "r+", "c"] = "r") -> Any:
-        key = (str(path), mode)
-        if key not in readers:
-            readers[key] = reader_cls(path, mode)
-        return readers[key]
-
-    name_map = functools.cache(gguf.get_tensor_name_map)
     with (
-        mock.patch.object(gguf, "GGUFReader", reader),
-        mock.patch.object(gguf, "get_tensor_name_map", name_map),
+        mock.patch.object(gguf, "GGUFReader", functools.cache(gguf.GGUFReader)),
+        mock.patch.object(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)),
     ):
         yield
 
