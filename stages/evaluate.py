@@ -12,14 +12,17 @@ from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.evaluation import evaluate_models
 from lorapipe.io import read_jsonl, write_json, write_jsonl
-from lorapipe.models import require_safetensors
+from lorapipe.lineage import require_trained_on
+from lorapipe.models import require_base, require_safetensors
 from lorapipe.report import write_reports
 
 
 def run(params: Params) -> None:
+    require_base(params.model, Path(params.paths.base))
     extra = {name: Path(folder) for name, folder in params.eval.adapters.items()}
     for folder in [Path(params.paths.adapter), *extra.values()]:
         require_safetensors(folder)  # before any weights load
+        require_trained_on(folder, Path(params.paths.base))
     formatted = Path(params.paths.formatted)
     examples = read_jsonl(formatted / "test.jsonl")
     val_examples = read_jsonl(formatted / "val.jsonl")

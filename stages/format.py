@@ -11,12 +11,13 @@ from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.formatting import format_split, length_distribution
 from lorapipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
-from lorapipe.models import load_tokenizer
+from lorapipe.models import load_tokenizer, require_base
 
 SPLITS = ("train", "val", "test")
 
 
 def run(params: Params) -> None:
+    require_base(params.model, Path(params.paths.base))
     tokenizer = load_tokenizer(Path(params.paths.base))
     report, lengths = {}, {}
     with atomic_dir(Path(params.paths.formatted)) as out:

@@ -16,9 +16,9 @@ from lorapipe.config import Params
 from lorapipe.gguf_export import check_before_merge, export_checked, gguf_lineage, model_name
 from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
-from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, model_card
+from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, model_card, require_trained_on
 from lorapipe.merging import merge_adapter, merged_lineage
-from lorapipe.models import check_merge_dtype, require_safetensors
+from lorapipe.models import check_merge_dtype, require_base, require_safetensors
 from lorapipe.runtime import peak_rss_mib, write_runtime
 
 
@@ -28,8 +28,10 @@ def run(params: Params) -> None:
     # with the config). The token stays in this variable: never in a file, report or message.
     token = push_token() if cfg.push_to_hub and not cfg.push_dry_run else None
     # Both read only small files, so a bad merge.dtype or a pickled adapter stops before loading.
+    require_base(params.model, Path(paths.base))
     check_merge_dtype(Path(paths.base), params.merge.dtype)
     require_safetensors(Path(paths.adapter))
+    require_trained_on(Path(paths.adapter), Path(paths.base))
     if cfg.gguf:
         check_before_merge(Path(paths.base))
     probes = read_jsonl(Path(paths.formatted) / "test.jsonl")[: params.merge.probe_examples]

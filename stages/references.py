@@ -14,12 +14,13 @@ from pathlib import Path
 from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.io import write_jsonl
-from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.models import load_base_model, load_tokenizer, require_base
 from lorapipe.retain import PARTS, base_references, read_retain
 
 
 def run(params: Params, parts: tuple[str, ...] = PARTS) -> None:
     base, cfg = Path(params.paths.base), params.retain
+    require_base(params.model, base)
     rows = {part: read_retain(Path(cfg.sets[part])) for part in parts}  # all checked first
     tokenizer = load_tokenizer(base)
     model = load_base_model(base, dtype="float32")

@@ -21,9 +21,11 @@ def run(params: Params) -> None:
     # Imported here, after the config is validated: torch and the training stack take ~10-25 s
     # to import on 2 busy cores, and a typo in params should be reported before that.
     from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, build_lineage, model_card
+    from lorapipe.models import require_base
     from lorapipe.training import RUNTIME_KEYS, process_rank, train_adapter
 
     paths = params.paths
+    require_base(params.model, Path(paths.base))
     formatted = Path(paths.formatted)
     reports = Path(paths.reports)
     if process_rank()[0] != 0:

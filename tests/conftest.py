@@ -79,6 +79,16 @@ def tiny_model_cfg(**over: object) -> object:
     return ModelCfg(**conf_group("model", "tiny", name="tiny-test", architecture=arch, **over))
 
 
+def tiny_model_overrides() -> list[str]:
+    """The overrides that make composed params name the model `tiny_base` is made from
+    (`tiny_model_cfg()`): stages check their `model` params against the base's pin."""
+    made = tiny_model_cfg()
+    arch = made.architecture.model_dump().items()
+    return ["model=tiny", f"model.name={made.name}", f"model.seed={made.seed}"] + [
+        f"model.architecture.{key}={value}" for key, value in arch
+    ]
+
+
 def local_model_cfg(folder: Path, **over: object) -> object:
     """model kind local: the model folder at `folder`."""
     from lorapipe.config import ModelCfg
@@ -116,14 +126,14 @@ def formatted(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture()
 def train_params(tmp_path: Path) -> Callable[..., object]:
-    """Params from conf/ for the tiny model, a few steps of batch 4, checkpoints under tmp_path,
-    plus overrides."""
+    """Params from conf/ for the tiny model `tiny_base` is made from (`tiny_model_cfg`), a few
+    steps of batch 4, checkpoints under tmp_path, plus overrides."""
     from lorapipe.config import validate
     from lorapipe.params import compose
 
     def make(*overrides: str) -> object:
         base = [
-            "model=tiny",
+            *tiny_model_overrides(),
             "train.max_steps=4",
             "train.batch_size=4",
             "train.logging_steps=1",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lorapipe.params import compose, write_params
+from tests.conftest import tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,7 @@ def test_two_process_ddp_trains_and_only_rank_zero_writes(
     write_params(
         tmp_path,
         [
+            *tiny_model_overrides(),
             f"paths.base={tiny_base}",
             f"paths.formatted={formatted}",
             f"paths.adapter={tmp_path / 'out' / 'adapter'}",
@@ -149,6 +151,7 @@ def test_two_process_sharded_matches_one_process(
         [
             *STEPS_AND_BATCH,
             "train.batch_size=4",
+            *tiny_model_overrides(),
             f"paths.base={tiny_base}",
             f"paths.formatted={formatted}",
             f"paths.adapter={out / 'adapter'}",

@@ -19,6 +19,7 @@ from lorapipe.models import load_tokenizer
 from lorapipe.params import compose
 from stages import format as format_stage
 from stages import prepare as prepare_stage
+from tests.conftest import tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def params(tmp_path: Path, base: Path, raw: Path, *overrides: str) -> Params:
     """The project's params with every path under tmp_path and the small tiny base."""
     paths = [
-        "model=tiny",
+        *tiny_model_overrides(),
         "data.split_counts=null",
         "format.system_prompt=null",
         f"data.path={raw}",

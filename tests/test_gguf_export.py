@@ -32,7 +32,7 @@ from lorapipe.gguf_export import (
 from lorapipe.io import write_json, write_jsonl
 from lorapipe.lineage import LINEAGE_FILE, build_lineage
 from lorapipe.params import compose
-from tests.conftest import conf_group
+from tests.conftest import conf_group, tiny_model_overrides
 from tests.test_merge import random_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,7 +246,7 @@ def stage_params(base: Path, tmp_path: Path, *overrides: str) -> Params:
         compose(
             ROOT / "conf",
             [
-                "model=tiny",
+                *tiny_model_overrides(),
                 f"paths.base={base}",
                 f"paths.adapter={adapter}",
                 f"paths.formatted={formatted}",

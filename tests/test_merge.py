@@ -24,6 +24,7 @@ from lorapipe.merging import (
 )
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.params import compose
+from tests.conftest import tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_test_secret_do_not_leak_0123456789"
@@ -156,7 +157,7 @@ def stage_params(tiny_base: Path, adapter: Path, tmp_path: Path, *overrides: str
         compose(
             ROOT / "conf",
             [
-                "model=tiny",
+                *tiny_model_overrides(),
                 f"paths.base={tiny_base}",
                 f"paths.adapter={adapter}",
                 f"paths.formatted={formatted}",

@@ -11,8 +11,8 @@ import pytest
 
 from lorapipe.base_model import build_base
 from lorapipe.config import ModelCfg
-from lorapipe.models import ModelSourceError, load_base_model, source_of
-from tests.conftest import conf_group, local_model_cfg, tiny_model_cfg
+from lorapipe.models import ModelSourceError, load_base_model, require_base, source_of
+from tests.conftest import ROOT, conf_group, local_model_cfg, tiny_model_cfg
 
 
 def test_tiny_build_is_seeded_and_pinned(tmp_path: Path, tiny_base: Path) -> None:
@@ -24,6 +24,55 @@ def test_tiny_build_is_seeded_and_pinned(tmp_path: Path, tiny_base: Path) -> Non
     assert pin == json.loads((tiny_base / "pin.json").read_text())
     other = build_base(tiny_model_cfg(seed=1), tmp_path / "s1")
     assert other["config_hash"] != pin["config_hash"]
+
+
+def base_readers() -> list[str]:
+    """The dvc.yaml stages that read the base model's folder."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return sorted(
+        name
+        for name, spec in stages.items()
+        if "${paths.base}" in spec.get("deps", spec.get("do", {}).get("deps", []))
+    )
+
+
+def test_the_pin_names_the_model_params_and_a_differing_key_is_named(tiny_base: Path) -> None:
+    assert require_base(tiny_model_cfg(seed=0), tiny_base)["seed"] == 0
+    made = tiny_model_cfg(seed=0)
+    arch = made.architecture.model_copy(update={"num_layers": 3})
+    other = made.model_copy(update={"name": "other", "architecture": arch})
+    with pytest.raises(ModelSourceError) as caught:
+        require_base(other, tiny_base)
+    assert str(caught.value).startswith(f"{tiny_base} was made from other model settings")
+    assert "model.architecture.num_layers is 3 here, 2 there; " in str(caught.value)
+    assert "model.name is 'other' here, 'tiny-test' there. Make the base" in str(caught.value)
+    assert "model.seed" not in str(caught.value)
+
+
+def test_every_stage_that_reads_the_base_refuses_one_made_from_other_params(
+    tiny_base: Path, tmp_path: Path, train_params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m stages.train model.seed=1` (or params.yaml edited without `dvc repro`) on a
+    base made with seed 0: each stage stops before it reads or writes anything."""
+    import importlib
+
+    out = tmp_path / "out"
+    paths = {key: str(out / key) for key in train_params().paths.model_dump()}
+    monkeypatch.chdir(tmp_path)
+    readers = base_readers()
+    assert readers == ["evaluate", "format", "merge", "references", "train"]
+    for name in readers:
+        params = train_params().model_copy(
+            update={
+                "model": tiny_model_cfg(seed=1),
+                "paths": train_params().paths.model_copy(update={**paths, "base": str(tiny_base)}),
+            }
+        )
+        with pytest.raises(ModelSourceError, match=r"model\.seed is 1 here, 0 there\. "):
+            importlib.import_module(f"stages.{name}").run(params)
+        assert not out.exists(), name
 
 
 def test_local_folder_is_copied_and_hashed(tmp_path: Path, tiny_base: Path) -> None:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from lorapipe.lineage import file_md5
+from tests.test_params import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shrunken default the copies run: the tiny model, smaller still, and a few steps. Written
@@ -157,6 +158,37 @@ def test_adapter_carries_lineage_matching_dvc_lock(project: Path) -> None:
         d["path"]: d["md5"] for d in lock["stages"]["train"]["deps"] if d["path"].endswith(".py")
     }
     assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 16
+
+
+@pytest.mark.slow
+def test_an_adapter_is_never_used_on_a_base_it_was_not_trained_on(
+    repro_project: Path, tmp_path: Path
+) -> None:
+    """The base made again from other model params by hand (`python -m stages.base
+    model.seed=1`), then the adapter used without training it again: evaluate, merge and
+    generate refuse it, naming both bases, and replace nothing."""
+    work = tmp_path / "project"
+    shutil.copytree(repro_project, work, symlinks=True)
+    before = {
+        p: (work / p).read_bytes() for p in ("reports/metrics.json", "models/merged/lineage.json")
+    }
+    trained_on = json.loads((work / "models/adapter/lineage.json").read_text())["base_model"]
+    assert run_stage(work, "stages.base", "model.seed=1").returncode == 0
+    now = json.loads((work / "models/base/pin.json").read_text())["config_hash"]
+    for command in (
+        ("stages.evaluate", "model.seed=1"),
+        ("stages.merge", "model.seed=1"),
+        ("stages.generate", "What does `len('ab')` return?"),
+    ):
+        done = run_stage(work, *command)
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"{command[0].split('.')[1]}: error: models/adapter was trained on another base than "
+            f"the one in models/base: config_hash {trained_on['config_hash']!r} in its lineage, "
+            f"{now!r} in models/base/pin.json. Use it with the base it was trained on (the base "
+            "stage, run with its lineage's params.model), or train it again on this one"
+        )
+    assert {p: (work / p).read_bytes() for p in before} == before
 
 
 @pytest.mark.slow

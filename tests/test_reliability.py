@@ -27,7 +27,7 @@ import yaml
 
 from lorapipe.io import atomic_dir
 from lorapipe.params import write_params
-from tests.conftest import FAKE_TOKEN, Run, planted
+from tests.conftest import FAKE_TOKEN, Run, planted, tiny_model_overrides
 from tests.test_pipeline import copy_project, ran, sh, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,6 +233,7 @@ def test_interrupt_exits_cleanly_and_keeps_the_previous_output(
     write_params(
         tmp_path,
         [
+            *tiny_model_overrides(),
             f"paths.base={tiny_base}",
             f"paths.formatted={formatted}",
             "train.max_steps=100000",

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import PICKLE_WEIGHTS, ModelCfg, is_commit_sha, model_folder_problems
-from lorapipe.models import PIN_FILE, ModelSourceError, hub_token
+from lorapipe.models import MADE_WITH, PIN_FILE, ModelSourceError, hub_token
 
 
 def _files_md5(folder: Path) -> dict[str, str]:
@@ -66,6 +66,7 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     else:
         pin = _pin_hub(cfg, out_dir)
     pin["trust_remote_code"] = cfg.trust_remote_code
+    pin[MADE_WITH] = cfg.model_dump(mode="json")  # what later stages check (models.require_base)
     if cfg.trust_remote_code:
         print(
             f"base: warning: model.trust_remote_code is on: {cfg.name}'s own Python code will run "

@@ -22,7 +22,7 @@ from lorapipe.chat import build_prompt, render_prompt, with_system
 from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
 from lorapipe.io import parse_jsonl
-from lorapipe.lineage import LINEAGE_FILE
+from lorapipe.lineage import LINEAGE_FILE, require_trained_on
 from lorapipe.models import load_base_model, load_tokenizer, require_safetensors
 
 BASE = "base"  # the name that answers with the base model alone
@@ -89,6 +89,7 @@ class Assistant:
             if not (path / "adapter_config.json").is_file():
                 raise InferenceError(f"adapter {name!r}: {path} has no adapter_config.json")
             require_safetensors(path)  # PEFT would unpickle an adapter_model.bin
+            require_trained_on(path, base_dir)
         self.tokenizer = load_tokenizer(base_dir)
         model = load_base_model(base_dir, dtype=dtype)
         if torch.cuda.is_available():

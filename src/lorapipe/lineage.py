@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import Params
-from lorapipe.models import read_pin
+from lorapipe.models import PIN_FILE, ModelSourceError, read_pin
 
 LINEAGE_FILE = "lineage.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/lorapipe/lineage.py -> the checkout
@@ -44,6 +44,40 @@ LIBRARIES = (
     "dvc",
     "hydra-core",
 )
+
+
+# What names a base's weights in its pin: the GGUF file's sha256, the hub commit, the tiny
+# build's config hash or a local folder's file md5s, with the kind and name.
+BASE_IDENTITY = ("kind", "name", "sha256", "revision", "config_hash", "files_md5")
+
+
+def require_trained_on(adapter_dir: Path, base_dir: Path) -> None:
+    """Raise ModelSourceError when the adapter's lineage names another base than the one in
+    `base_dir`: LoRA weights loaded onto a base they were not trained on load without a word
+    when the shapes agree, and every answer and metric after that would be wrong. An adapter
+    without a lineage (not made by this pipeline) is not checked."""
+    path = adapter_dir / LINEAGE_FILE
+    if not path.is_file():
+        return
+    trained_on = json.loads(path.read_text(encoding="utf-8")).get("base_model", {})
+    here = read_pin(base_dir)
+    differ = [
+        f"{key} {_shown(trained_on.get(key))} in its lineage, {_shown(here.get(key))} in "
+        f"{base_dir / PIN_FILE}"
+        for key in BASE_IDENTITY
+        if trained_on.get(key) != here.get(key)
+    ]
+    if differ:
+        raise ModelSourceError(
+            f"{adapter_dir} was trained on another base than the one in {base_dir}: "
+            + "; ".join(differ)
+            + ". Use it with the base it was trained on (the base stage, run with its lineage's "
+            "params.model), or train it again on this one"
+        )
+
+
+def _shown(value: Any) -> str:
+    return "other file md5s" if isinstance(value, dict) else repr(value)
 
 
 def file_md5(path: Path) -> str:
