@@ -12,6 +12,7 @@ from lorapipe.config import Params
 from lorapipe.formatting import format_split, length_distribution
 from lorapipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
 from lorapipe.models import load_tokenizer, require_base
+from lorapipe.provenance import read_made_with, sections, write_made_with
 
 SPLITS = ("train", "val", "test")
 
@@ -27,6 +28,9 @@ def run(params: Params) -> None:
                 rows, tokenizer, params.format, params.train.max_length
             )
             write_jsonl(out / f"{split}.jsonl", kept)
+        # The prepared data's record (its `data` params) goes on with this stage's own.
+        made = read_made_with(Path(params.paths.prepared))
+        write_made_with(out, {**made, **sections(format=params.format)})
         if not report["train"]["examples_out"]:
             raise FormatError(
                 f"format: no training example left: {report['train']['rejects_by_reason']}; "

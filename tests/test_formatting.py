@@ -71,6 +71,27 @@ def test_alpaca_end_to_end(tmp_path: Path, tiny_base: Path) -> None:
     assert data_report["rows_read"] == 30
 
 
+def test_formatted_data_records_the_data_and_format_params_it_was_made_from(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    """prepare records its `data` params, format carries them on with its own `format` params;
+    the train stage checks them (tests/test_train_stage.py)."""
+    from lorapipe.provenance import MADE_WITH_FILE, read_made_with
+
+    raw = tmp_path / "alpaca.json"
+    rows = [{"instruction": f"Add {i} and 1.", "output": str(i + 1)} for i in range(30)]
+    raw.write_text(json.dumps(rows), encoding="utf-8")
+    p = params(tmp_path, tiny_base, raw, "format.system_prompt=Be brief.")
+    run_both(p)
+    prepared = read_made_with(Path(p.paths.prepared))
+    assert prepared == {"data": p.data.model_dump(mode="json")}
+    assert prepared["data"]["path"] == str(raw) and prepared["data"]["split_counts"] is None
+    made = read_made_with(Path(p.paths.formatted))
+    assert made == {**prepared, "format": p.format.model_dump(mode="json")}
+    assert made["format"]["system_prompt"] == "Be brief."
+    assert (Path(p.paths.formatted) / MADE_WITH_FILE).is_file()
+
+
 def test_multi_turn_chat_with_a_system_prompt_end_to_end(tmp_path: Path, tiny_base: Path) -> None:
     raw = tmp_path / "chat.jsonl"
     rows = [

@@ -45,9 +45,9 @@ def test_the_pin_names_the_model_params_and_a_differing_key_is_named(tiny_base: 
     other = made.model_copy(update={"name": "other", "architecture": arch})
     with pytest.raises(ModelSourceError) as caught:
         require_base(other, tiny_base)
-    assert str(caught.value).startswith(f"{tiny_base} was made from other model settings")
+    assert str(caught.value).startswith(f"{tiny_base} was made from other params")
     assert "model.architecture.num_layers is 3 here, 2 there; " in str(caught.value)
-    assert "model.name is 'other' here, 'tiny-test' there. Make the base" in str(caught.value)
+    assert "model.name is 'other' here, 'tiny-test' there. Make it from" in str(caught.value)
     assert "model.seed" not in str(caught.value)
 
 

@@ -5,6 +5,7 @@ reports/runtime/train.json."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -98,3 +99,37 @@ def test_model_card_has_hub_front_matter_and_the_recipe(
     assert file_md5(formatted / "val.jsonl") in body
     assert "reports/metrics.json" in body
     assert "Model Card for Model ID" not in card  # ours replaced the template PEFT writes
+
+
+def test_training_refuses_data_made_from_other_data_or_format_params(
+    tiny_base: Path,
+    formatted: Path,
+    tmp_path: Path,
+    train_params: Callable[..., Params],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`python -m stages.train data.replay=0.1` on data prepared without replay (or data
+    prepared with it and a train run without): the lineage would name data params that did not
+    make its data, so the stage stops before it writes anything, naming each key."""
+    from lorapipe.provenance import MADE_WITH_FILE, ProvenanceError, sections, write_made_with
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "formatted"
+    shutil.copytree(formatted, data)
+    params = stage_params(train_params, tmp_path, tiny_base, data)
+    made = sections(data=params.data, format=params.format)
+    made["data"]["replay"] = 0.1
+    made["format"]["system_prompt"] = "Be brief."
+    write_made_with(data, made)
+    with pytest.raises(ProvenanceError) as caught:
+        run(params)
+    assert str(caught.value) == (
+        f"{data} was made from other params ({data / MADE_WITH_FILE}): data.replay is 0.0 here, "
+        "0.1 there; format.system_prompt is 'Answer with the value only.' here, 'Be brief.' "
+        "there. Make it from these first (`dvc repro`, or `python -m stages.prepare` and "
+        "`python -m stages.format` with the same overrides), or run without them"
+    )
+    assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
+    write_made_with(data, sections(data=params.data, format=params.format))
+    run(params)  # the same params as the record: trains
+    assert (Path(params.paths.adapter) / "adapter_model.safetensors").is_file()

@@ -15,6 +15,7 @@ from typing import Any
 
 from lorapipe.config import PICKLE_WEIGHTS, ModelCfg, is_commit_sha, model_folder_problems
 from lorapipe.models import MADE_WITH, PIN_FILE, ModelSourceError, hub_token
+from lorapipe.provenance import sections
 
 
 def _files_md5(folder: Path) -> dict[str, str]:
@@ -66,7 +67,7 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     else:
         pin = _pin_hub(cfg, out_dir)
     pin["trust_remote_code"] = cfg.trust_remote_code
-    pin[MADE_WITH] = cfg.model_dump(mode="json")  # what later stages check (models.require_base)
+    pin[MADE_WITH] = sections(model=cfg)  # what later stages check (models.require_base)
     if cfg.trust_remote_code:
         print(
             f"base: warning: model.trust_remote_code is on: {cfg.name}'s own Python code will run "

@@ -28,6 +28,7 @@ from typing import Any
 
 from lorapipe.config import DataCfg
 from lorapipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from lorapipe.provenance import sections, write_made_with
 from lorapipe.records import (
     SPLITS,
     Record,
@@ -237,7 +238,8 @@ def _entry(source: Source, splits: Mapping[str, int], pool: Sequence[Record]) ->
 def prepare_data(cfg: DataCfg, out_dir: Path, replay_file: Path | None) -> dict[str, Any]:
     """Prepare the configured sources into `out_dir`, as `lorapipe.records.prepare` does for one
     (whose output it keeps, byte for byte, when `data.path` is the only source and nothing is
-    replayed), plus `sources.json`: each source's md5 and training rows, for lineage.
+    replayed), plus `sources.json`: each source's md5 and training rows, for lineage, and
+    `made_with.json`: the `data` params (`lorapipe.provenance`).
 
     Returns the data report: `records.prepare`'s, with `sources` ({name: {path, md5, weight,
     rows, rows_read, rows_rejected, splits: {train, val, test}, train_rows_repeated}}).
@@ -257,6 +259,7 @@ def prepare_data(cfg: DataCfg, out_dir: Path, replay_file: Path | None) -> dict[
             write_jsonl(tmp / f"{name}.jsonl", (r.to_row() for r in split))
         write_jsonl(tmp / "rejects.jsonl", (_reject_row(r) for r in rejects))
         write_json(tmp / SOURCES_FILE, _lineage(extra["sources"]))
+        write_made_with(tmp, sections(data=cfg))
     valid = [r for s in sources for r in s.records]
     distinct = {r.key for r in valid}
     used = {r.key for split in splits.values() for r in split}
@@ -290,6 +293,7 @@ def _prepare_one(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
         }
     }
     write_json(out_dir / SOURCES_FILE, _lineage(report["sources"]))
+    write_made_with(out_dir, sections(data=cfg))
     return report
 
 

@@ -22,9 +22,10 @@ from lorapipe.config import (
     QuantCfg,
 )
 from lorapipe.errors import PipelineError
+from lorapipe.provenance import differences, mismatch, sections
 
 PIN_FILE = "pin.json"
-MADE_WITH = "made_with"  # the pin's copy of the `model` params the base stage ran with
+MADE_WITH = "made_with"  # the pin's record of the `model` params the base stage ran with
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -95,41 +96,20 @@ def read_pin(base_dir: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def _flat(values: dict[str, Any], prefix: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def require_base(cfg: ModelCfg, base_dir: Path) -> dict[str, Any]:
     """The pin of the base in `base_dir`, once it is known to be the base `cfg` names.
 
     The base stage records the `model` params it ran with in the pin (`made_with`). A stage run
-    by hand with other `model.*` values than those (`python -m stages.train model.file=x.gguf`,
-    or params.yaml edited without `dvc repro`) would train or evaluate one model while its
-    lineage names another, so it stops here instead, naming every key that differs. A pin
-    written before the pin recorded its params passes. Raises ModelSourceError.
+    by hand with other `model.*` values than those (a `model.file` override on `train`, or
+    params.yaml edited without `dvc repro`) would train or evaluate one model while its
+    lineage names another, so it stops here instead, naming every key that differs
+    (`lorapipe.provenance`). Raises ModelSourceError.
     """
     pin = read_pin(base_dir)
-    made = pin.get(MADE_WITH)
-    if made is None:
-        return pin
-    asked, had = _flat(cfg.model_dump(mode="json"), "model."), _flat(made, "model.")
-    differ = [
-        f"{key} is {asked.get(key)!r} here, {had.get(key)!r} there"
-        for key in sorted(set(asked) | set(had))
-        if asked.get(key) != had.get(key)
-    ]
+    differ = differences(sections(model=cfg), pin.get(MADE_WITH, {}))
     if differ:
         raise ModelSourceError(
-            f"{base_dir} was made from other model settings ({base_dir / PIN_FILE}): "
-            + "; ".join(differ)
-            + ". Make the base from these first (`dvc repro`, or `python -m stages.base` with "
-            "the same overrides), or run without the model overrides"
+            mismatch(base_dir, base_dir / PIN_FILE, differ, "`python -m stages.base`")
         )
     return pin
 
