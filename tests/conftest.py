@@ -104,7 +104,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lorapipe.base_model import build_base
 
     out = tmp_path_factory.mktemp("base")
-    build_base(tiny_model_cfg(seed=0), out)
+    build_base(tiny_model_cfg(), out)
     return out
 
 
