@@ -76,7 +76,7 @@ def test_formatted_data_records_the_data_and_format_params_it_was_made_from(
 ) -> None:
     """prepare records its `data` params, format carries them on with its own `format` params;
     the train stage checks them (tests/test_train_stage.py)."""
-    from lorapipe.provenance import MADE_WITH_FILE, read_made_with
+    from lorapipe.provenance import read_made_with
 
     raw = tmp_path / "alpaca.json"
     rows = [{"instruction": f"Add {i} and 1.", "output": str(i + 1)} for i in range(30)]
@@ -89,7 +89,6 @@ def test_formatted_data_records_the_data_and_format_params_it_was_made_from(
     made = read_made_with(Path(p.paths.formatted))
     assert made == {**prepared, "format": p.format.model_dump(mode="json")}
     assert made["format"]["system_prompt"] == "Be brief."
-    assert (Path(p.paths.formatted) / MADE_WITH_FILE).is_file()
 
 
 def test_multi_turn_chat_with_a_system_prompt_end_to_end(tmp_path: Path, tiny_base: Path) -> None:

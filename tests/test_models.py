@@ -59,17 +59,18 @@ def test_every_stage_that_reads_the_base_refuses_one_made_from_other_params(
     import importlib
 
     out = tmp_path / "out"
-    paths = {key: str(out / key) for key in train_params().paths.model_dump()}
+    composed = train_params()
+    paths = {key: str(out / key) for key in composed.paths.model_dump()}
+    params = composed.model_copy(
+        update={
+            "model": tiny_model_cfg(seed=1),
+            "paths": composed.paths.model_copy(update={**paths, "base": str(tiny_base)}),
+        }
+    )
     monkeypatch.chdir(tmp_path)
     readers = base_readers()
     assert readers == ["evaluate", "format", "merge", "references", "train"]
     for name in readers:
-        params = train_params().model_copy(
-            update={
-                "model": tiny_model_cfg(seed=1),
-                "paths": train_params().paths.model_copy(update={**paths, "base": str(tiny_base)}),
-            }
-        )
         with pytest.raises(ModelSourceError, match=r"model\.seed is 1 here, 0 there\. "):
             importlib.import_module(f"stages.{name}").run(params)
         assert not out.exists(), name
