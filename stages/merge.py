@@ -13,7 +13,13 @@ from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import Params
-from lorapipe.gguf_export import check_before_merge, export_checked, gguf_lineage, model_name
+from lorapipe.gguf_export import (
+    check_before_merge,
+    export_checked,
+    gguf_lineage,
+    model_name,
+    trained_system_prompt,
+)
 from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
 from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, model_card, require_trained_on
@@ -34,6 +40,7 @@ def run(params: Params) -> None:
     require_trained_on(Path(paths.adapter), Path(paths.base))
     if cfg.gguf:
         check_before_merge(Path(paths.base))
+        system_prompt = trained_system_prompt(Path(paths.adapter))
     probes = read_jsonl(Path(paths.formatted) / "test.jsonl")[: params.merge.probe_examples]
     prompts = [ex["prompt"] + ex["completion"] for ex in probes]
     started = time.perf_counter()
@@ -55,7 +62,7 @@ def run(params: Params) -> None:
                 cfg.gguf,
                 name=model_name(lineage["base_model"]["name"]),
                 probe_prompts=prompts,
-                system_prompt=params.format.system_prompt,
+                system_prompt=system_prompt,
             )
             lineage["merge"]["gguf"] = gguf_lineage(report["gguf"])
         write_json(out / LINEAGE_FILE, lineage)

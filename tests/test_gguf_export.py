@@ -267,7 +267,13 @@ def test_the_stage_writes_checked_ggufs_with_modelfile_lineage_and_card(
 ) -> None:
     from stages.merge import run
 
-    run(stage_params(chatml_base, tmp_path, "merge.gguf=[f16,q8_0]"))
+    params = stage_params(chatml_base, tmp_path, "merge.gguf=[f16,q8_0]")
+    # Another system prompt than training's (its lineage's): the Modelfile keeps training's.
+    run(
+        params.model_copy(
+            update={"format": params.format.model_copy(update={"system_prompt": "Hi"})}
+        )
+    )
     merged, reports = tmp_path / "merged", tmp_path / "reports"
     report = json.loads((reports / "merge.json").read_text())["gguf"]
     assert set(report) == {"f16", "q8_0"}
@@ -320,11 +326,27 @@ def test_a_model_gguf_cannot_hold_stops_the_stage_before_merging(
         merge.run(params)
 
 
+def test_an_adapter_without_its_trained_system_prompt_stops_the_stage_before_merging(
+    chatml_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stages import merge
+
+    params = stage_params(chatml_base, tmp_path, "merge.gguf=[f16]")
+    lineage = tmp_path / "adapter" / LINEAGE_FILE
+    record = json.loads(lineage.read_text())
+    del record["params"]["format"]["system_prompt"]
+    lineage.write_text(json.dumps(record))
+    monkeypatch.setattr(merge, "merge_adapter", lambda *a, **k: pytest.fail("merged anyway"))
+    with pytest.raises(GgufExportError, match=r"has no params\.format\.system_prompt"):
+        merge.run(params)
+    assert not (tmp_path / "merged").exists()
+
+
 def test_a_gguf_change_reruns_only_merge() -> None:
     """dvc.yaml: only the merge stage reads merge.* (its code deps: tests/test_dvc_deps.py)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     merge = stages["merge"]
-    assert {"merge", "format.system_prompt"} <= set(merge["params"])
+    assert merge["params"] == ["merge"]  # the Modelfile's SYSTEM comes from the adapter's lineage
     readers = [
         n for n, s in stages.items() if any(str(p).startswith("merge") for p in s.get("params", []))
     ]

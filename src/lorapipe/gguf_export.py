@@ -42,6 +42,7 @@ import torch
 
 from lorapipe.errors import PipelineError
 from lorapipe.gguf_source import sha256_of
+from lorapipe.lineage import LINEAGE_FILE
 from lorapipe.merging import max_abs_diff
 
 
@@ -173,6 +174,20 @@ def check_before_merge(base_dir: Path) -> None:
     kept as a hub pin (no config.json here) is checked after the merge instead."""
     if (base_dir / "config.json").is_file():
         check_exportable(base_dir)
+
+
+def trained_system_prompt(adapter_dir: Path) -> str | None:
+    """The system prompt the adapter was trained with, from its lineage (the format params
+    training ran with): the Modelfile's SYSTEM, so Ollama prompts the model as training did
+    whatever this run's params say. None: trained without one."""
+    path = adapter_dir / LINEAGE_FILE
+    trained = json.loads(path.read_text(encoding="utf-8")).get("params", {}).get("format", {})
+    if "system_prompt" not in trained:
+        raise GgufExportError(
+            f"merge.gguf: {path} has no params.format.system_prompt, so the Modelfile's SYSTEM "
+            "line would be a guess; train the adapter again with this pipeline"
+        )
+    return trained["system_prompt"]
 
 
 def _weights(merged_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
