@@ -12,8 +12,9 @@ from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.evaluation import evaluate_models
 from lorapipe.io import read_jsonl, write_json, write_jsonl
-from lorapipe.lineage import require_trained_on
+from lorapipe.lineage import require_trained_on, require_trained_with
 from lorapipe.models import require_base, require_safetensors
+from lorapipe.provenance import require_made_with, sections
 from lorapipe.report import write_reports
 
 
@@ -23,7 +24,12 @@ def run(params: Params) -> None:
     for folder in [Path(params.paths.adapter), *extra.values()]:
         require_safetensors(folder)  # before any weights load
         require_trained_on(folder, Path(params.paths.base))
+    # The adapter is the one these params describe (the others are compared as they are), and
+    # the test and validation examples were formatted with them.
+    require_trained_with(Path(params.paths.adapter), params)
     formatted = Path(params.paths.formatted)
+    made = sections(data=params.data, format=params.format)
+    require_made_with(formatted, made, "`python -m stages.prepare` and `python -m stages.format`")
     examples = read_jsonl(formatted / "test.jsonl")
     val_examples = read_jsonl(formatted / "val.jsonl")
     retain = read_jsonl(Path(params.paths.references) / "eval.jsonl")

@@ -22,7 +22,13 @@ from lorapipe.gguf_export import (
 )
 from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
-from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, model_card, require_trained_on
+from lorapipe.lineage import (
+    CARD_FILE,
+    LINEAGE_FILE,
+    model_card,
+    require_trained_on,
+    require_trained_with,
+)
 from lorapipe.merging import merge_adapter, merged_lineage
 from lorapipe.models import check_merge_dtype, require_base, require_safetensors
 from lorapipe.runtime import peak_rss_mib, write_runtime
@@ -38,6 +44,7 @@ def run(params: Params) -> None:
     check_merge_dtype(Path(paths.base), params.merge.dtype)
     require_safetensors(Path(paths.adapter))
     require_trained_on(Path(paths.adapter), Path(paths.base))
+    require_trained_with(Path(paths.adapter), params)
     if cfg.gguf:
         check_before_merge(Path(paths.base))
         system_prompt = trained_system_prompt(Path(paths.adapter))

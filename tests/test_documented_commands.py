@@ -36,10 +36,12 @@ COMMAND = re.compile(
     r"(?:[ \t]+(?!#|\(|or\b)(?:'[^']*'|\"(?:\\.|[^\"\\])*\"|[^\s'\"`])+)*"
 )
 # Appended to commands that train or generate, unless they set the key themselves: fewer steps
-# and examples than the copy's own (12 steps, 12 test examples); the command is otherwise as
-# printed.
-SHRINK = {"train.max_steps": "2", "eval.max_examples": "4", "eval.val_loss_examples": "4"}
-SHRUNK = ("stages.train", "stages.evaluate", "stages.sweep")
+# and examples than the copy's own (12 steps, 12 test examples), each only where the stage reads
+# it (evaluate refuses training keys its adapter was not trained with); the command is otherwise
+# as printed.
+STEPS = {"train.max_steps": "2"}
+EXAMPLES = {"eval.max_examples": "4", "eval.val_loss_examples": "4"}
+SHRINK = {"stages.train": STEPS, "stages.evaluate": EXAMPLES, "stages.sweep": STEPS | EXAMPLES}
 # What a command may change in the project; restored after each run, so runs are independent.
 MUTABLE = ("params.yaml", "data/prepared", "data/formatted", "models", "reports", "sweeps")
 MUTABLE += ("data/references",)
@@ -68,8 +70,8 @@ def shrunk(command: str) -> list[str]:
     """`command`'s words as the shell gives them (a backslash-escaped backtick too), with SHRINK
     appended where it trains or generates."""
     words = shlex.split(command.replace("\\`", "`"))
-    if words[2] in SHRUNK and len(words) > 3:  # without overrides a stage reads params.yaml
-        words += [f"{k}={v}" for k, v in SHRINK.items() if f"{k}=" not in command]
+    if words[2] in SHRINK and len(words) > 3:  # without overrides a stage reads params.yaml
+        words += [f"{k}={v}" for k, v in SHRINK[words[2]].items() if f"{k}=" not in command]
     return words
 
 

@@ -4,6 +4,7 @@ and lineage, and the hub push's checks and dry run."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from lorapipe.config import ConfigError, Params, validate
 from lorapipe.hub import HubPushError, push_folder
 from lorapipe.io import write_json, write_jsonl
-from lorapipe.lineage import LINEAGE_FILE, build_lineage, file_md5
+from lorapipe.lineage import LINEAGE_FILE, build_lineage, file_md5, require_trained_with
 from lorapipe.merging import (
     RELATIVE_MAX_LOGIT_DIFF,
     MergeCheckError,
@@ -24,6 +25,7 @@ from lorapipe.merging import (
 )
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.params import compose
+from lorapipe.provenance import ProvenanceError
 from tests.conftest import tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +231,27 @@ def test_merge_stage_keeps_runtime_out_of_its_report_and_dry_runs_a_push(
     for path in [*merged.rglob("*"), *reports.rglob("*")]:
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in printed
+
+
+def test_an_adapter_is_checked_against_the_training_params_its_lineage_records(
+    train_params: Callable[..., Params], tiny_base: Path, tmp_path: Path
+) -> None:
+    """Every model, data, format, lora, quant and train key counts; evaluation, merge, retain
+    and paths keys and the overrides' record do not (they cannot shape an adapter)."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    params = train_params()
+    require_trained_with(adapter, params)  # no lineage (not made here): not checked
+    write_json(adapter / LINEAGE_FILE, build_lineage(params, {}, tiny_base))
+    require_trained_with(adapter, params)
+    others = ("eval.max_examples=3", "merge.dtype=float16", "retain.batch_size=2", "paths.merged=x")
+    require_trained_with(adapter, train_params(*others))
+    with pytest.raises(ProvenanceError) as err:
+        require_trained_with(adapter, train_params("lora.r=4", "data.max_chars=10", *others))
+    assert str(err.value).startswith(
+        f"{adapter} was made from other params ({adapter / LINEAGE_FILE}): data.max_chars is 10 "
+        f"here, {params.data.max_chars} there; lora.r is 4 here, {params.lora.r} there. "
+    )
 
 
 def test_a_push_without_token_or_repo_id_stops_before_merging(

@@ -191,6 +191,30 @@ def test_an_adapter_is_never_used_on_a_base_it_was_not_trained_on(
     assert {p: (work / p).read_bytes() for p in before} == before
 
 
+def test_an_adapter_is_used_only_under_the_params_it_was_trained_with(
+    repro_project: Path, tmp_path: Path
+) -> None:
+    """evaluate and merge run by hand with a training key the adapter was not trained with
+    (`lora.r=4`) refuse it, naming the key and both values, and replace nothing: their reports
+    would describe an adapter these params did not make."""
+    work = tmp_path / "project"
+    shutil.copytree(repro_project, work, symlinks=True)
+    outputs = ("reports/metrics.json", "reports/merge.json", "models/merged/lineage.json")
+    before = {p: (work / p).read_bytes() for p in outputs}
+    trained = json.loads((work / "models/adapter/lineage.json").read_text())["params"]["lora"]
+    assert trained["r"] != 4
+    for command in ("stages.evaluate", "stages.merge"):
+        done = run_stage(work, command, "lora.r=4")
+        assert done.returncode == 2, (command, done.stderr[-2000:])
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"{command.split('.')[1]}: error: models/adapter was made from other params "
+            f"(models/adapter/lineage.json): lora.r is 4 here, {trained['r']} there. Make it "
+            "from these first (`dvc repro`, or `python -m stages.train` with the same "
+            "overrides), or run without them"
+        )
+    assert {p: (work / p).read_bytes() for p in outputs} == before
+
+
 @pytest.mark.slow
 def test_merge_reproduces_adapter_logits(project: Path) -> None:
     report = json.loads((project / "reports" / "merge.json").read_text())

@@ -16,6 +16,7 @@ from typing import Any
 
 from lorapipe.config import Params
 from lorapipe.models import PIN_FILE, ModelSourceError, read_pin
+from lorapipe.provenance import ProvenanceError, differences, mismatch
 
 LINEAGE_FILE = "lineage.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # src/lorapipe/lineage.py -> the checkout
@@ -49,6 +50,9 @@ LIBRARIES = (
 # What names a base's weights in its pin: the GGUF file's sha256, the hub commit, the tiny
 # build's config hash or a local folder's file md5s, with the kind and name.
 BASE_IDENTITY = ("kind", "name", "sha256", "revision", "config_hash", "files_md5")
+# Params groups that cannot shape the adapter (evaluation, merging, where files go): left out of
+# its lineage, so a later `merge.dtype=...` or `eval.*` run never contradicts what it records.
+NOT_TRAINING = {"eval", "merge", "paths", "retain"}
 
 
 def require_trained_on(adapter_dir: Path, base_dir: Path) -> None:
@@ -74,6 +78,23 @@ def require_trained_on(adapter_dir: Path, base_dir: Path) -> None:
             + ". Use it with the base it was trained on (the base stage, run with its lineage's "
             "params.model), or train it again on this one"
         )
+
+
+def require_trained_with(adapter_dir: Path, params: Params) -> None:
+    """Raise ProvenanceError when the adapter's lineage records other training params (the
+    model, data, format, lora, quant and train sections) than `params`, naming each key: run by
+    hand with `lora.r=8` on an adapter trained with 16, or without it after `stages.train
+    lora.r=8`, `evaluate` would report (and `merge` fold) an adapter its params do not describe,
+    and DVC would file the metrics under the wrong params. An adapter without a lineage is not
+    checked."""
+    path = adapter_dir / LINEAGE_FILE
+    if not path.is_file():
+        return
+    made = json.loads(path.read_text(encoding="utf-8")).get("params", {})
+    asked = params.model_dump(mode="json", exclude=NOT_TRAINING | {"composed_with"})
+    differ = differences(asked, made)
+    if differ:
+        raise ProvenanceError(mismatch(adapter_dir, path, differ, "`python -m stages.train`"))
 
 
 def _shown(value: Any) -> str:
@@ -110,11 +131,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
-
-
-# Params groups that cannot shape the adapter (evaluation, merging, where files go): left out of
-# its lineage, so a later `merge.dtype=...` or `eval.*` run never contradicts what it records.
-NOT_TRAINING = {"eval", "merge", "paths", "retain"}
 
 
 def build_lineage(
