@@ -16,10 +16,11 @@ from lorapipe.lineage import require_trained_on, require_trained_with
 from lorapipe.models import require_base, require_safetensors
 from lorapipe.provenance import require_made_with, sections
 from lorapipe.report import write_reports
+from lorapipe.retain import require_references
 
 
 def run(params: Params) -> None:
-    require_base(params.model, Path(params.paths.base))
+    pin = require_base(params.model, Path(params.paths.base))
     extra = {name: Path(folder) for name, folder in params.eval.adapters.items()}
     for folder in [Path(params.paths.adapter), *extra.values()]:
         require_safetensors(folder)  # before any weights load
@@ -32,7 +33,9 @@ def run(params: Params) -> None:
     require_made_with(formatted, made, "`python -m stages.prepare` and `python -m stages.format`")
     examples = read_jsonl(formatted / "test.jsonl")
     val_examples = read_jsonl(formatted / "val.jsonl")
-    retain = read_jsonl(Path(params.paths.references) / "eval.jsonl")
+    references = Path(params.paths.references)
+    require_references(references, "eval", pin, params)
+    retain = read_jsonl(references / "eval.jsonl")
     metrics, predictions, retain_rows = evaluate_models(
         params.eval,
         Path(params.paths.base),

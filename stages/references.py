@@ -13,14 +13,14 @@ from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import Params
-from lorapipe.io import write_jsonl
+from lorapipe.io import write_json, write_jsonl
 from lorapipe.models import load_base_model, load_tokenizer, require_base
-from lorapipe.retain import PARTS, base_references, read_retain
+from lorapipe.retain import PARTS, base_references, made_with, made_with_file, read_retain
 
 
 def run(params: Params, parts: tuple[str, ...] = PARTS) -> None:
     base, cfg = Path(params.paths.base), params.retain
-    require_base(params.model, base)
+    pin = require_base(params.model, base)
     rows = {part: read_retain(Path(cfg.sets[part])) for part in parts}  # all checked first
     tokenizer = load_tokenizer(base)
     model = load_base_model(base, dtype="float32")
@@ -34,6 +34,8 @@ def run(params: Params, parts: tuple[str, ...] = PARTS) -> None:
             max_new_tokens=cfg.max_new_tokens,
         )
         write_jsonl(Path(params.paths.references) / f"{part}.jsonl", refs)
+        # After the answers: a run cut short between the two leaves a record evaluate refuses.
+        write_json(made_with_file(Path(params.paths.references), part), made_with(pin, params))
         unfinished = sum(not r["stopped"] for r in refs)
         print(
             f"references: {part}: {len(refs)} base answers, {unfinished} cut at "

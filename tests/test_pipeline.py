@@ -215,6 +215,33 @@ def test_an_adapter_is_used_only_under_the_params_it_was_trained_with(
     assert {p: (work / p).read_bytes() for p in outputs} == before
 
 
+def test_evaluate_refuses_retain_references_made_under_other_params(
+    repro_project: Path, tmp_path: Path
+) -> None:
+    """The eval part's references made again by hand with a smaller token budget: the record
+    beside them says so, and evaluate without that override refuses them (the adapter would be
+    scored against answers cut where its own are not) and replaces nothing."""
+    work = tmp_path / "project"
+    shutil.copytree(repro_project, work, symlinks=True)
+    budget = yaml.safe_load((work / "params.yaml").read_text())["retain"]["max_new_tokens"]
+    done = run_stage(work, "stages.references", "eval", f"retain.max_new_tokens={budget - 1}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((work / "data/references/eval.made_with.json").read_text())
+    pin = json.loads((work / "models/base/pin.json").read_text())
+    assert record["base"]["config_hash"] == pin["config_hash"]
+    assert record["retain"] == {"max_new_tokens": budget - 1}
+    before = (work / "reports/metrics.json").read_bytes()
+    done = run_stage(work, "stages.evaluate")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        "evaluate: error: data/references/eval.jsonl was made from other params "
+        f"(data/references/eval.made_with.json): retain.max_new_tokens is {budget} here, "
+        f"{budget - 1} there. Make it from these first (`dvc repro`, or `python -m stages."
+        "references eval` with the same overrides), or run without them"
+    )
+    assert (work / "reports/metrics.json").read_bytes() == before
+
+
 @pytest.mark.slow
 def test_merge_reproduces_adapter_logits(project: Path) -> None:
     report = json.loads((project / "reports" / "merge.json").read_text())

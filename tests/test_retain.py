@@ -7,16 +7,26 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from lorapipe.chat import render_prompt, with_system
+from lorapipe.config import Params
 from lorapipe.evaluation import retain_scores
 from lorapipe.generation import generate_with_stops
-from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.io import write_json
+from lorapipe.models import load_base_model, load_tokenizer, read_pin
 from lorapipe.report import most_changed, render_html, render_markdown
-from lorapipe.retain import RetainError, base_references, read_retain
+from lorapipe.retain import (
+    RetainError,
+    base_references,
+    made_with,
+    made_with_file,
+    read_retain,
+    require_references,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {"fact", "explanation", "rewriting", "arithmetic", "multi-turn"}
@@ -87,6 +97,32 @@ def test_references_are_the_bases_greedy_answers_to_the_task_prompts(
     assert [r["stopped"] for r in refs] == stopped
     assert refs[1]["messages"][:3] == rows[1]["messages"]
     assert refs[1]["messages"][3] == {"role": "assistant", "content": answers[1]}
+
+
+def test_references_are_checked_against_the_base_prompt_and_budget_that_made_them(
+    tiny_base: Path, train_params: Callable[..., Params], tmp_path: Path
+) -> None:
+    """The record the references stage writes beside a part names the base (its pin's
+    identity), the system prompt and the token budget; `evaluate` refuses references whose
+    record differs from its own base and params in any of them, naming each key."""
+    pin, params = read_pin(tiny_base), train_params()
+    require_references(tmp_path, "eval", pin, params)  # no record (made before records): passes
+    write_json(made_with_file(tmp_path, "eval"), made_with(pin, params))
+    require_references(tmp_path, "eval", pin, params)
+    require_references(tmp_path, "eval", pin, train_params("retain.batch_size=3", "lora.r=2"))
+    other = {**pin, "config_hash": "0" * 64}
+    changed = train_params("format.system_prompt=Be brief.", "retain.max_new_tokens=5")
+    with pytest.raises(RetainError) as err:
+        require_references(tmp_path, "eval", other, changed)
+    assert str(err.value) == (
+        f"{tmp_path / 'eval.jsonl'} was made from other params "
+        f"({tmp_path / 'eval.made_with.json'}): "
+        f"base.config_hash is {'0' * 64!r} here, {pin['config_hash']!r} there; "
+        f"format.system_prompt is 'Be brief.' here, {params.format.system_prompt!r} there; "
+        f"retain.max_new_tokens is 5 here, {params.retain.max_new_tokens} there. Make it from "
+        "these first (`dvc repro`, or `python -m stages.references eval` with the same "
+        "overrides), or run without them"
+    )
 
 
 def _refs(answers: list[str]) -> list[dict[str, object]]:

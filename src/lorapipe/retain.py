@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.chat import render_prompt, with_system
+from lorapipe.config import Params
 from lorapipe.errors import PipelineError
+from lorapipe.lineage import BASE_IDENTITY
+from lorapipe.provenance import differences, mismatch
 
 PARTS = ("train", "eval")  # replayable in training; measurement only
 ROLES = ("system", "user", "assistant")
@@ -29,6 +32,36 @@ ROLES = ("system", "user", "assistant")
 
 class RetainError(PipelineError, ValueError):
     """A retain-set row cannot be used; the message names file:line and the problem."""
+
+
+def made_with(pin: Mapping[str, Any], params: Params) -> dict[str, Any]:
+    """What a part's references depend on, recorded beside them (`{part}.made_with.json`) and
+    checked by `evaluate`: the base that answered (its pin's identity) and the system prompt and
+    token budget it answered under."""
+    return {
+        "base": {key: pin.get(key) for key in BASE_IDENTITY},
+        "format": {"system_prompt": params.format.system_prompt},
+        "retain": {"max_new_tokens": params.retain.max_new_tokens},
+    }
+
+
+def made_with_file(folder: Path, part: str) -> Path:
+    return folder / f"{part}.made_with.json"
+
+
+def require_references(folder: Path, part: str, pin: Mapping[str, Any], params: Params) -> None:
+    """Raise RetainError when the part's references in `folder` came from another base, system
+    prompt or token budget than `pin` and `params` give: the adapter's answers would be scored
+    against answers the base it is compared with never gave (the references stage run by hand
+    after another base, or not re-run after one). References without a record are not checked."""
+    record = made_with_file(folder, part)
+    if not record.is_file():
+        return
+    made = json.loads(record.read_text(encoding="utf-8"))
+    differ = differences(made_with(pin, params), made)
+    if differ:
+        remake = f"`python -m stages.references {part}`"
+        raise RetainError(mismatch(folder / f"{part}.jsonl", record, differ, remake))
 
 
 def _conversation(row: Any, where: str) -> list[dict[str, str]]:
