@@ -37,9 +37,10 @@ def test_ranking_orders_scores_down_losses_up_and_failures_last() -> None:
     assert by_loss[-1]["error"] == "TrainingError: boom"
 
 
-def test_sweep_refuses_keys_that_shape_the_shared_formatted_data() -> None:
+def test_sweep_refuses_keys_that_shape_the_shared_inputs() -> None:
     check_sweepable(["lora.r=4", "train.learning_rate=0.001", "+train.epochs=2"])
-    for bad in ("data.path=x.jsonl", "model=tinyllama", "train.max_length=64", "format.x=1"):
+    fixed = ("data.path=x.jsonl", "model=tinyllama", "train.max_length=64", "format.x=1")
+    for bad in (*fixed, "retain.max_new_tokens=8"):
         with pytest.raises(SweepError, match=bad.split("=")[0]):
             check_sweepable(["lora.r=4", bad])
 

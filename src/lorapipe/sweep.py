@@ -35,9 +35,12 @@ from lorapipe.io import write_json
 SWEEP_ROOT = "sweeps"
 MEMBER_FILE = "member.json"
 DEFAULT_METRIC = "adapter.exact_match"
-# Params a member cannot vary: they shape the formatted data and base model that `dvc repro`
-# made, which every member shares. `train.max_length` is read by `format` too.
-FIXED_KEYS = ("model", "data", "format", "paths.formatted", "paths.base", "train.max_length")
+# Params a member cannot vary: they shape the formatted data, base model and retain references
+# that `dvc repro` made, which every member shares. `train.max_length` is read by `format` too.
+FIXED_KEYS = (
+    *("model", "data", "format", "retain", "train.max_length"),
+    *("paths.formatted", "paths.base", "paths.references"),
+)
 # Where each member's files go: the sweep stage overrides these paths per member.
 MEMBER_PATHS = {"adapter": "adapter", "reports": "reports", "checkpoints": "checkpoints"}
 COLUMNS = (
@@ -65,7 +68,7 @@ def override_key(override: str) -> str:
 
 
 def check_sweepable(overrides: Sequence[str]) -> None:
-    """Raise SweepError if an override changes what the shared formatted data was made from."""
+    """Raise SweepError if an override changes what the shared inputs were made from."""
     fixed = [
         o
         for o in overrides
@@ -73,8 +76,9 @@ def check_sweepable(overrides: Sequence[str]) -> None:
     ]
     if fixed:
         raise SweepError(
-            f"cannot sweep {', '.join(fixed)}: members share the formatted data and base model "
-            "that `dvc repro` made. Change conf/ and `dvc repro`, or sweep those keys with "
+            f"cannot sweep {', '.join(fixed)}: members share the formatted data, base model "
+            "and retain references that `dvc repro` made. Change conf/ and `dvc repro`, or "
+            "sweep those keys with "
             "`dvc exp run --queue -S ...`, which re-runs the stages they feed"
         )
 
