@@ -3,9 +3,11 @@
 key it never reads. Found by running each stage on a copy of the shrunken pipeline with every
 params read recorded (`trace`), not by reading the code.
 
-What a stage only checks, before it starts, is not a read here: the base's pin and the formatted
-data's record (lorapipe.provenance) are compared with whole params sections (`model_dump`, which
-reads no field one by one), and DVC re-runs the stage through those files, which are its deps."""
+A section a stage dumps whole (`model_dump`) counts too: it computes with it (a checkpoint's
+fingerprint, a lineage) or compares it with the record of an input (the base's pin, the formatted
+data's, the adapter's lineage). Those it only compares are not listed: DVC re-runs the stage
+through the input, a dep, and `lorapipe.params.CHECKED_THROUGH` names them by that dep; stages
+run by hand refuse overrides of keys that are neither listed nor checked (`check_reads`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from lorapipe.params import stage_reads
 
 ROOT = Path(__file__).resolve().parents[1]
 # Read by every stage without being a value it computes with: where its files are (each one a
@@ -43,9 +47,10 @@ def _classes(annotation: Any) -> list[Any]:
     return [annotation] if not args else [c for a in args for c in _classes(a)]
 
 
-def trace(names: list[str]) -> dict[str, list[str]]:
+def trace(names: list[str]) -> dict[str, dict[str, list[str]]]:
     """In a project's folder: run each stage (`references@train` style for a part) on its
-    params.yaml in this process, and return the params keys each one reads."""
+    params.yaml in this process; for each, the params fields it read one by one (`reads`) and the
+    sections it dumped whole (`dumps`)."""
     import importlib
 
     from lorapipe import config
@@ -53,7 +58,8 @@ def trace(names: list[str]) -> dict[str, list[str]]:
 
     where = places(config.Params)
     read: set[str] = set()
-    plain = object.__getattribute__
+    dumped: set[str] = set()
+    plain, dump = object.__getattribute__, config._Group.model_dump
 
     def recording(self: Any, name: str) -> Any:
         value = plain(self, name)
@@ -61,22 +67,25 @@ def trace(names: list[str]) -> dict[str, list[str]]:
             read.add(f"{where.get(type(self), '')}.{name}".lstrip("."))
         return value
 
+    def recording_dump(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if type(self) is config.Params:  # the whole params, less what it excludes
+            dumped.update(set(type(self).model_fields) - set(kwargs.get("exclude") or ()))
+        else:
+            dumped.add(where[type(self)])
+        return dump(self, *args, **kwargs)
+
     params = config.validate(load_params(Path.cwd()))
     config._Group.__getattribute__ = recording  # type: ignore[method-assign]
+    config._Group.model_dump = recording_dump  # type: ignore[method-assign]
     found = {}
     for name in names:
         module, _, part = name.partition("@")
         run = importlib.import_module(f"stages.{module}").run
         read.clear()
+        dumped.clear()
         run(params, (part,)) if part else run(params)
-        found[name] = sorted(read)
+        found[name] = {"reads": sorted(read), "dumps": sorted(dumped)}
     return found
-
-
-def listed(stage: dict[str, Any], part: str) -> list[str]:
-    """The params keys dvc.yaml lists for `stage` (a foreach stage's for its `part`)."""
-    keys = stage.get("do", stage).get("params", [])
-    return [k.replace("${key}", part) for k in keys]
 
 
 def _under(read: str, key: str) -> bool:
@@ -85,23 +94,26 @@ def _under(read: str, key: str) -> bool:
     return read == key or read.startswith(key + ".") or key.startswith(read + ".")
 
 
-def drift(reads: dict[str, list[str]], dvc_yaml: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """stage -> (keys it reads that dvc.yaml does not list, listed keys it never reads)."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+def drift(traced: dict[str, dict[str, list[str]]], root: Path) -> dict[str, list[list[str]]]:
+    """stage -> [keys it used that root/dvc.yaml neither lists nor checks through a dep, listed
+    keys it never used, sections checked through a dep that it never compared]."""
     out = {}
-    for name, keys in reads.items():
-        stage, _, part = name.partition("@")
-        wanted = [k for k in keys if k.split(".")[0] not in EVERY_STAGE]
-        given = listed(stages[stage], part)
-        missing = [k for k in wanted if not any(_under(k, g) for g in given)]
-        out[name] = (missing, [g for g in given if not any(_under(k, g) for k in wanted)])
+    for name, seen in traced.items():
+        listed, checked = stage_reads(root, name.partition("@")[0]) or ([], [])
+        used = [k for k in {*seen["reads"], *seen["dumps"]} if k.split(".")[0] not in EVERY_STAGE]
+        out[name] = [
+            sorted(k for k in used if not any(_under(k, g) for g in [*listed, *checked])),
+            [g for g in listed if not any(_under(k, g) for k in used)],
+            [c for c in checked if c not in seen["dumps"]],
+        ]
     return out
 
 
 @pytest.fixture(scope="module")
-def reads(repro_project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[str]]:
-    """Every dvc.yaml stage run once on a copy of the shrunken pipeline: the params keys each
-    one read."""
+def traced(
+    repro_project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, list[str]]]:
+    """Every dvc.yaml stage run once on a copy of the shrunken pipeline: what each one used."""
     project = tmp_path_factory.mktemp("traced") / "project"
     shutil.copytree(repro_project, project, symlinks=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -122,22 +134,41 @@ def reads(repro_project: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     return found
 
 
-def test_every_stage_lists_exactly_the_params_it_reads(reads: dict[str, list[str]]) -> None:
-    assert drift(reads, ROOT / "dvc.yaml") == {name: ([], []) for name in reads}
+def test_every_stage_lists_exactly_the_params_it_reads(
+    traced: dict[str, dict[str, list[str]]],
+) -> None:
+    assert drift(traced, ROOT) == {name: [[], [], []] for name in traced}
 
 
-def test_the_check_fails_when_a_read_key_is_not_listed(
-    reads: dict[str, list[str]], tmp_path: Path
+def test_the_check_fails_when_a_used_key_is_not_listed(
+    traced: dict[str, dict[str, list[str]]], tmp_path: Path
 ) -> None:
     """`format` truncates to train.max_length and `evaluate` bounds the adapter's retain answers
-    by retain.max_new_tokens: a dvc.yaml without them is caught, and so is one that lists a key
-    its stage never reads."""
+    by retain.max_new_tokens: a dvc.yaml without them is caught; so is one that lists a key its
+    stage never reads, and one whose train stage no longer depends on the formatted data's
+    record (it compares data and format with it)."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stages["stages"]["format"]["params"].remove("train.max_length")
     stages["stages"]["evaluate"]["params"].remove("retain.max_new_tokens")
     stages["stages"]["prepare"]["params"].append("lora.r")
+    stages["stages"]["train"]["deps"].remove("${paths.formatted}/made_with.json")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(stages))
-    found = drift(reads, tmp_path / "dvc.yaml")
-    assert found["format"] == (["train.max_length"], [])
-    assert found["evaluate"] == (["retain.max_new_tokens"], [])
-    assert found["prepare"] == ([], ["lora.r"])
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    found = drift(traced, tmp_path)
+    assert found["format"] == [["train.max_length"], [], []]
+    assert found["evaluate"] == [["retain.max_new_tokens"], [], []]
+    assert found["prepare"] == [[], ["lora.r"], []]
+    assert found["train"] == [["data", "format"], [], []]
+
+
+def test_a_check_claimed_for_a_dep_the_stage_does_not_make_is_caught(
+    traced: dict[str, dict[str, list[str]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CHECKED_THROUGH says what a stage compares through each input: claiming that `format`
+    checks the data params against the prepared data (it carries their record on unchecked) is
+    caught, and the claim would have let `python -m stages.format data.replay=0.1` through."""
+    from lorapipe import params
+
+    more = {**params.CHECKED_THROUGH, "${paths.prepared}": ("data",)}
+    monkeypatch.setattr(params, "CHECKED_THROUGH", more)
+    assert drift(traced, ROOT)["format"] == [[], [], ["data"]]

@@ -122,6 +122,43 @@ def test_a_misspelt_override_is_one_line_with_a_hint(project: Path, override: st
     assert not (project / "models").exists()
 
 
+def test_an_override_the_stage_does_not_read_is_refused(project: Path) -> None:
+    """An override of a key the stage neither reads nor checks (dvc.yaml's params and
+    CHECKED_THROUGH) would change nothing: one line per key, naming the stages that read it,
+    before anything loads. Overrides it reads, checks, or that leave a value as params.yaml has
+    it pass this check."""
+    from lorapipe.params import check_reads
+
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    write_params(project, [])
+    done = run_stage(project, "stages.train", "eval.max_examples=5", "lora.r=8")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "train: error: eval.max_examples: stage train does not read it, so the override changes "
+        "nothing (train reads lora, quant, train and checks data, format, model against its "
+        "inputs; dvc.yaml); give it to evaluate"
+    )
+    done = run_stage(project, "stages.prepare", "lora=llama_all", "merge.dtype=float16")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "prepare: error: 2 overrides change nothing here:",
+        "  lora.target_modules: stage prepare does not read it, so the override changes nothing "
+        "(prepare reads data; dvc.yaml); give it to train",
+        "  merge.dtype: stage prepare does not read it, so the override changes nothing "
+        "(prepare reads data; dvc.yaml); give it to merge",
+    ]
+    assert not (project / "models").exists() and not (project / "data").exists()
+    same = yaml.safe_load((project / "params.yaml").read_text())["merge"]["dtype"]
+    for stage, overrides in {
+        "train": ["lora.r=8", "model.seed=3", "data.replay=0.1", f"merge.dtype={same}"],
+        "evaluate": ["eval.max_examples=5", "retain.max_new_tokens=4", "lora.r=8", "quant=nf4"],
+        "references": ["retain.sets.eval=x.jsonl", "format.system_prompt=Hi", "paths.base=m"],
+    }.items():
+        check_reads(project, stage, compose_run(project, overrides))
+    with pytest.raises(ConfigError, match=r"^retain\.batch_size: stage evaluate does not read it"):
+        check_reads(project, "evaluate", compose_run(project, ["retain.batch_size=2"]))
+
+
 def test_a_bad_override_value_is_reported_by_key(project: Path) -> None:
     write_params(project, [])
     done = run_stage(project, "stages.base", "model=tiny", "model.architecture.num_layers=0")

@@ -25,6 +25,7 @@ from lorapipe.params import (
     RECORD_KEY,
     assignable,
     base_overrides,
+    check_reads,
     compose_run,
     load_params,
     override_key,
@@ -100,6 +101,8 @@ def _single(run: Callable[[Any], Any], name: str, raw: bool) -> None:
     try:
         composed = compose_run(root, args) if args else load_params(root)
         params = composed if raw else validate(composed)
+        if args:
+            check_reads(root, name, composed)
     except ConfigError as exc:
         _fail(name, str(exc))
     try:

@@ -35,6 +35,16 @@ CONFIG_NAME = "config"
 RECORD_KEY = "composed_with"
 # conf/ folders that are not groups of params.yaml (Hydra's own and accelerate's configs).
 NOT_PARAMS = ("hydra", "accelerate")
+DVC_FILE = "dvc.yaml"
+# The params sections a stage compares with the record of an input it reads (a dvc.yaml dep):
+# the base's pin (models.require_base), the formatted data's record (lorapipe.provenance), the
+# adapter's lineage (lineage.require_trained_with). A stage reacts to their keys without
+# computing with them. tests/test_dvc_params.py runs every stage to keep this in step.
+CHECKED_THROUGH = {
+    "${paths.base}": ("model",),
+    "${paths.formatted}/made_with.json": ("data", "format"),
+    "${paths.adapter}": ("model", "data", "format", "lora", "quant", "train"),
+}
 
 
 class ParamsFileError(ConfigError):
@@ -241,6 +251,65 @@ def check_overrides(
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError("\n  ".join([f"{len(problems)} invalid overrides:", *problems]))
+
+
+def _dvc_stages(root: Path) -> dict[str, Any]:
+    path = root / DVC_FILE
+    if not path.is_file():
+        return {}
+    stages = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("stages")
+    return stages if isinstance(stages, dict) else {}
+
+
+def stage_reads(root: Path, stage: str) -> tuple[list[str], list[str]] | None:
+    """(the params keys dvc.yaml lists for `stage`, for every part of a foreach stage; the
+    params sections it checks its inputs' records against), or None when `root` has no dvc.yaml
+    with that stage."""
+    entry = _dvc_stages(root).get(stage)
+    if not isinstance(entry, dict):
+        return None
+    body, parts = entry.get("do", entry), [""]
+    if isinstance(entry.get("foreach"), str):  # `${retain.sets}`: one run per key
+        items = _get(load_params(root), entry["foreach"].strip("${}"))
+        parts = list(items) if isinstance(items, dict) else parts
+    keys = [k for k in body.get("params", []) if isinstance(k, str)]
+    listed = sorted({k.replace("${key}", part) for k in keys for part in parts})
+    checked = sorted({s for dep in body.get("deps", []) for s in CHECKED_THROUGH.get(dep, ())})
+    return listed, checked
+
+
+def _listed(root: Path, stage: str) -> list[str]:
+    reads = stage_reads(root, stage)
+    return reads[0] if reads else []
+
+
+def check_reads(root: Path, stage: str, composed: dict[str, Any]) -> None:
+    """Raise ConfigError, one line per key, when the run's overrides change a key (against
+    params.yaml) that `stage` neither reads nor checks its inputs against: the override would
+    change nothing (`python -m stages.train eval.max_examples=5`), and the user expects it to.
+    Outside a DVC project, or for a module that is not a dvc.yaml stage, nothing is checked."""
+    reads = stage_reads(root, stage)
+    if reads is None:
+        return
+    listed, checked = reads
+    known = {*listed, *checked, "paths", RECORD_KEY}
+    unread = sorted(
+        k for k in _changed_keys(load_params(root), composed) if not _overlaps(k, known)
+    )
+    if not unread:
+        return
+    also = f" and checks {', '.join(checked)} against its inputs" if checked else ""
+    problems = []
+    for key in unread:
+        users = [s for s in _dvc_stages(root) if _overlaps(key, set(_listed(root, s)))]
+        where = f"; give it to {', '.join(users)}" if users else ""
+        problems.append(
+            f"{key}: stage {stage} does not read it, so the override changes nothing ({stage} "
+            f"reads {', '.join(listed)}{also}; dvc.yaml){where}"
+        )
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    raise ConfigError("\n  ".join([f"{len(problems)} overrides change nothing here:", *problems]))
 
 
 def compose_run(root: Path, overrides: Sequence[str]) -> dict[str, Any]:
