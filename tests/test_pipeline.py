@@ -210,7 +210,7 @@ def test_an_adapter_is_used_only_under_the_params_it_was_trained_with(
             f"{command.split('.')[1]}: error: models/adapter was made from other params "
             f"(models/adapter/lineage.json): lora.r is 4 here, {trained['r']} there. Make it "
             "from these first (`dvc repro`, or `python -m stages.train` with the same "
-            "overrides), or run without them"
+            "overrides), or give this stage the params it was made from"
         )
     assert {p: (work / p).read_bytes() for p in outputs} == before
 
@@ -237,7 +237,8 @@ def test_evaluate_refuses_retain_references_made_under_other_params(
         "evaluate: error: data/references/eval.jsonl was made from other params "
         f"(data/references/eval.made_with.json): retain.max_new_tokens is {budget} here, "
         f"{budget - 1} there. Make it from these first (`dvc repro`, or `python -m stages."
-        "references eval` with the same overrides), or run without them"
+        "references eval` with the same overrides), or give this stage the params it was made "
+        "from"
     )
     assert (work / "reports/metrics.json").read_bytes() == before
 

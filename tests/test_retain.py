@@ -121,7 +121,7 @@ def test_references_are_checked_against_the_base_prompt_and_budget_that_made_the
         f"format.system_prompt is 'Be brief.' here, {params.format.system_prompt!r} there; "
         f"retain.max_new_tokens is 5 here, {params.retain.max_new_tokens} there. Make it from "
         "these first (`dvc repro`, or `python -m stages.references eval` with the same "
-        "overrides), or run without them"
+        "overrides), or give this stage the params it was made from"
     )
 
 

@@ -127,7 +127,8 @@ def test_training_refuses_data_made_from_other_data_or_format_params(
         f"{data} was made from other params ({data / MADE_WITH_FILE}): data.replay is 0.0 here, "
         "0.1 there; format.system_prompt is 'Answer with the value only.' here, 'Be brief.' "
         "there. Make it from these first (`dvc repro`, or `python -m stages.prepare` and "
-        "`python -m stages.format` with the same overrides), or run without them"
+        "`python -m stages.format` with the same overrides), or give this stage the params it "
+        "was made from"
     )
     assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
     write_made_with(data, sections(data=params.data, format=params.format))

@@ -7,7 +7,9 @@ they are, so its lineage could name params that did not make its inputs. So `pre
 its `data` params in `data/prepared/made_with.json`, `format` carries them into
 `data/formatted/made_with.json` with its own `format` params, and `base` records its `model`
 params in `pin.json`; `train` and every stage that reads the base stop, naming each key that
-differs, before they read or write anything.
+differs, before they read or write anything. The adapter's `lineage.json` is checked the same way
+(`lineage.require_trained_with`), and so are the retain references' records
+(`retain.require_references`), with the comparison and message here.
 A record that lacks a section (an output made before records were kept) is not checked for it.
 
 Written here: DVC keeps this record in `dvc.lock` for its own runs only.
@@ -63,7 +65,8 @@ def differences(asked: Mapping[str, Any], made: Mapping[str, Any]) -> list[str]:
 def mismatch(what: Path, record: Path, differ: list[str], remake: str) -> str:
     return (
         f"{what} was made from other params ({record}): " + "; ".join(differ) + f". Make it from "
-        f"these first (`dvc repro`, or {remake} with the same overrides), or run without them"
+        f"these first (`dvc repro`, or {remake} with the same overrides), or give this stage the "
+        "params it was made from"
     )
 
 
