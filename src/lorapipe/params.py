@@ -299,9 +299,10 @@ def check_reads(root: Path, stage: str, composed: dict[str, Any]) -> None:
     if not unread:
         return
     also = f" and checks {', '.join(checked)} against its inputs" if checked else ""
+    listed_by = {s: set(_listed(root, s)) for s in _dvc_stages(root)}
     problems = []
     for key in unread:
-        users = [s for s in _dvc_stages(root) if _overlaps(key, set(_listed(root, s)))]
+        users = [s for s, keys in listed_by.items() if _overlaps(key, keys)]
         where = f"; give it to {', '.join(users)}" if users else ""
         problems.append(
             f"{key}: stage {stage} does not read it, so the override changes nothing ({stage} "
