@@ -24,6 +24,7 @@ from lorapipe.errors import PipelineError
 from lorapipe.fused_lora import fuse_lora_updates
 from lorapipe.io import read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.packing import unpackable, use_packed_attention
 from lorapipe.runtime import fix_mmap_threshold, keep_freed_memory, peak_rss_mib
 
 # Logged values that measure the machine, not the model (eval_runtime, ..._per_second): left out
@@ -373,9 +374,13 @@ def setup_model(params: Params, base_dir: Path, precision: str) -> tuple[Any, bo
     return model, recompute, trainable, total
 
 
-def trainer_arguments(params: Params, precision: str, recompute: bool, has_val: bool) -> Any:
+def trainer_arguments(
+    params: Params, precision: str, recompute: bool, has_val: bool, packed: bool = False
+) -> Any:
     """TRL's SFTConfig for `params.train`: completion-only loss, per-epoch evaluation when there
-    is a val split, checkpoints to `paths.checkpoints`, no reporting integrations."""
+    is a val split, checkpoints to `paths.checkpoints`, no reporting integrations; with `packed`,
+    padding-free batches (`lorapipe.packing`). TRL does not truncate: the format stage fitted
+    every example to `train.max_length` and `check_lengths` holds training to it."""
     from trl import SFTConfig
 
     cfg = params.train
@@ -392,7 +397,8 @@ def trainer_arguments(params: Params, precision: str, recompute: bool, has_val: 
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a fraction < 1 is a ratio of all steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        max_length=cfg.max_length,
+        max_length=None,  # check_lengths: an example too long stops training, not truncated
+        padding_free=packed,
         completion_only_loss=True,
         eval_strategy="epoch" if has_val else "no",
         save_strategy=cfg.save_strategy,
@@ -415,6 +421,25 @@ def trainer_arguments(params: Params, precision: str, recompute: bool, has_val: 
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
+
+
+def check_lengths(trainer: Any, limit: int, files: dict[str, Path]) -> None:
+    """Raise TrainingError naming the first example (file and line) the trainer tokenised to
+    more than `limit` tokens: the format stage fits every example to `train.max_length`, so one
+    longer was formatted under another value, and cutting it here would drop its closing EOS."""
+    for split, dataset in (("train", trainer.train_dataset), ("val", trainer.eval_dataset)):
+        if dataset is None:
+            continue
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        over = [i for i, n in enumerate(lengths) if n > limit]
+        if over:
+            text = files[split].read_text(encoding="utf-8").split("\n")
+            lines = [n for n, line in enumerate(text, start=1) if line.strip()]
+            raise TrainingError(
+                f"{files[split]}:{lines[over[0]]}: {lengths[over[0]]} tokens, more than "
+                f"train.max_length {limit} ({len(over)} of {len(lengths)} examples); the data "
+                "was formatted with another train.max_length: format it with this one"
+            )
 
 
 def resume_point(args: Any, params: Params, inputs: dict[str, Any]) -> Path | None:
@@ -447,14 +472,16 @@ def train_adapter(
     curves_dir: Path | None,
     *,
     callbacks: Sequence[TrainerCallback] = (),
+    pack: bool = True,
 ) -> dict[str, Any]:
     """Train a LoRA adapter on `formatted_dir/{train,val}.jsonl` and save it to `out_dir`.
 
     Checkpoints in `params.paths.checkpoints` from an interrupted run with the same params, data
     and base are resumed (`resume_point`) and removed once the adapter is saved. Under
     `accelerate launch` every process calls this; only global rank 0 gets `out_dir` and
-    `curves_dir` and writes anything. `callbacks` are added to the trainer's. Returns the run
-    summary (`fit`); raises TrainingError as `setup_model` and `fit` do.
+    `curves_dir` and writes anything. `callbacks` are added to the trainer's. Batches are
+    padding-free (`lorapipe.packing`) when `pack` and the model's attention allows it. Returns
+    the run summary (`fit`); raises TrainingError as `setup_model`, `check_lengths` and `fit` do.
     """
     from dvclive import Live
 
@@ -467,7 +494,10 @@ def train_adapter(
     torch.manual_seed(params.train.seed)
     tokenizer = load_tokenizer(base_dir)
     model, recompute, trainable, total = setup_model(params, base_dir, precision)
-    args = trainer_arguments(params, precision, recompute, bool(len(val)))
+    packed = pack and unpackable(model) is None
+    if packed:
+        use_packed_attention(model)
+    args = trainer_arguments(params, precision, recompute, bool(len(val)), packed)
     main = args.process_index == 0  # the trainer's own view of the distributed set-up
     if main and (out_dir is None or curves_dir is None):
         raise TrainingError("rank 0 needs an output folder for the adapter and its curves")
@@ -488,12 +518,14 @@ def train_adapter(
             callbacks=[*trainer_callbacks(params.train, live), *callbacks],
         )
         check_sharding(trainer)
+        check_lengths(trainer, params.train.max_length, data_files)
         # TRL casts QLoRA adapters to bf16 (the QLoRA paper's recipe); keep that only under bf16.
         if not (params.quant.mode != "none" and precision == "bf16"):
             _trainables_to_fp32(model)
         summary = fit(trainer, resume_from, bool(len(val)))
         summary.update(trainable_params=trainable, total_params=total, precision=precision)
         summary["gradient_checkpointing"] = recompute
+        summary["padding_free"] = packed
         if not save(trainer, params, out_dir, initial if main else None):
             return summary
     assert live is not None and out_dir is not None
