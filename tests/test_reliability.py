@@ -223,6 +223,50 @@ def test_killed_stages_are_never_up_to_date_with_partial_outputs(
     assert not leftovers
 
 
+SWALLOWED_INTERRUPT = """
+import os, signal, time
+from lorapipe.cli import Interrupt
+
+interrupt = Interrupt(every=0.5)
+signal.signal(signal.SIGTERM, interrupt)
+
+
+class Collected:
+    def __del__(self):  # the signal's KeyboardInterrupt is raised in here, and Python drops it
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+
+
+try:
+    Collected()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        sum(range(1000))
+    print("ran on")
+except KeyboardInterrupt:
+    interrupt.caught = True
+    print("interrupted")
+"""
+
+
+def test_an_interrupt_python_drops_is_raised_again() -> None:
+    """A KeyboardInterrupt raised while a `__del__` runs is lost ("Exception ignored"); the
+    stages' handler raises it again until it is caught (CI once saw a train stage run on after
+    SIGINT)."""
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, "-c", SWALLOWED_INTERRUPT],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Exception ignored" in done.stderr and "KeyboardInterrupt" in done.stderr
+    assert done.stdout.strip() == "interrupted", done.stderr
+    assert time.time() - started < 20
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_exits_cleanly_and_keeps_the_previous_output(
     signum: int, tmp_path: Path, tiny_base: Path, formatted: Path

@@ -10,9 +10,12 @@ Any bad key or value: one line per problem, exit 2, no traceback.
 
 from __future__ import annotations
 
+import _thread
 import gc
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,7 +67,10 @@ def stage(
     def main() -> None:
         # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary folders are cleaned up;
         # either way the stage ends with one short line, no traceback.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        interrupt = Interrupt()
+        signal.signal(signal.SIGTERM, interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup)
+            signal.signal(signal.SIGINT, interrupt)
         interrupted = False
         try:
             if hydra_defaults:
@@ -72,7 +78,7 @@ def stage(
             else:
                 _single(run, name, raw)
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted = interrupt.caught = True
         if interrupted:
             # Outside the except block the traceback is gone, so the trainer and its progress
             # bar are freed now; collected, the bar prints its last line before ours, not after.
@@ -81,6 +87,32 @@ def stage(
             sys.exit(130)
 
     return main
+
+
+class Interrupt:
+    """The stage's SIGINT / SIGTERM handler: raises KeyboardInterrupt, and again every `every`
+    seconds until the stage has caught one (`caught`). Python loses a KeyboardInterrupt raised
+    while a `__del__` or a weakref callback runs (it prints "Exception ignored" and goes on: a
+    progress bar being collected mid-training is enough), and the stage would then run on; no
+    library re-raises it, so this does."""
+
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self.caught = False
+        self.raised = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not self.raised:
+            self.raised = True
+            threading.Thread(target=self._insist, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _insist(self) -> None:
+        while True:
+            time.sleep(self.every)
+            if self.caught:
+                return
+            _thread.interrupt_main(signal.SIGTERM)  # runs __call__ in the main thread
 
 
 def _fail(name: str, message: str) -> None:
