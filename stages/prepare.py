@@ -17,7 +17,14 @@ from lorapipe.mixing import prepare_data
 
 
 def run(params: Params) -> None:
-    replay = Path(params.paths.references) / "train.jsonl"  # the references@train stage's
+    references = Path(params.paths.references)
+    if params.data.replay > 0:  # the answers replayed must be this base's, under this prompt
+        from lorapipe.models import require_base  # imports torch: only when replaying
+        from lorapipe.retain import require_references
+
+        pin = require_base(params.model, Path(params.paths.base))
+        require_references(references, "train", pin, params)
+    replay = references / "train.jsonl"  # the references@train stage's
     report = prepare_data(params.data, Path(params.paths.prepared), replay)
     write_json(Path(params.paths.reports) / "data.json", report)
     near = report["near_duplicates_across_splits"]["groups"]

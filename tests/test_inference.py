@@ -127,6 +127,18 @@ def test_generate_command_answers_files_and_stdin(
     assert main([*common, "--use", "c", "hi"]) == 2
     assert "--use 'c': not a loaded adapter" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "hi"}\n')
-    assert main([*common, "--prompts", str(bad)]) == 2
-    assert "bad.jsonl: row 1: needs an 'instruction'" in capsys.readouterr().err
+    for text, problem in [
+        ('{"question": "hi"}\n', ":1: needs a non-empty 'instruction' string or 'messages'"),
+        # blank lines count: the line, not the row
+        ('{"instruction": "hi"}\n\n{"messages": [{"role": "user"}]}\n', ":3: messages[0] needs"),
+        (
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": '
+            '"yo"}]}',
+            ":1: messages must end with a user turn",
+        ),
+        ('{"instruction": "hi"}\n["hi"]\n', ":2: expected a JSON object, got list"),
+    ]:
+        bad.write_text(text)
+        assert main([*common, "--prompts", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}{problem}" in err and "Traceback" not in err, err

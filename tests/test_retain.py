@@ -56,7 +56,8 @@ def test_the_shipped_retain_set_is_varied_and_its_parts_disjoint() -> None:
             "must end with a user turn",
         ),
         ('{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0] needs a role"),
-        ("{not json", "not valid JSON"),
+        ("{not json", "invalid JSON"),
+        ("[1]", "expected a JSON object, got list"),
         ('{"instruction": "What is 2 + 2?"}', "repeats an earlier row"),
     ],
 )
@@ -123,6 +124,59 @@ def test_references_are_checked_against_the_base_prompt_and_budget_that_made_the
         "these first (`dvc repro`, or `python -m stages.references eval` with the same "
         "overrides), or give this stage the params it was made from"
     )
+
+
+def test_prepare_replays_only_answers_this_base_gave_under_this_prompt(
+    tiny_base: Path, train_params: Callable[..., Params], tmp_path: Path
+) -> None:
+    """`python -m stages.prepare data.replay=0.1` after the base or the system prompt changed
+    without the references stage re-run: the answers it would replay are not the base's own, so
+    the stage stops, naming the keys, before it writes anything; with replay off they are not
+    read, and with the record matching they are replayed."""
+    from lorapipe.pyqa import generate
+    from stages.prepare import run
+
+    refs = tmp_path / "refs"
+    rows = [
+        {
+            "id": f"r{i}",
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ],
+            "stopped": True,
+        }
+        for i in range(5)
+    ]
+    refs.mkdir()
+    (refs / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = tmp_path / "raw" / "qa.jsonl"
+    raw.parent.mkdir()
+    raw.write_text("".join(json.dumps(r) + "\n" for r in generate(60, seed=2)))
+    paths = [
+        f"paths.base={tiny_base}",
+        f"paths.references={refs}",
+        f"paths.prepared={tmp_path / 'prepared'}",
+        f"paths.reports={tmp_path / 'reports'}",
+        f"data.path={raw}",
+        "data.split_counts={train: 40, val: 10, test: 10}",
+    ]
+    pin = read_pin(tiny_base)
+    write_json(
+        made_with_file(refs, "train"), made_with(pin, train_params("format.system_prompt=Hi."))
+    )
+    with pytest.raises(RetainError) as err:
+        run(train_params(*paths, "data.replay=0.2"))
+    assert str(err.value).startswith(
+        f"{refs / 'train.jsonl'} was made from other params ({refs / 'train.made_with.json'}): "
+        f"format.system_prompt is {train_params().format.system_prompt!r} here, 'Hi.' there."
+    )
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "reports").exists()
+    run(train_params(*paths))  # nothing replayed: the references are not read
+    assert "What is" not in (tmp_path / "prepared" / "train.jsonl").read_text()
+    write_json(made_with_file(refs, "train"), made_with(pin, train_params()))
+    run(train_params(*paths, "data.replay=0.2"))
+    assert "What is 4 plus 4?" in (tmp_path / "prepared" / "train.jsonl").read_text()
 
 
 def _refs(answers: list[str]) -> list[dict[str, object]]:

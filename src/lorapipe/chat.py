@@ -18,6 +18,29 @@ class FormatError(PipelineError, ValueError):
     """A record cannot be turned into a prompt/completion pair; the message says why."""
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def to_answer(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The conversation a row asks a model to answer (a retain-set row, a prompt file's): its
+    `instruction` as one user turn, or its `messages`, each a known role with non-empty content,
+    the last a user turn. Raises ValueError saying what is wrong; callers name file and line."""
+    if isinstance(row.get("instruction"), str) and row["instruction"].strip():
+        return [{"role": "user", "content": row["instruction"]}]
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("needs a non-empty 'instruction' string or 'messages' list")
+    turns = []
+    for i, m in enumerate(messages):
+        ok = isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+        if not ok or not m["content"].strip():
+            raise ValueError(f"messages[{i}] needs a role {ROLES} and a non-empty content")
+        turns.append({"role": m["role"], "content": m["content"]})
+    if turns[-1]["role"] != "user":
+        raise ValueError("messages must end with a user turn (the one to answer)")
+    return turns
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str  # the conversation up to this assistant turn, with the generation prompt

@@ -18,10 +18,10 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
-from lorapipe.chat import build_prompt, render_prompt, with_system
+from lorapipe.chat import build_prompt, render_prompt, to_answer, with_system
 from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
-from lorapipe.io import parse_jsonl
+from lorapipe.io import numbered_jsonl
 from lorapipe.lineage import LINEAGE_FILE, require_trained_on
 from lorapipe.models import load_base_model, load_tokenizer, require_safetensors
 
@@ -59,16 +59,16 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     text = path.read_text(encoding="utf-8")
     if path.suffix != ".jsonl":
         return [[{"role": "user", "content": line}] for line in text.splitlines() if line.strip()]
+    try:
+        numbered = numbered_jsonl(text, str(path))
+    except ValueError as e:
+        raise InferenceError(str(e)) from None
     out = []
-    for i, row in enumerate(parse_jsonl(text, str(path)), start=1):
-        if isinstance(row.get("instruction"), str):
-            out.append([{"role": "user", "content": row["instruction"]}])
-        elif isinstance(row.get("messages"), list) and row["messages"]:
-            if row["messages"][-1].get("role") != "user":
-                raise InferenceError(f"{path}: row {i}: messages must end with a user turn")
-            out.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
-        else:
-            raise InferenceError(f"{path}: row {i}: needs an 'instruction' string or 'messages'")
+    for lineno, row in numbered:
+        try:
+            out.append(to_answer(row))
+        except ValueError as e:
+            raise InferenceError(f"{path}:{lineno}: {e}") from None
     return out
 
 

@@ -96,7 +96,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def parse_jsonl(text: str, source: str) -> list[dict[str, Any]]:
     """The objects in JSON Lines `text`; errors name `source:line` as ValueError."""
-    rows: list[dict[str, Any]] = []
+    return [row for _, row in numbered_jsonl(text, source)]
+
+
+def numbered_jsonl(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each line of JSON Lines `text` that is not blank; errors name
+    `source:line` as ValueError."""
+    rows: list[tuple[int, dict[str, Any]]] = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -106,7 +112,7 @@ def parse_jsonl(text: str, source: str) -> list[dict[str, Any]]:
             raise ValueError(f"{source}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from e
         if not isinstance(row, dict):
             raise ValueError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((lineno, row))
     return rows
 
 

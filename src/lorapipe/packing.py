@@ -86,11 +86,16 @@ def packed_sdpa(
     return out.transpose(1, 2).reshape(examples * longest, heads, dim)[index].unsqueeze(0), None
 
 
+def _unwrapped(model: Any) -> Any:
+    """The transformers model under a peft wrapper (or `model` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def unpackable(model: Any) -> str | None:
     """Why `model`'s attention cannot take packed rows through `packed_sdpa`, or None when it
     can: its attention must be SDPA behind transformers' attention interface, causal, with no
     sliding window or logit soft-capping."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     config = base.config
     text = config.get_text_config()
     attention = getattr(config, "_attn_implementation", None)
@@ -114,5 +119,4 @@ def use_packed_attention(model: Any) -> None:
 
     AttentionInterface.register(ATTENTION, packed_sdpa)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(ATTENTION)
+    _unwrapped(model).set_attn_implementation(ATTENTION)

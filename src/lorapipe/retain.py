@@ -20,14 +20,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorapipe.chat import render_prompt, with_system
+from lorapipe.chat import render_prompt, to_answer, with_system
 from lorapipe.config import Params
 from lorapipe.errors import PipelineError
+from lorapipe.io import numbered_jsonl
 from lorapipe.lineage import BASE_IDENTITY
 from lorapipe.provenance import differences, mismatch
 
 PARTS = ("train", "eval")  # replayable in training; measurement only
-ROLES = ("system", "user", "assistant")
 
 
 class RetainError(PipelineError, ValueError):
@@ -64,27 +64,6 @@ def require_references(folder: Path, part: str, pin: Mapping[str, Any], params: 
         raise RetainError(mismatch(folder / f"{part}.jsonl", record, differ, remake))
 
 
-def _conversation(row: Any, where: str) -> list[dict[str, str]]:
-    if not isinstance(row, dict):
-        raise RetainError(f"{where}: expected a JSON object")
-    if isinstance(row.get("instruction"), str) and row["instruction"].strip():
-        return [{"role": "user", "content": row["instruction"]}]
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RetainError(f"{where}: needs a non-empty 'instruction' string or 'messages' list")
-    turns = []
-    for i, m in enumerate(messages):
-        ok = isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-        if not ok or not m["content"].strip():
-            raise RetainError(
-                f"{where}: messages[{i}] needs a role {ROLES} and a non-empty content"
-            )
-        turns.append({"role": m["role"], "content": m["content"]})
-    if turns[-1]["role"] != "user":
-        raise RetainError(f"{where}: messages must end with a user turn (the base answers it)")
-    return turns
-
-
 def read_retain(path: Path) -> list[dict[str, Any]]:
     """The rows of one retain-set part: `{"id", "messages"}` in file order, ids from content.
 
@@ -93,14 +72,16 @@ def read_retain(path: Path) -> list[dict[str, Any]]:
     if `path` does not exist.
     """
     rows, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    try:
+        numbered = numbered_jsonl(path.read_text(encoding="utf-8"), str(path))
+    except ValueError as e:
+        raise RetainError(str(e)) from None
+    for lineno, row in numbered:
         where = f"{path}:{lineno}"
         try:
-            messages = _conversation(json.loads(line), where)
-        except json.JSONDecodeError as e:
-            raise RetainError(f"{where}: not valid JSON ({e.msg})") from None
+            messages = to_answer(row)
+        except ValueError as e:
+            raise RetainError(f"{where}: {e}") from None
         key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
         if key in seen:
             raise RetainError(f"{where}: repeats an earlier row")

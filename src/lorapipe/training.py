@@ -22,7 +22,7 @@ from lorapipe.checkpoints import prepare_checkpoints, remove_checkpoints, resuma
 from lorapipe.config import Params, TrainCfg
 from lorapipe.errors import PipelineError
 from lorapipe.fused_lora import fuse_lora_updates
-from lorapipe.io import read_jsonl
+from lorapipe.io import numbered_jsonl, read_jsonl
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.packing import unpackable, use_packed_attention
 from lorapipe.runtime import fix_mmap_threshold, keep_freed_memory, peak_rss_mib
@@ -433,10 +433,10 @@ def check_lengths(trainer: Any, limit: int, files: dict[str, Path]) -> None:
         lengths = [len(ids) for ids in dataset["input_ids"]]
         over = [i for i, n in enumerate(lengths) if n > limit]
         if over:
-            text = files[split].read_text(encoding="utf-8").split("\n")
-            lines = [n for n, line in enumerate(text, start=1) if line.strip()]
+            text = files[split].read_text(encoding="utf-8")
+            line = numbered_jsonl(text, str(files[split]))[over[0]][0]
             raise TrainingError(
-                f"{files[split]}:{lines[over[0]]}: {lengths[over[0]]} tokens, more than "
+                f"{files[split]}:{line}: {lengths[over[0]]} tokens, more than "
                 f"train.max_length {limit} ({len(over)} of {len(lengths)} examples); the data "
                 "was formatted with another train.max_length: format it with this one"
             )
