@@ -19,8 +19,10 @@ load reads the checkpoint one tensor at a time (`lorapipe.models.read_by_tensor`
 base gets glibc's fixed mmap threshold (`lorapipe.runtime.fix_mmap_threshold`), peft's
 `prepare_model_for_kbit_training` and, with `train.gradient_checkpointing: auto`, recomputed
 activations (fp32: none). Then `get_peft_model` with the pipeline's LoRA config (params.yaml
-`lora`) and one training step: forward and backward on one sequence of `--seq-len` random tokens
-(batch 1, labels = inputs) and one AdamW step on the LoRA weights. Peak RSS is the child's VmHWM:
+`lora`), LoRA's update fused into the base product as the train stage does
+(`lorapipe.fused_lora`: the plain `Linear` layers, so fp32 only), and one training step:
+forward and backward on one sequence of `--seq-len` random tokens (batch 1, labels = inputs)
+and one AdamW step on the LoRA weights. Peak RSS is the child's VmHWM:
 the whole process (Python, torch, the libraries and the model), nothing subtracted. Acceptance:
 NF4's peak at most 35% of fp32's.
 
@@ -30,10 +32,12 @@ as fp32 safetensors; built from params.yaml `model` into the temporary folder wh
 has none), loaded the same way as `lora-fp32` (quant=none) and `qlora-nf4` (conf/quant/nf4.yaml:
 float32 compute on CPU, recomputed activations), and `--real-steps` training steps on a real
 batch: the first `train.batch_size` examples of `paths.formatted`/train.jsonl, tokenised
-(prompt + completion), padded on the right to the longest, labels only on the completion
-tokens, with the train stage's loss (TRL's fused LM head, which SFTTrainer adds, projecting
-only the supervised positions: `lorapipe.training.score_only_supervised_positions`). Step
-seconds are the last step's (the first pays one-time costs). No target: reported.
+(prompt + completion), labels only on the completion tokens, laid end to end in one row as the
+train stage's padding-free batches are (`packed_tensors`, `lorapipe.packing`; padded to the
+longest for a model whose attention cannot take them), with the train stage's loss (TRL's
+fused LM head, which SFTTrainer adds, projecting only the supervised positions:
+`lorapipe.training.score_only_supervised_positions`). Step seconds are the last step's (the
+first pays one-time costs). No target: reported.
 """
 
 from __future__ import annotations
@@ -140,6 +144,23 @@ def batch_tensors(batch: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     return {k: torch.tensor(batch[k], dtype=torch.long, device=device) for k in keys}
 
 
+def packed_tensors(batch: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
+    """A `real_batch` as the train stage feeds it when its attention takes packed rows
+    (`lorapipe.packing`): TRL's padding-free collator lays the examples end to end in one row,
+    with position ids and sequence bounds instead of an attention mask; labels as the batch's."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = [
+        {"input_ids": ids[:n], "labels": labels[:n]}
+        for ids, labels, n in zip(
+            batch["input_ids"], batch["labels"], batch["lengths"], strict=True
+        )
+    ]
+    out = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
 def pipeline_loss(model: Any, device: str = "cpu") -> bool:
     """Give the peft `model` the train stage's loss: TRL's fused LM head, added as SFTTrainer
     adds it (to the model under the adapters), scoring only the supervised positions on this
@@ -225,6 +246,8 @@ def child(
     from peft import get_peft_model
 
     from lorapipe.config import validate
+    from lorapipe.fused_lora import fuse_lora_updates
+    from lorapipe.packing import unpackable, use_packed_attention
     from lorapipe.training import _trainables_to_fp32, load_for_training, lora_config
 
     if batch_file is not None:
@@ -237,8 +260,12 @@ def child(
     t0 = time.perf_counter()
     model, recompute = load_for_training(base_dir, params, "float32")  # as the train stage
     model = get_peft_model(model, lora_config(params))
+    fuse_lora_updates(model)  # as the train stage (`setup_model`): plain-Linear layers only
     _trainables_to_fp32(model)
     fused = pipeline_loss(model) if batch_file is not None else None
+    packed = batch_file is not None and unpackable(model) is None
+    if packed:  # the train stage's padding-free batches (`train_adapter`)
+        use_packed_attention(model)
     load_seconds = time.perf_counter() - t0
     after_load = sampler.snapshot()
     loaded_rss = sampler.status()
@@ -255,7 +282,9 @@ def child(
             "labels": ids,
         }
     else:
-        inputs = {**batch_tensors(json.loads(batch_file.read_text())), "fused_lm_head": True}
+        batch = json.loads(batch_file.read_text())
+        tensors = packed_tensors(batch) if packed else batch_tensors(batch)
+        inputs = {**tensors, "fused_lm_head": True}
     model.train()
     seconds, peaks = [], []
     for _ in range(steps):
@@ -266,7 +295,9 @@ def child(
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - t0)
         peaks.append(sampler.snapshot()["peak_rss_mib"])
-    extra: dict[str, Any] = {} if fused is None else {"compact_lm_head": fused, "steps": steps}
+    extra: dict[str, Any] = {}
+    if batch_file is not None:
+        extra.update(compact_lm_head=fused, padding_free=packed, steps=steps)
     if steps > 1:  # the first step pays one-time costs; a later one can peak higher
         extra.update(first_step_seconds=round(seconds[0], 2), peak_rss_by_step_mib=peaks)
     return {
@@ -353,14 +384,15 @@ def real_markdown(real: dict[str, Any]) -> str:
             f"{'yes' if v['gradient_checkpointing'] else 'no'} |"
         )
     head = "only the supervised positions" if lora["compact_lm_head"] else "every position"
+    layout = "in one row, no padding" if lora.get("padding_free") else "padded to the longest"
     return "\n".join(
         [
             *rows,
             "",
             f"{real['model']} ({real['parameters']:,} params; base: {real['base']}), "
             f"fp32 safetensors; params.yaml lora ({lora['trainable_params']:,} trainable); "
-            f"batch {real['batch']} x {real['seq_len']} tokens (the first {real['batch']} "
-            f"examples of {real['examples']}, padded to the longest: {real['tokens']} real "
+            f"batch {real['batch']}, up to {real['seq_len']} tokens each (the first "
+            f"{real['batch']} examples of {real['examples']}, {layout}: {real['tokens']} real "
             f"tokens, {real['supervised_tokens']} supervised), {real['steps']} steps, step s = "
             f"the last; the train stage's loss (TRL's fused LM head over {head}); qlora-nf4 = "
             f"conf/quant/nf4.yaml (float32 compute on CPU); each variant a fresh process "

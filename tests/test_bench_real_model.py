@@ -40,10 +40,10 @@ def load_params(path: Path) -> Any:
     return validate(yaml.safe_load(path.read_text()))
 
 
-def test_the_real_batch_is_the_first_examples_padded_with_labels_on_completions(
+def test_the_real_batch_is_the_first_examples_with_labels_on_completions_padded_or_packed(
     benchmarks: None, real_params: Path, smol_base: Path, tmp_path: Path
 ) -> None:
-    from train_memory import batch_tensors, real_batch, real_examples
+    from train_memory import batch_tensors, packed_tensors, real_batch, real_examples
 
     from lorapipe.io import write_jsonl
     from lorapipe.models import load_tokenizer
@@ -76,6 +76,17 @@ def test_the_real_batch_is_the_first_examples_padded_with_labels_on_completions(
         assert ids[n:] == [pad] * (width - n) and labels[n:] == [-100] * (width - n)
         assert labels[: n - s] == [-100] * (n - s) and labels[n - s : n] == ids[n - s : n]
         assert tokenizer.decode(ids[n - s : n]) == ex["completion"]  # the answer and <|im_end|>
+    # The train stage's padding-free layout: the same real tokens and labels end to end in one
+    # row, positions restarting at each example, the bounds of each.
+    packed = packed_tensors(batch)
+    real = tensors["attention_mask"].bool()
+    assert packed["input_ids"].tolist() == [tensors["input_ids"][real].tolist()]
+    assert packed["labels"].tolist() == [tensors["labels"][real].tolist()]
+    assert packed["position_ids"].tolist() == [[i for n in batch["lengths"] for i in range(n)]]
+    bounds = [0]
+    for n in batch["lengths"]:
+        bounds.append(bounds[-1] + n)
+    assert packed["cu_seq_lens_q"].tolist() == bounds and packed["max_length_q"] == width
 
 
 def test_gpu_script_runs_the_real_model_on_cpu(
@@ -134,6 +145,7 @@ def test_memory_benchmark_measures_a_real_model_step_in_its_own_process(
         "2",
     )
     assert r["variant"] == "lora-fp32" and r["steps"] == 2 and r["compact_lm_head"]
+    assert r["padding_free"]  # the train stage's batches: SmolLM2's attention takes packed rows
     assert not r["gradient_checkpointing"] and math.isfinite(r["loss"])
     # The fp32 base (134.5 M parameters) is in the process, and the step peaks above the load.
     assert 500 < r["base_weights_mib"] < 530
