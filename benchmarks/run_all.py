@@ -145,7 +145,8 @@ def _real_memory_rows(real: dict[str, Any] | None) -> list[Row]:
     v = real["variants"]
     return [
         (
-            f"{real['model']} training step (batch {real['batch']} x {real['seq_len']} tokens): "
+            f"{real['model']} training step (batch {real['batch']}, {real['tokens']} tokens"
+            f"{' in one row' if v['lora-fp32'].get('padding_free') else ''}): "
             "peak RSS, LoRA fp32 / QLoRA nf4",
             f"{v['lora-fp32']['peak_rss_mib']:.0f} / {v['qlora-nf4']['peak_rss_mib']:.0f} MiB "
             f"({100 * real['ratio']:.1f}%)",
