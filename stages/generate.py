@@ -37,6 +37,22 @@ def default_paths() -> dict[str, str]:
     }
 
 
+def _number(kind: type, low: float, high: float | None = None) -> Any:
+    """An argparse type: a `kind` number above `low` (and at most `high`)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= low or (high is not None and value > high):
+            bound = f"in ({low}, {high}]" if high is not None else f"> {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m stages.generate", description=__doc__.split("\n")[0]
@@ -65,10 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="also write {adapter, messages, answer} as JSONL")
     p.add_argument("--system-prompt", help="override the system prompt the adapters trained with")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_number(int, 0), default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=_number(float, 0), default=1.0)
+    p.add_argument("--top-p", type=_number(float, 0, 1), default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     return p
 

@@ -142,3 +142,18 @@ def test_generate_command_answers_files_and_stdin(
         assert main([*common, "--prompts", str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"{bad}{problem}" in err and "Traceback" not in err, err
+    bad.write_bytes(b'{"instruction": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    assert main([*common, "--prompts", str(bad)]) == 2
+    assert (
+        f"{bad}: not UTF-8 text (invalid continuation byte at byte 20)" in capsys.readouterr().err
+    )
+    for option, value, problem in [
+        ("--max-new-tokens", "0", "must be > 0, got 0"),
+        ("--temperature", "-1", "must be > 0, got -1"),
+        ("--top-p", "1.5", "must be in (0, 1], got 1.5"),
+        ("--max-new-tokens", "many", "expected a number, got 'many'"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            main([*common, option, value, "hi"])
+        assert exited.value.code == 2
+        assert f"argument {option}: {problem}" in capsys.readouterr().err

@@ -56,7 +56,10 @@ def trained_system_prompt(adapter_dir: Path) -> str | None:
 def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     """The conversations to answer, from `path`: JSONL rows with `instruction` (one user turn)
     or `messages` (ending with a user turn), or else plain text, one instruction per line."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InferenceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if path.suffix != ".jsonl":
         return [[{"role": "user", "content": line}] for line in text.splitlines() if line.strip()]
     try:
