@@ -168,6 +168,23 @@ def test_a_bad_override_value_is_reported_by_key(project: Path) -> None:
     )
 
 
+def test_the_params_command_refuses_values_a_stage_would_refuse(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m lorapipe.params lora.r=abc` composes fine (Hydra has no types) but no stage
+    could run the result: it is refused by key, and params.yaml stays as it was."""
+    write_params(project, ["lora.r=4"])
+    before = (project / "params.yaml").read_text()
+    assert main(["lora.r=abc", "train.learning_rate=0"]) == 2
+    assert capsys.readouterr().err == (
+        "params: error: invalid configuration:\n"
+        "  lora.r: Input should be a valid integer, unable to parse string as an integer, "
+        "got 'abc'\n"
+        "  train.learning_rate: Input should be greater than 0, got 0\n"
+    )
+    assert (project / "params.yaml").read_text() == before
+
+
 def test_a_mapping_value_is_assigned_without_plus(project: Path) -> None:
     write_params(project, [])
     params = compose_run(project, ["eval.adapters={r4: sweeps/x/adapter, old: /tmp/a}"])

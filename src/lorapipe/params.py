@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from lorapipe.config import RENAMED, ConfigError
+from lorapipe.config import RENAMED, ConfigError, validate
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
@@ -81,9 +81,12 @@ def dump(params: dict[str, Any]) -> str:
 
 
 def write_params(root: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """Compose `root/conf` with `overrides` and write `root/params.yaml` atomically."""
+    """Compose `root/conf` with `overrides` and write `root/params.yaml` atomically, once the
+    result is params every stage accepts (`config.validate`); raises ConfigError otherwise and
+    leaves params.yaml as it was."""
     check_overrides(root / CONF_DIR, [], overrides)
     params = compose(root / CONF_DIR, overrides)
+    validate(params)
     target = root / PARAMS_FILE
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_text(dump(params), encoding="utf-8")
