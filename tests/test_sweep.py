@@ -4,6 +4,7 @@ the DVC remote round trip run on the pipeline copy in test_pipeline.py)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,25 @@ def test_a_member_without_its_training_time_is_ranked_and_left_off_that_plot(
     rows = write_summary(tmp_path, "adapter.exact_match")
     assert [(r["member"], r["train_seconds"]) for r in rows] == [("b", 1.0), ("a", None)]
     assert (tmp_path / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sweep_without_m_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """`python -m stages.sweep lora.r=4,8` (the -m forgotten) ran one Hydra job that raised, and
+    Hydra printed the traceback; it is refused before anything runs."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.sweep", "lora.r=4,8"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2 and not (tmp_path / "sweeps").exists()
+    assert done.stderr == (
+        "sweep: error: add -m: members run as a Hydra multirun "
+        "(python -m stages.sweep -m lora.r=4,8)\n"
+    )

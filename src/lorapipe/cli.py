@@ -153,6 +153,12 @@ def _multirun(run: Callable[[Any], Any], name: str, hydra_defaults: Sequence[str
     args = sys.argv[1:]
     overrides = [a for a in args if is_override(a)]
     flags = [a for a in args if a not in overrides]
+    if not flags and not any(o.startswith("hydra.mode=") for o in overrides):
+        # Without -m Hydra runs one job, and an error raised in it comes with Hydra's traceback.
+        example = " ".join(overrides) or "lora.r=4,8 lora.alpha=8,16"
+        _fail(
+            name, f"add -m: members run as a Hydra multirun (python -m stages.{name} -m {example})"
+        )
     try:
         base = base_overrides(root, overrides, sweep=True)
     except ConfigError as exc:
