@@ -189,3 +189,9 @@ def test_a_mapping_value_is_assigned_without_plus(project: Path) -> None:
     write_params(project, [])
     params = compose_run(project, ["eval.adapters={r4: sweeps/x/adapter, old: /tmp/a}"])
     assert params["eval"]["adapters"] == {"r4": "sweeps/x/adapter", "old": "/tmp/a"}
+    # The params command takes it the same way, and a stage run recomposes what it recorded.
+    written = write_params(project, ["eval.adapters={r4: sweeps/x/adapter}"])
+    assert written["eval"]["adapters"] == {"r4": "sweeps/x/adapter"}
+    assert compose_run(project, ["eval.batch_size=2"])["eval"]["adapters"] == {
+        "r4": "sweeps/x/adapter"
+    }

@@ -85,6 +85,7 @@ def write_params(root: Path, overrides: Sequence[str]) -> dict[str, Any]:
     result is params every stage accepts (`config.validate`); raises ConfigError otherwise and
     leaves params.yaml as it was."""
     check_overrides(root / CONF_DIR, [], overrides)
+    overrides = assignable(compose(root / CONF_DIR, []), overrides)  # as a stage run takes them
     params = compose(root / CONF_DIR, overrides)
     validate(params)
     target = root / PARAMS_FILE
