@@ -25,7 +25,7 @@ repro: setup           ## run the pipeline: only stages whose inputs changed re-
 	dvc repro
 
 # Two pytest workers, each taking whole files (a file's tests share its fixtures and run in
-# order), slowest files first (tests/conftest.py): about 10 minutes on 2 cores (9-10.5 in the
+# order), slowest files first (tests/conftest.py): about 10 minutes on 2 cores (9-11 in the
 # CI runs of 2026-12-01/02). `make test JOBS=4` for more.
 JOBS   ?= 2
 test: setup            ## the whole test suite (about 10 minutes on 2 cores)
