@@ -14,15 +14,14 @@ a fresh subprocess so that each peak is its own:
 - nf4:  `quant=nf4` (bitsandbytes 4-bit NormalFloat, double quantisation, float32 compute:
   `quant.compute_dtype: auto` on CPU),
 
-each through `lorapipe.training.load_for_training`, the train stage's own loading: a converting
-load reads the checkpoint one tensor at a time (`lorapipe.models.read_by_tensor`); a quantised
-base gets glibc's fixed mmap threshold (`lorapipe.runtime.fix_mmap_threshold`), peft's
+each through `lorapipe.training.setup_model`, the train stage's own set-up: a converting load
+reads the checkpoint one tensor at a time (`lorapipe.models.read_by_tensor`); a quantised base
+gets glibc's fixed mmap threshold (`lorapipe.runtime.fix_mmap_threshold`), peft's
 `prepare_model_for_kbit_training` and, with `train.gradient_checkpointing: auto`, recomputed
-activations (fp32: none). Then `get_peft_model` with the pipeline's LoRA config (params.yaml
-`lora`), LoRA's update fused into the base product as the train stage does
-(`lorapipe.fused_lora`: the plain `Linear` layers, so fp32 only), and one training step:
-forward and backward on one sequence of `--seq-len` random tokens (batch 1, labels = inputs)
-and one AdamW step on the LoRA weights. Peak RSS is the child's VmHWM:
+activations (fp32: none); then the pipeline's LoRA config (params.yaml `lora`), LoRA's update
+fused into the base product (`lorapipe.fused_lora`: the plain `Linear` layers, so fp32 only).
+Then one training step: forward and backward on one sequence of `--seq-len` random tokens
+(batch 1, labels = inputs) and one AdamW step on the LoRA weights. Peak RSS is the child's VmHWM:
 the whole process (Python, torch, the libraries and the model), nothing subtracted. Acceptance:
 NF4's peak at most 35% of fp32's.
 
@@ -243,12 +242,10 @@ def child(
     """
     import torch
     import yaml
-    from peft import get_peft_model
 
     from lorapipe.config import validate
-    from lorapipe.fused_lora import fuse_lora_updates
     from lorapipe.packing import unpackable, use_packed_attention
-    from lorapipe.training import _trainables_to_fp32, load_for_training, lora_config
+    from lorapipe.training import _trainables_to_fp32, setup_model
 
     if batch_file is not None:
         import trl.trainer.utils  # noqa: F401  (the train stage has TRL loaded too)
@@ -258,9 +255,7 @@ def child(
     sampler = MemorySampler()
     after_imports = sampler.snapshot()
     t0 = time.perf_counter()
-    model, recompute = load_for_training(base_dir, params, "float32")  # as the train stage
-    model = get_peft_model(model, lora_config(params))
-    fuse_lora_updates(model)  # as the train stage (`setup_model`): plain-Linear layers only
+    model, recompute, _, _ = setup_model(params, base_dir, "fp32")  # the train stage's own
     _trainables_to_fp32(model)
     fused = pipeline_loss(model) if batch_file is not None else None
     packed = batch_file is not None and unpackable(model) is None

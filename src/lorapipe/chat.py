@@ -12,6 +12,7 @@ from typing import Any
 
 from lorapipe.config import TrainOn
 from lorapipe.errors import PipelineError
+from lorapipe.io import numbered_jsonl
 
 
 class FormatError(PipelineError, ValueError):
@@ -39,6 +40,18 @@ def to_answer(row: dict[str, Any]) -> list[dict[str, str]]:
     if turns[-1]["role"] != "user":
         raise ValueError("messages must end with a user turn (the one to answer)")
     return turns
+
+
+def conversations_to_answer(text: str, source: str) -> list[tuple[int, list[dict[str, str]]]]:
+    """(line number, `to_answer` conversation) for each row of JSON Lines `text`; raises
+    ValueError naming `source:line` and the problem."""
+    out = []
+    for lineno, row in numbered_jsonl(text, source):
+        try:
+            out.append((lineno, to_answer(row)))
+        except ValueError as e:
+            raise ValueError(f"{source}:{lineno}: {e}") from None
+    return out
 
 
 @dataclass(frozen=True)

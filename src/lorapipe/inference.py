@@ -18,10 +18,9 @@ from typing import Any, TextIO
 import torch
 from transformers import TextStreamer
 
-from lorapipe.chat import build_prompt, render_prompt, to_answer, with_system
+from lorapipe.chat import build_prompt, conversations_to_answer, render_prompt, with_system
 from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
-from lorapipe.io import numbered_jsonl
 from lorapipe.lineage import LINEAGE_FILE, require_trained_on
 from lorapipe.models import load_base_model, load_tokenizer, require_safetensors
 
@@ -63,16 +62,9 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     if path.suffix != ".jsonl":
         return [[{"role": "user", "content": line}] for line in text.splitlines() if line.strip()]
     try:
-        numbered = numbered_jsonl(text, str(path))
+        return [turns for _, turns in conversations_to_answer(text, str(path))]
     except ValueError as e:
         raise InferenceError(str(e)) from None
-    out = []
-    for lineno, row in numbered:
-        try:
-            out.append(to_answer(row))
-        except ValueError as e:
-            raise InferenceError(f"{path}:{lineno}: {e}") from None
-    return out
 
 
 class Assistant:

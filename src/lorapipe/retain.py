@@ -20,10 +20,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorapipe.chat import render_prompt, to_answer, with_system
+from lorapipe.chat import conversations_to_answer, render_prompt, with_system
 from lorapipe.config import Params
 from lorapipe.errors import PipelineError
-from lorapipe.io import numbered_jsonl
 from lorapipe.lineage import BASE_IDENTITY
 from lorapipe.provenance import differences, mismatch
 
@@ -72,16 +71,13 @@ def read_retain(path: Path) -> list[dict[str, Any]]:
     if `path` does not exist.
     """
     rows, seen = [], set()
+    text = path.read_text(encoding="utf-8")
     try:
-        numbered = numbered_jsonl(path.read_text(encoding="utf-8"), str(path))
+        numbered = conversations_to_answer(text, str(path))
     except ValueError as e:
         raise RetainError(str(e)) from None
-    for lineno, row in numbered:
+    for lineno, messages in numbered:
         where = f"{path}:{lineno}"
-        try:
-            messages = to_answer(row)
-        except ValueError as e:
-            raise RetainError(f"{where}: {e}") from None
         key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
         if key in seen:
             raise RetainError(f"{where}: repeats an earlier row")
