@@ -8,7 +8,9 @@ the base model (`<paths.base>`), then with the trained adapter on it (`<paths.ad
 `evaluate` stage generates with both (base before training, adapter after), so both are timed
 and reported apart. At most `eval.max_new_tokens` new tokens for both ways (the tutorial's own
 default is 200):
-(a) the tutorial's way, one prompt at a time with `do_sample=True, temperature=0.7`;
+(a) the tutorial's way, one prompt at a time with `do_sample=True, temperature=0.7`, on every
+    `--tutorial-every`-th prompt of them (default 2: half; each prompt's cost is its own, so the
+    seconds per prompt are compared, their spread reported beside);
 (b) the pipeline's way, `lorapipe.generation.generate_with_stops` (the evaluate stage's), greedy
     in batches of `eval.batch_size`, the adapter folded into the weights as the stage does
     (`lorapipe.evaluation.adapter_folded`); for the adapter also unfolded, that lever alone.
@@ -27,8 +29,10 @@ all).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -56,11 +60,13 @@ STAGE_RUNS = 3  # the adapter's stage generation is timed this many times; the m
 @torch.no_grad()
 def article_generate(
     model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int, temperature: float
-) -> list[str]:
-    """One prompt at a time, sampled at `temperature`, as the common LoRA tutorial evaluates."""
-    outputs = []
+) -> tuple[list[str], list[float]]:
+    """One prompt at a time, sampled at `temperature`, as the common LoRA tutorial evaluates:
+    the answers and each prompt's seconds."""
+    outputs, seconds = [], []
     model.eval()
     for prompt in prompts:
+        started = time.perf_counter()
         enc = tokenizer(prompt, return_tensors="pt").to(model.device)
         generated = model.generate(
             **enc,
@@ -72,7 +78,8 @@ def article_generate(
         )
         new = generated[0, enc["input_ids"].shape[1] :]
         outputs.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return outputs
+        seconds.append(time.perf_counter() - started)
+    return outputs, seconds
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -82,8 +89,9 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 def markdown(result: dict[str, Any]) -> str:
     rows = [
-        "| model | way | how | seconds | examples/s | exact match | GFLOP/s | of matmul peak |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | way | how | prompts | seconds | examples/s | exact match | GFLOP/s | of matmul "
+        "peak |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in MODELS:
         r = result["models"][name]
@@ -98,10 +106,10 @@ def markdown(result: dict[str, Any]) -> str:
                 else " | "
             )
             rows.append(
-                f"| {name} | {way} | {how} | {w['seconds']:.2f} | {w['examples_per_s']:.2f} | "
-                f"{w['exact_match']:.3f} | {flops} |"
+                f"| {name} | {way} | {how} | {w['examples']} | {w['seconds']:.2f} | "
+                f"{w['examples_per_s']:.2f} | {w['exact_match']:.3f} | {flops} |"
             )
-        rows.append(f"| {name} | speed-up | | {r['speedup']:.1f}x | | | | |")
+        rows.append(f"| {name} | speed-up, examples/s | | | {r['speedup']:.1f}x | | | | |")
     subset = (
         f"first {result['examples']} of {result['examples_total']} test prompts"
         if result["subset"]
@@ -113,9 +121,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"| adapter | stage: all {st['examples']} test prompts | batched greedy, folded, median "
         f"of {', '.join(f'{t:.2f}' for t in st['runs_seconds'])} s (unfolded: "
         f"{st['unfolded_seconds']:.2f} s, same answers {st['same_answers_unfolded']}"
-        f"/{st['examples']}) | {st['seconds']:.2f} | {st['examples'] / st['seconds']:.2f} | "
-        f"{st['exact_match']:.3f} | {st['flops_per_s'] / 1e9:.1f} | "
-        f"{100 * st['matmul_peak_fraction']:.1f}% |"
+        f"/{st['examples']}) | {st['examples']} | {st['seconds']:.2f} | "
+        f"{st['examples'] / st['seconds']:.2f} | {st['exact_match']:.3f} | "
+        f"{st['flops_per_s'] / 1e9:.1f} | {100 * st['matmul_peak_fraction']:.1f}% |"
     )
     verdict = {True: "holds", False: "does not hold"}
     holds = result["holds"]
@@ -123,7 +131,10 @@ def markdown(result: dict[str, Any]) -> str:
         [
             *rows,
             "",
-            f"{subset}; max_new_tokens {result['max_new_tokens']}; fp32 matmul peak "
+            f"{subset}, {_sample(result)} "
+            f"(each prompt's cost is its own, so examples/s are compared; the relative standard "
+            f"error of their one-at-a-time mean: base {_error(base)}, adapter {_error(adapter)})"
+            f"; max_new_tokens {result['max_new_tokens']}; fp32 matmul peak "
             f"{result['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; {result['threads']} torch "
             f"threads, torch {result['torch']}, {result['device']}. Base: batched "
             f"{base['speedup']:.1f}x faster than one at a time (target "
@@ -134,6 +145,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"{verdict[holds['adapter_peak_fraction']]}), {adapter['speedup']:.1f}x one at a time.",
         ]
     )
+
+
+def _sample(result: dict[str, Any]) -> str:
+    every, n = result["tutorial_every"], result["models"]["base"]["tutorial"]["examples"]
+    if every == 1:
+        return "one at a time on all of them"
+    nth = {2: "second", 3: "third"}.get(every, f"{every}th")
+    return f"one at a time on every {nth} of them ({n})"
+
+
+def _error(model: dict[str, Any]) -> str:
+    error = model["tutorial"]["relative_standard_error"]
+    return "n/a" if error is None else f"{100 * error:.1f}%"
 
 
 def _time(fn: Any) -> tuple[Any, float]:
@@ -156,6 +180,7 @@ def run(
     limit: int | None = None,
     temperature: float = 0.7,
     seed: int = 0,
+    tutorial_every: int = 2,
 ) -> dict[str, Any]:
     """Time both ways on the test split for the base model, then for base + adapter.
 
@@ -227,6 +252,7 @@ def run(
             "same_answers_unfolded": sum(a == b for a, b in zip(apart, folded, strict=True)),
         }
 
+    timed = prompts[::tutorial_every]  # one at a time on these; each prompt's cost is its own
     for name in MODELS:
         model = base if name == "base" else PeftModel.from_pretrained(base, paths["adapter"])
         model.eval()
@@ -234,25 +260,32 @@ def run(
         article_generate(model, tokenizer, prompts[:1], max_new_tokens=2, temperature=temperature)
         generate_with_stops(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=2)
         torch.manual_seed(seed)
-        tutorial, t_tutorial = _time(
-            lambda m=model: article_generate(
-                m, tokenizer, prompts, max_new_tokens=max_new, temperature=temperature
-            )
+        tutorial, each = article_generate(
+            model, tokenizer, timed, max_new_tokens=max_new, temperature=temperature
         )
         (pipeline, stopped), t_pipeline = _time(lambda m=model, n=name: stage_generate(m, n))
         new_tokens = new_token_counts(tokenizer, pipeline, stopped)
         flops = batched_generation_flops(model, prompt_ids, new_tokens, batch_size=batch)
         models[name] = {
             way: {
+                "examples": len(outputs),
                 "seconds": round(seconds, 3),
-                "examples_per_s": round(len(prompts) / seconds, 3),
-                "exact_match": round(exact_match(outputs, references), 6),
+                "seconds_per_prompt": round(seconds / len(outputs), 6),
+                "examples_per_s": round(len(outputs) / seconds, 3),
+                "exact_match": round(exact_match(outputs, refs), 6),
             }
-            for way, outputs, seconds in (
-                ("tutorial", tutorial, t_tutorial),
-                ("pipeline", pipeline, t_pipeline),
+            for way, outputs, refs, seconds in (
+                ("tutorial", tutorial, references[::tutorial_every], sum(each)),
+                ("pipeline", pipeline, references, t_pipeline),
             )
         }
+        # The one-at-a-time seconds per prompt are a mean over a sample of the prompts: its
+        # standard error, relative to it, says how far the ratio can be off for that.
+        models[name]["tutorial"]["relative_standard_error"] = (
+            round(statistics.stdev(each) / math.sqrt(len(each)) / statistics.mean(each), 4)
+            if len(each) > 1
+            else None
+        )
         models[name]["pipeline"].update(
             new_tokens=sum(new_tokens),
             stopped_at_eos=sum(stopped),
@@ -260,7 +293,7 @@ def run(
             flops_per_s=round(flops / t_pipeline),
             matmul_peak_fraction=round(flops / t_pipeline / peak, 4),
         )
-        models[name]["speedup"] = round(t_tutorial / t_pipeline, 2)
+        models[name]["speedup"] = round(sum(each) / len(each) / (t_pipeline / len(prompts)), 2)
         if name == "adapter":
             models[name]["stage"] = stage_run(model)
     peak = max(peak, matmul_peak(device=device))
@@ -270,21 +303,17 @@ def run(
         models["adapter"]["stage"],
     ):
         w["matmul_peak_fraction"] = round(w["flops_per_s"] / peak, 4)  # the better peak
-    tutorial_total = sum(models[n]["tutorial"]["seconds"] for n in MODELS)
-    pipeline_total = sum(models[n]["pipeline"]["seconds"] for n in MODELS)
     return {
         "examples": len(prompts),
         "examples_total": total,
         "subset": len(prompts) < total,
         "prompt_tokens": sum(map(len, prompt_ids)),
+        "tutorial_every": tutorial_every,
         "max_new_tokens": max_new,
         "batch_size": batch,
         "temperature": temperature,
         "seed": seed,
         "models": models,
-        "tutorial_seconds": round(tutorial_total, 3),
-        "pipeline_seconds": round(pipeline_total, 3),
-        "speedup": round(tutorial_total / pipeline_total, 2),
         "matmul_peak_flops_per_s": round(peak),
         "holds": {
             "base_speedup": models["base"]["speedup"] >= TARGET_BASE_SPEEDUP,
@@ -307,13 +336,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=128, help="the first N prompts (128; 0: all)")
     parser.add_argument("--temperature", type=float, default=0.7, help="the tutorial's (0.7)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--tutorial-every",
+        type=int,
+        default=2,
+        help="one at a time on every Nth of the prompts (2: half of them; 1: all)",
+    )
     args = parser.parse_args(argv)
+    if args.tutorial_every < 1:
+        parser.error(f"--tutorial-every must be at least 1, got {args.tutorial_every}")
     try:
         result = run(
             Path(args.params),
             limit=args.limit or None,
             temperature=args.temperature,
             seed=args.seed,
+            tutorial_every=args.tutorial_every,
         )
     except PipelineError as e:
         print(f"bench: error: {e}", file=sys.stderr)

@@ -222,12 +222,15 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     out = tmp_path / "eval.json"
     assert eval_speed.main(["--limit", "3", "--out", str(out)]) == 0
     ev = json.loads(out.read_text())
-    assert ev["examples"] == 3 and ev["examples_total"] > 3
+    assert ev["examples"] == 3 and ev["examples_total"] > 3 and ev["tutorial_every"] == 2
     for name in ("base", "adapter"):
         model = ev["models"][name]
+        # one at a time on prompts 1 and 3 of the 3, compared per prompt with all 3 batched
+        assert model["tutorial"]["examples"] == 2 and model["pipeline"]["examples"] == 3
         assert model["tutorial"]["seconds"] > 0 and model["pipeline"]["flops"] > 0
-        seconds = model["tutorial"]["seconds"], model["pipeline"]["seconds"]
-        assert ratio_of_rounded(model["speedup"], *seconds, step=0.001)
+        per_prompt = (model[way]["seconds_per_prompt"] for way in ("tutorial", "pipeline"))
+        assert ratio_of_rounded(model["speedup"], *per_prompt, step=1e-6)
+        assert model["tutorial"]["relative_standard_error"] >= 0
     stage = ev["models"]["adapter"]["stage"]
     assert stage["examples"] == ev["examples_total"]
     assert stage["same_answers_unfolded"] == stage["examples"]
