@@ -3,7 +3,7 @@
 python benchmarks/train_speed.py                     # writes reports/bench_train.json
 python benchmarks/train_speed.py --examples 160 --rounds 1 --out /tmp/t.json   # a quick look
 
-Three sides, the same base (`paths.base`) and the same examples (the first
+Four sides, the same base (`paths.base`) and the same examples (the first
 `--examples` of `paths.formatted`/train.jsonl), validation loss always on the whole val split
 with `lorapipe.evaluation.completion_loss` (the evaluate stage's):
 
@@ -20,15 +20,19 @@ with `lorapipe.evaluation.completion_loss` (the evaluate stage's):
 - plain loop: the twenty lines anyone could write (peft model with the pipeline's LoRA, the
   model's own loss over every position, backward, AdamW on the LoRA weights), same batch size,
   rate and examples (shuffled, padded to the longest), `--plain-steps` steps after an untimed
-  first, each time in a fresh Python process (`--plain-only`): glibc's allocator as a user's
-  script has it, where the trainer in this process keeps freed memory for reuse
-  (`lorapipe.runtime.keep_freed_memory`, one of the train stage's levers, process-wide once
-  set). Its all-token throughput is set against the pipeline's steady state (its steps after
-  the first, at the mean example length).
+  first.
+- pipeline's steps: the train stage's step alone (params.yaml, the pipeline's trainer, every
+  lever), the same number of steps after an untimed first, nothing in between (the time-to-loss
+  runs pause for validation every few steps). Its all-token throughput against the plain loop's
+  is the throughput ratio, its FLOPs per second the step's efficiency.
 
 The recipe and the pipeline run `--rounds` times each in ABBA order (recipe, pipeline, pipeline,
-recipe, ...), the plain loop after each pipeline run, so a machine that speeds up or slows down
-weighs on all sides alike; the ratios use the means.
+recipe, ...), so a machine that speeds up or slows down weighs on both alike; after each
+pipeline run the two steady sides run, each in a fresh Python process (`--only`), in turn first,
+as a user's script and the train stage start: the plain loop with glibc's allocator as a new
+process has it, the pipeline's steps with the train stage's own setting of it
+(`lorapipe.runtime.keep_freed_memory`, one of its levers, process-wide once set). Their tokens
+and FLOPs are counted from the batches each step was given. The ratios use the means.
 
 Efficiency: FLOPs each side actually performs (benchmarks/flops.py `performed_train_flops`: per
 sequence l * (4(F - H) + 6R) + 12 * layers * d * l^2 plus the output layer's 4H at each position
@@ -42,6 +46,7 @@ alone at their shapes (benchmarks/products.py), their FLOPs per second against t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -74,6 +79,7 @@ RECIPE_TRAIN = {
 TARGET_TIME_RATIO = 3.0  # pipeline's time to the recipe's loss: at most a third of the recipe's
 TARGET_PEAK_FRACTION = 0.6
 TARGET_PLAIN_RATIO = 1.2
+STEADY_SIDES = ("pipeline steps", "plain loop")  # each alone in a fresh process, in turn first
 
 
 def bench_params(raw: dict[str, Any], work: Path, *, lora: Any = None, **train: Any) -> Any:
@@ -136,18 +142,11 @@ class ValidationClock(TrainerCallback):
         self.started = self.paused = 0.0
         self.curve: list[dict[str, float]] = []
         self.reached: dict[str, float] | None = None
-        self.step_seconds: list[float] = []
-        self.step_started = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.started, self.paused = time.perf_counter(), 0.0
-        self.step_seconds = []
-
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.step_started = time.perf_counter()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.step_seconds.append(time.perf_counter() - self.step_started)
         if state.global_step % self.every:
             return
         from lorapipe.evaluation import completion_loss
@@ -163,6 +162,47 @@ class ValidationClock(TrainerCallback):
         if loss <= self.target:
             self.reached = point
             control.should_training_stop = True
+
+
+class StepWork(TrainerCallback):
+    """Each training step's seconds and the sequences its forward passes were given: their real
+    tokens and supervised positions, read by a forward pre-hook on the model (a padding-free row's
+    sequences start where its position ids restart at 0; a padded batch's rows end at their
+    attention mask). Forward passes in eval mode (validation) are not counted."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, Any]] = []
+        self._hook: Any = None
+        self._started = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._hook = kwargs["model"].register_forward_pre_hook(self._seen, with_kwargs=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._hook.remove()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps.append({"lengths": [], "supervised": []})
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps[-1]["seconds"] = time.perf_counter() - self._started
+
+    def _seen(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if not module.training or not self.steps:
+            return
+        step, labels = self.steps[-1], kwargs["labels"]
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if mask is None:  # padding-free: one row of sequences laid end to end
+            starts = [*(positions[0] == 0).nonzero().flatten().tolist(), positions.shape[1]]
+            for a, b in itertools.pairwise(starts):
+                step["lengths"].append(b - a)
+                step["supervised"].append(int((labels[0, a:b] != -100).sum()))
+            return
+        for row in range(mask.shape[0]):
+            real = mask[row] == 1
+            step["lengths"].append(int(real.sum()))
+            step["supervised"].append(int(((labels[row] != -100) & real).sum()))
 
 
 def formatted_split(folder: Path, train: list[dict[str, Any]]) -> Path:
@@ -249,7 +289,6 @@ def train_side(
     }
     if clock is not None:
         out["curve"] = clock.curve
-        out["step_seconds"] = [round(x, 3) for x in clock.step_seconds]
         out["reached"] = clock.reached
         out["val_loss"] = clock.curve[-1]["val_loss"] if clock.curve else None
     else:
@@ -326,26 +365,60 @@ def plain_loop(
     }
 
 
-def plain_loop_apart(params_file: Path, examples: int | None, steps: int) -> dict[str, Any]:
-    """`plain_loop` run by `--plain-only` in a fresh Python process, its result."""
-    command = [sys.executable, __file__, "--plain-only", "--params", str(params_file)]
+def pipeline_steps(
+    raw: dict[str, Any], base: Path, train: list[dict[str, Any]], steps: int, work: Path
+) -> dict[str, Any]:
+    """The train stage's steps alone: `steps` optimizer steps of the pipeline's trainer after an
+    untimed first (as the plain loop's), nothing in between (no validation), their real tokens
+    and the FLOPs they performed counted from what the model was given (`StepWork`)."""
+    from peft import get_peft_model
+
+    from lorapipe.models import load_base_model
+    from lorapipe.training import lora_config, train_adapter
+
+    data = formatted_split(work / "steps", train)
+    params = bench_params(raw, work / "steps", max_steps=steps + 1)
+    seen = StepWork()
+    out = work / "steps"
+    train_adapter(params, base, data, out / "adapter", out / "curves", callbacks=[seen])
+    timed = seen.steps[1:]
+    seconds = sum(s["seconds"] for s in timed)
+    lengths = [n for s in timed for n in s["lengths"]]
+    supervised = [n for s in timed for n in s["supervised"]]
+    model = get_peft_model(load_base_model(base), lora_config(params))
+    return {
+        "steps": len(timed),
+        "seconds": round(seconds, 2),
+        "step_seconds": [round(s["seconds"], 3) for s in seen.steps],
+        "tokens": sum(lengths),
+        "supervised_tokens": sum(supervised),
+        "tokens_per_s": round(sum(lengths) / seconds, 1),
+        "flops": performed_train_flops(model, lengths, supervised, head_everywhere=False),
+    }
+
+
+def apart(side: str, params_file: Path, examples: int | None, steps: int) -> dict[str, Any]:
+    """`side` ("plain loop" or "pipeline steps") run by `--only` in a fresh Python process,
+    with glibc's allocator as a new process has it: its result."""
+    command = [sys.executable, __file__, "--only", side, "--params", str(params_file)]
     command += ["--examples", str(examples or 0), "--plain-steps", str(steps)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the plain loop's process failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"the {side} process failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def plain_only(params_file: Path, examples: int | None, steps: int) -> dict[str, Any]:
-    """The plain loop alone, on the pipeline's settings (this process's share of
-    `plain_loop_apart`)."""
+def only(side: str, params_file: Path, examples: int | None, steps: int) -> dict[str, Any]:
+    """One side alone, on the pipeline's settings (this process's share of `apart`)."""
     from lorapipe.io import read_jsonl
 
     raw = yaml.safe_load(params_file.read_text())
     base, formatted = Path(raw["paths"]["base"]), Path(raw["paths"]["formatted"])
     every = read_jsonl(formatted / "train.jsonl")
     train = every[:examples] if examples else every
-    with tempfile.TemporaryDirectory(prefix="bench-plain-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-apart-") as tmp:
+        if side == "pipeline steps":
+            return pipeline_steps(raw, base, train, steps, Path(tmp))
         params = bench_params(raw, Path(tmp) / "pipeline")
         return plain_loop(params, base, train, steps, raw["train"]["seed"])
 
@@ -382,7 +455,12 @@ def measure(
     load_before = os.getloadavg()
     peak = matmul_peak()
 
-    runs: dict[str, list[dict[str, Any]]] = {"recipe": [], "pipeline": [], "plain loop": []}
+    runs: dict[str, list[dict[str, Any]]] = {
+        "recipe": [],
+        "pipeline": [],
+        "plain loop": [],
+        "pipeline steps": [],
+    }
     target = None
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
@@ -405,8 +483,11 @@ def measure(
                 assert target is not None  # the recipe runs first
                 clock = ValidationClock(tokenizer, val, check_every, target)
                 run = train_side(f"{i}_pipeline", pipeline_params, base, train, val, work, clock)
-                print("bench: plain loop ...", file=sys.stderr, flush=True)
-                runs["plain loop"].append(plain_loop_apart(params_file, examples, plain_steps))
+                # the two steady sides, each in a fresh process, in turn first
+                turn = len(runs["plain loop"]) % 2
+                for side in STEADY_SIDES[::-1] if turn else STEADY_SIDES:
+                    print(f"bench: {side} ...", file=sys.stderr, flush=True)
+                    runs[side].append(apart(side, params_file, examples, plain_steps))
             runs[name].append(run)
         print("bench: the step's products alone ...", file=sys.stderr, flush=True)
         products, products_seconds = products_alone(raw, base, train, work)
@@ -470,6 +551,7 @@ def summarise(
 ) -> dict[str, Any]:
     """Means over the rounds, the ratios and whether each target holds."""
     recipe, pipeline, plain = runs["recipe"], runs["pipeline"], runs["plain loop"]
+    alone = runs["pipeline steps"]
     recipe_s = _mean([r["train_seconds"] for r in recipe])
     reached = all(r["reached"] is not None for r in pipeline)
     to_target = [r["reached"]["seconds"] if r["reached"] else r["train_seconds"] for r in pipeline]
@@ -478,10 +560,10 @@ def summarise(
     steps = [r["reached"]["step"] if r["reached"] else r["optimizer_steps"] for r in pipeline]
     pipeline_examples = _mean([s * batch for s in steps])
     pipeline_flops = pipeline_flops_per_example * pipeline_examples
-    # All-token throughput in steady state, as the plain loop's: every step but the first (which
-    # pays the trainer's and the optimizer's set-up), batches of the mean example length.
-    steady = [sum(r["step_seconds"][1:]) / max(len(r["step_seconds"]) - 1, 1) for r in pipeline]
-    pipeline_tokens_per_s = tokens_per_example * batch / _mean(steady)
+    # The steady sides (the train stage's steps and the plain loop, each alone in a fresh
+    # process, the same number of steps after an untimed first): throughput and FLOP/s.
+    steps_tokens_per_s = _mean([a["tokens_per_s"] for a in alone])
+    steps_flops_per_s = _mean([a["flops"] / a["seconds"] for a in alone])
     plain_tokens_per_s = _mean([p["tokens_per_s"] for p in plain])
     plain_flops_per_s = _mean([p["flops"] / p["seconds"] for p in plain])
     examples = extra["examples"]
@@ -506,8 +588,7 @@ def summarise(
                 r["reached"]["val_loss"] if r["reached"] else r["val_loss"] for r in pipeline
             ],
             "curves": [r["curve"] for r in pipeline],
-            "tokens_per_s": round(pipeline_tokens_per_s, 1),
-            "steady_step_seconds": [round(x, 3) for x in steady],
+            "tokens_per_s": round(tokens_per_example * pipeline_examples / pipeline_s, 1),
             "supervised_tokens_per_s": round(
                 supervised_per_example * pipeline_examples / pipeline_s, 1
             ),
@@ -523,10 +604,22 @@ def summarise(
             "flops_per_s": round(plain_flops_per_s),
             "matmul_peak_fraction": round(plain_flops_per_s / peak, 4),
         },
+        "pipeline steps": {
+            "seconds": round(_mean([a["seconds"] for a in alone]), 2),
+            "runs_seconds": [a["seconds"] for a in alone],
+            "optimizer_steps": alone[0]["steps"],
+            "runs_step_seconds": [a["step_seconds"] for a in alone],
+            "tokens_per_s": round(steps_tokens_per_s, 1),
+            "supervised_tokens_per_s": round(
+                _mean([a["supervised_tokens"] / a["seconds"] for a in alone]), 1
+            ),
+            "flops_per_s": round(steps_flops_per_s),
+            "matmul_peak_fraction": round(steps_flops_per_s / peak, 4),
+        },
     }
     time_ratio = recipe_s / pipeline_s
-    plain_ratio = pipeline_tokens_per_s / plain_tokens_per_s
-    fraction = sides["pipeline"]["matmul_peak_fraction"]
+    plain_ratio = steps_tokens_per_s / plain_tokens_per_s
+    fraction = sides["pipeline steps"]["matmul_peak_fraction"]
     return {
         **extra,
         "matmul_peak_flops_per_s": round(peak),
@@ -550,7 +643,7 @@ def summarise(
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["sides"]
-    r, p, q = s["recipe"], s["pipeline"], s["plain loop"]
+    r, p, q, a = s["recipe"], s["pipeline"], s["plain loop"], s["pipeline steps"]
     each = ", ".join
 
     def pct(x: float) -> str:
@@ -575,6 +668,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"({each(f'{x:.1f}' for x in q['runs_seconds'])}) | {q['tokens_per_s']:.0f} | | | "
         f"{q['flops_per_s'] / 1e9:.1f} | "
         f"{pct(q['matmul_peak_fraction'])} |",
+        f"| pipeline's steps | the train stage's step alone, as the plain loop | "
+        f"{a['optimizer_steps']} | {a['seconds']:.1f} "
+        f"({each(f'{x:.1f}' for x in a['runs_seconds'])}) | {a['tokens_per_s']:.0f} | "
+        f"{a['supervised_tokens_per_s']:.1f} | | {a['flops_per_s'] / 1e9:.1f} | "
+        f"{pct(a['matmul_peak_fraction'])} |",
     ]
     subset = (
         f"the first {result['examples']} of {result['examples_total']} training examples"
@@ -588,8 +686,11 @@ def markdown(result: dict[str, Any]) -> str:
             *rows,
             "",
             f"{result['model']}, {subset}; recipe and pipeline {result['rounds']} times each in "
-            f"ABBA order, the plain loop after each pipeline run, in a fresh process (glibc's "
-            f"allocator defaults); val loss on "
+            f"ABBA order; after each pipeline run the pipeline's steps and the plain loop, each "
+            f"in a fresh process (glibc's allocator as a new process has it), in turn first, "
+            f"{q['optimizer_steps']} steps after an untimed first, their tokens and FLOPs counted "
+            f"from the batches they were given (the ratio and the step's fraction of the peak "
+            f"are theirs); val loss on "
             f"{result['val_examples']} validation examples, the pipeline's every "
             f"{result['check_every']} steps (pauses excluded from its seconds); fp32 matmul "
             f"peak {result['matmul_peak_flops_per_s'] / 1e9:.0f} GFLOP/s; {result['threads']} "
@@ -597,7 +698,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['loadavg_after'][0]:.2f} after; torch {result['torch']}.",
             f"Time to the recipe's val loss: {result['time_to_loss_ratio']:.2f}x faster "
             f"(target {result['targets']['time_to_loss_ratio']:g}x: "
-            f"{verdict[h['time_to_loss']]}); pipeline step at {pct(p['matmul_peak_fraction'])} "
+            f"{verdict[h['time_to_loss']]}); pipeline step at {pct(a['matmul_peak_fraction'])} "
             f"of the matmul peak (target {pct(result['targets']['matmul_peak_fraction'])}: "
             f"{verdict[h['matmul_peak_fraction']]}); all-token throughput "
             f"{result['plain_loop_ratio']:.2f}x the plain loop's (target "
@@ -619,15 +720,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=400, help="the first N (400; 0: all)")
     parser.add_argument("--rounds", type=int, default=2, help="recipe/pipeline runs each (2)")
     parser.add_argument("--check-every", type=int, default=2, help="pipeline val loss every N")
-    parser.add_argument("--plain-steps", type=int, default=16, help="plain loop steps (16)")
+    parser.add_argument("--plain-steps", type=int, default=16, help="steady sides' steps (16)")
     parser.add_argument(
-        "--plain-only", action="store_true", help="only the plain loop; its result (JSON) on stdout"
+        "--only",
+        choices=STEADY_SIDES,
+        help="only this side, --plain-steps steps; its result (JSON) on stdout",
     )
     args = parser.parse_args(argv)
     if min(args.rounds, args.check_every, args.plain_steps) < 1 or args.examples < 0:
         parser.error("--rounds, --check-every and --plain-steps must be at least 1")
-    if args.plain_only:
-        print(json.dumps(plain_only(Path(args.params), args.examples or None, args.plain_steps)))
+    if args.only:
+        result = only(args.only, Path(args.params), args.examples or None, args.plain_steps)
+        print(json.dumps(result))
         return 0
     try:
         result = measure(

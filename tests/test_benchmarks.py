@@ -204,6 +204,40 @@ def ratio_of_rounded(ratio: float, num: float, den: float, *, step: float) -> bo
     return (num - half) / (den + half) - 0.01 <= ratio <= (num + half) / (den - half) + 0.01
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["padding-free", "padded"])
+def test_step_work_counts_every_real_and_supervised_token_of_an_epoch(
+    benchmarks: None,
+    tiny_base: Path,
+    formatted: Path,
+    train_params: Any,
+    tmp_path: Path,
+    pack: bool,
+) -> None:
+    """The steady side's tokens and FLOPs come from what the model's forward passes were given:
+    over one epoch that is every example once, so its counts must equal the examples' own (the
+    tokenizer's, as the format stage's mask audit counts them), packed in one row or padded."""
+    from train_speed import StepWork
+
+    from lorapipe.formatting import mask_audit
+    from lorapipe.io import read_jsonl
+    from lorapipe.models import load_tokenizer
+    from lorapipe.training import train_adapter
+
+    epoch = ("train.max_steps=-1", "train.epochs=1", "train.batch_size=8", "train.grad_accum=2")
+    params = train_params(*epoch)
+    seen = StepWork()
+    train_adapter(
+        params, tiny_base, formatted, tmp_path / "a", tmp_path / "c", callbacks=[seen], pack=pack
+    )
+    tokenizer = load_tokenizer(tiny_base)
+    audits = [mask_audit(ex, tokenizer, 10**9) for ex in read_jsonl(formatted / "train.jsonl")]
+    assert len(seen.steps) == 2 and all(step["seconds"] > 0 for step in seen.steps)
+    lengths = sorted(n for step in seen.steps for n in step["lengths"])
+    supervised = sorted(n for step in seen.steps for n in step["supervised"])
+    assert lengths == sorted(a["total_tokens"] for a in audits)
+    assert supervised == sorted(a["supervised_tokens"] for a in audits)
+
+
 @pytest.mark.slow
 def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     benchmarks: None, repro_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -242,19 +276,21 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     args = ["--examples", "24", "--rounds", "1", "--plain-steps", "2", "--out", str(out)]
     assert train_speed.main(args) == 0
     tr = json.loads(out.read_text())
-    recipe, pipeline, plain = (tr["sides"][s] for s in ("recipe", "pipeline", "plain loop"))
+    names = ("recipe", "pipeline", "plain loop", "pipeline steps")
+    recipe, pipeline, plain, steps = (tr["sides"][s] for s in names)
     assert tr["examples"] == 24 and recipe["optimizer_steps"] == 3  # 24 / (2 x 4), one epoch
     assert tr["target_val_loss"] == pytest.approx(recipe["val_loss"], abs=1e-6)
     assert tr["reached_target"] and max(pipeline["val_loss"]) <= tr["target_val_loss"]
-    assert plain["optimizer_steps"] == 2
-    for side in (recipe, pipeline, plain):
+    assert plain["optimizer_steps"] == steps["optimizer_steps"] == 2
+    assert [len(each) for each in steps["runs_step_seconds"]] == [3]  # an untimed first
+    for side in (recipe, pipeline, plain, steps):
         assert side["seconds"] > 0 and side["tokens_per_s"] > 0
         assert side["matmul_peak_fraction"] == pytest.approx(
             side["flops_per_s"] / tr["matmul_peak_flops_per_s"], abs=1e-3
         )
     seconds = recipe["seconds"], pipeline["seconds"]
     assert ratio_of_rounded(tr["time_to_loss_ratio"], *seconds, step=0.01)
-    ratio = pipeline["tokens_per_s"] / plain["tokens_per_s"]
+    ratio = steps["tokens_per_s"] / plain["tokens_per_s"]
     assert tr["plain_loop_ratio"] == pytest.approx(ratio, rel=0.01)
     alone = tr["products_alone"]
     assert alone["products"] > 0 and alone["seconds_alone"] > 0
@@ -264,6 +300,6 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     )  # against the same peak as the sides
     assert tr["holds"] == {
         "time_to_loss": tr["time_to_loss_ratio"] >= 3,
-        "matmul_peak_fraction": pipeline["matmul_peak_fraction"] >= 0.6,
+        "matmul_peak_fraction": steps["matmul_peak_fraction"] >= 0.6,
         "plain_loop": tr["plain_loop_ratio"] >= 1.2,
     }
