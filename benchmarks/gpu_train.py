@@ -24,13 +24,16 @@ sequence) and model FLOP utilisation against a bf16 `torch.matmul` peak measured
 The real default model (`real_model` in the JSON; `--no-real` leaves it out, `--tiny` too,
 `--real-only` runs only it): the base stage's `paths.base` (SmolLM2-135M-Instruct as fp32
 safetensors; built from params.yaml `model` into a temporary folder when `paths.base` has none,
-as on a freshly lent machine), loaded the same way per variant in `--real-dtype` (bfloat16 on
-CUDA; on CPU float32, since bf16 matmuls there are ~300x slower: the CPU run checks the code
-path, not the speed), the pipeline's LoRA, and one batch of real examples: the first
-`--real-batch` (`train.batch_size`) of `paths.formatted`/train.jsonl (or of `data.path`,
-formatted here), padded to the longest, labels on the completions, with the train stage's
-loss (TRL's fused LM head, as SFTTrainer adds it: the output layer projects only the
-supervised positions, `train_memory.pipeline_loss`). Tokens/s counts the real tokens; the
+as on a freshly lent machine), set up per variant in `--real-dtype` (bfloat16 on CUDA; on CPU
+float32, since bf16 matmuls there are ~300x slower: the CPU run checks the code path, not the
+speed) as the train stage sets it up (`stage_variant`: `lorapipe.training.setup_model`, whose
+fused LoRA update runs where no autocast does, and the padding-free attention), the pipeline's
+LoRA, and one batch of real examples: the first `--real-batch` (`train.batch_size`) of
+`paths.formatted`/train.jsonl (or of `data.path`, formatted here), laid end to end in one
+padding-free row as the train stage's batches are (padded to the longest where the model's
+attention cannot take that), labels on the completions, with the train stage's loss (TRL's
+fused LM head, as SFTTrainer adds it: the output layer projects only the supervised positions,
+`train_memory.pipeline_loss`). Tokens/s counts the real tokens; the
 model FLOPs (benchmarks/flops.py `performed_train_flops`) count the real tokens and the output
 layer only where it runs.
 """
@@ -97,6 +100,39 @@ def load_variant(
     return model, recompute
 
 
+def stage_variant(
+    base: Path, variant: str, params: Any, device: str, dtype: str
+) -> tuple[Any, bool, bool]:
+    """The real model as the train stage sets it up for `variant`: `lorapipe.training.setup_model`
+    (LoRA: the base in `dtype`, LoRA's update fused into the base product where no autocast runs;
+    QLoRA: conf/quant/nf4.yaml with `dtype` compute, peft's 4-bit classes), trainable weights in
+    fp32 but QLoRA's under bf16 (as TRL casts them), and the padding-free attention when the
+    model takes it (`lorapipe.packing`, as `train_adapter`). Returns (model, recomputes
+    activations, padding-free)."""
+    import torch
+    from train_memory import quant_for
+
+    from lorapipe.packing import unpackable, use_packed_attention
+    from lorapipe.training import setup_model
+
+    quantized = variant.startswith("qlora")
+    if quantized:
+        quant = quant_for("nf4").model_copy(update={"compute_dtype": dtype})
+        params = params.model_copy(update={"quant": quant})
+    precision = "bf16" if dtype == "bfloat16" else "fp32"
+    model, recompute, _, _ = setup_model(params, base, precision)
+    if not quantized:
+        model = model.to(device)
+    trainable_dtype = torch.bfloat16 if quantized and precision == "bf16" else torch.float32
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(trainable_dtype)
+    packed = unpackable(model) is None
+    if packed:
+        use_packed_attention(model)
+    return model, recompute, packed
+
+
 def run_steps(
     model: Any, inputs: dict[str, Any], *, device: str, warmup: int, steps: int, autocast: bool
 ) -> dict[str, Any]:
@@ -161,8 +197,16 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
     (bf16 autocast when bfloat16); tokens/s over the real tokens, model FLOP/s and MFU against
     a `torch.matmul` peak in that dtype measured here."""
     import torch
-    from train_memory import batch_tensors, pipeline_loss, real_base, real_batch, real_examples
+    from train_memory import (
+        batch_tensors,
+        packed_tensors,
+        pipeline_loss,
+        real_base,
+        real_batch,
+        real_examples,
+    )
 
+    from lorapipe.fused_lora import FusedLoraLinear
     from lorapipe.models import load_tokenizer
 
     dtype = args.real_dtype
@@ -182,17 +226,14 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
     for variant in (names[v] for v in args.variants):
         print(f"bench: real model, {variant} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        model, recompute = load_variant(base, variant, params, args.device, dtype)
+        model, recompute, packed = stage_variant(base, variant, params, args.device, dtype)
         compact = pipeline_loss(model, args.device)
         load_seconds = time.perf_counter() - t0
-        inputs = {**batch_tensors(batch, args.device), "fused_lm_head": True}
+        tensors = (packed_tensors if packed else batch_tensors)(batch, args.device)
+        inputs = {**tensors, "fused_lm_head": True}
+        cast = dtype == "bfloat16"  # bf16 autocast
         run = run_steps(
-            model,
-            inputs,
-            device=args.device,
-            warmup=args.warmup,
-            steps=args.steps,
-            autocast=dtype == "bfloat16",
+            model, inputs, device=args.device, warmup=args.warmup, steps=args.steps, autocast=cast
         )
         seconds = run["seconds"]
         flops = args.steps * performed_train_flops(
@@ -209,6 +250,11 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
             "peak_cuda_mib": run["peak_cuda_mib"],
             "load_seconds": round(load_seconds, 1),
             "recomputes_activations": recompute,
+            "padding_free": packed,
+            # under bf16 autocast the fused layers run peft's own forward (fused_lora)
+            "fused_lora_layers": 0
+            if cast
+            else sum(isinstance(m, FusedLoraLinear) for m in model.modules()),
         }
         del model
         if cuda:
@@ -364,13 +410,24 @@ def real_markdown(real: dict[str, Any], device: str) -> str:
             "",
             f"{real['model']} ({real['parameters']:,} params; base: {real['base']}) on {device}"
             f", {real['compute_dtype']}{note}; params.yaml lora; batch {real['batch']} x "
-            f"{real['seq_len']} tokens (the first examples of {real['examples']}, padded to the "
-            f"longest: {real['tokens']} real tokens counted, {real['supervised_tokens']} "
-            f"supervised); the train stage's loss (TRL's fused LM head over {head}); "
+            f"{real['seq_len']} tokens at most (the first examples of {real['examples']}; "
+            f"{_layout(real)}: {real['tokens']} real tokens counted, "
+            f"{real['supervised_tokens']} supervised); the train stage's loss (TRL's fused LM "
+            f"head over {head}); "
             f"{real['steps']} timed steps after {real['warmup']}; {dtype} matmul peak "
             f"{real['matmul_peak_flops_per_s'] / 1e12:.3g} TFLOP/s",
         ]
     )
+
+
+def _layout(real: dict[str, Any]) -> str:
+    """How each variant fed the batch: LoRA's fused update and the padding-free row, or not."""
+    parts = []
+    for name, r in real["variants"].items():
+        row = "one padding-free row" if r["padding_free"] else "padded to the longest"
+        fused = f"LoRA fused in {r['fused_lora_layers']} layers" if r["fused_lora_layers"] else ""
+        parts.append(f"{name}: {row}{', ' + fused if fused else ''}")
+    return "; ".join(parts)
 
 
 def markdown(result: dict[str, Any]) -> str:
