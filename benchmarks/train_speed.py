@@ -345,7 +345,7 @@ def plain_loop(
         optimizer.step()
         optimizer.zero_grad()
 
-    step(*batches[0])  # warm-up, untimed (the trainer's first step is timed: this favours the loop)
+    step(*batches[0])  # warm-up, untimed (as the pipeline's steps' first)
     timed = batches[1 : steps + 1]
     started = time.perf_counter()
     for batch in timed:
@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=400, help="the first N (400; 0: all)")
     parser.add_argument("--rounds", type=int, default=2, help="recipe/pipeline runs each (2)")
     parser.add_argument("--check-every", type=int, default=2, help="pipeline val loss every N")
-    parser.add_argument("--plain-steps", type=int, default=16, help="steady sides' steps (16)")
+    parser.add_argument("--plain-steps", type=int, default=12, help="steady sides' steps (12)")
     parser.add_argument(
         "--only",
         choices=STEADY_SIDES,

@@ -254,7 +254,7 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     shutil.copytree(repro_project, project, symlinks=True)
     monkeypatch.chdir(project)
     out = tmp_path / "eval.json"
-    assert eval_speed.main(["--limit", "3", "--out", str(out)]) == 0
+    assert eval_speed.main(["--limit", "3", "--tutorial-every", "2", "--out", str(out)]) == 0
     ev = json.loads(out.read_text())
     assert ev["examples"] == 3 and ev["examples_total"] > 3 and ev["tutorial_every"] == 2
     for name in ("base", "adapter"):
@@ -298,6 +298,19 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     assert alone["matmul_peak_fraction"] == pytest.approx(
         alone["flops_per_s"] / tr["matmul_peak_flops_per_s"], abs=1e-3
     )  # against the same peak as the sides
+    # make bench's targets table states the figures the verdicts come from
+    from run_all import _eval_targets, _train_targets
+
+    time_row, step_row, throughput_row = _train_targets(tr)
+    assert f"{100 * steps['matmul_peak_fraction']:.1f}%" in step_row[1]
+    assert f"({steps['tokens_per_s']:.0f} vs {plain['tokens_per_s']:.0f} " in throughput_row[1]
+    verdicts = [row[3] for row in (time_row, step_row, throughput_row)]
+    assert verdicts == [
+        tr["holds"][k] for k in ("time_to_loss", "matmul_peak_fraction", "plain_loop")
+    ]
+    base_row, adapter_row = _eval_targets(ev)
+    assert f"one at a time on {ev['models']['base']['tutorial']['examples']} of" in base_row[1]
+    assert f"{100 * stage['matmul_peak_fraction']:.1f}% of" in adapter_row[1]
     assert tr["holds"] == {
         "time_to_loss": tr["time_to_loss_ratio"] >= 3,
         "matmul_peak_fraction": steps["matmul_peak_fraction"] >= 0.6,
