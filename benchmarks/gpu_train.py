@@ -103,34 +103,19 @@ def load_variant(
 def stage_variant(
     base: Path, variant: str, params: Any, device: str, dtype: str
 ) -> tuple[Any, bool, bool]:
-    """The real model as the train stage sets it up for `variant`: `lorapipe.training.setup_model`
-    (LoRA: the base in `dtype`, LoRA's update fused into the base product where no autocast runs;
-    QLoRA: conf/quant/nf4.yaml with `dtype` compute, peft's 4-bit classes), trainable weights in
-    fp32 but QLoRA's under bf16 (as TRL casts them), and the padding-free attention when the
-    model takes it (`lorapipe.packing`, as `train_adapter`). Returns (model, recomputes
-    activations, padding-free)."""
-    import torch
-    from train_memory import quant_for
-
-    from lorapipe.packing import unpackable, use_packed_attention
-    from lorapipe.training import setup_model
+    """The real model as the train stage sets it up for `variant` (`train_memory.stage_model`:
+    `setup_model`, whose fused LoRA update runs where no autocast does, the stage's trainable
+    dtypes, the padding-free attention), in `dtype`; QLoRA with conf/quant/nf4.yaml and `dtype`
+    compute. Returns (model, recomputes activations, padding-free)."""
+    from train_memory import quant_for, stage_model
 
     quantized = variant.startswith("qlora")
     if quantized:
         quant = quant_for("nf4").model_copy(update={"compute_dtype": dtype})
         params = params.model_copy(update={"quant": quant})
     precision = "bf16" if dtype == "bfloat16" else "fp32"
-    model, recompute, _, _ = setup_model(params, base, precision)
-    if not quantized:
-        model = model.to(device)
-    trainable_dtype = torch.bfloat16 if quantized and precision == "bf16" else torch.float32
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(trainable_dtype)
-    packed = unpackable(model) is None
-    if packed:
-        use_packed_attention(model)
-    return model, recompute, packed
+    model, recompute, packed = stage_model(params, base, precision)
+    return (model if quantized else model.to(device)), recompute, packed
 
 
 def run_steps(

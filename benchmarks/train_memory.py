@@ -227,6 +227,30 @@ class MemorySampler:
         }
 
 
+def stage_model(
+    params: Any, base_dir: Path, precision: str, *, pack: bool = True
+) -> tuple[Any, bool, bool]:
+    """The model as the train stage sets it up (`train_adapter`): `setup_model`, trainable
+    weights in fp32 but QLoRA's under bf16 (TRL casts those), and, when `pack` and the model's
+    attention takes it, the padding-free attention (`lorapipe.packing`). Returns (model,
+    recomputes activations, padding-free)."""
+    import torch
+
+    from lorapipe.packing import unpackable, use_packed_attention
+    from lorapipe.training import setup_model
+
+    model, recompute, _, _ = setup_model(params, base_dir, precision)
+    quantized_bf16 = params.quant.mode != "none" and precision == "bf16"
+    trainable_dtype = torch.bfloat16 if quantized_bf16 else torch.float32
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(trainable_dtype)
+    packed = pack and unpackable(model) is None
+    if packed:
+        use_packed_attention(model)
+    return model, recompute, packed
+
+
 def child(
     base_dir: Path,
     variant: str,
@@ -244,8 +268,6 @@ def child(
     import yaml
 
     from lorapipe.config import validate
-    from lorapipe.packing import unpackable, use_packed_attention
-    from lorapipe.training import _trainables_to_fp32, setup_model
 
     if batch_file is not None:
         import trl.trainer.utils  # noqa: F401  (the train stage has TRL loaded too)
@@ -255,12 +277,9 @@ def child(
     sampler = MemorySampler()
     after_imports = sampler.snapshot()
     t0 = time.perf_counter()
-    model, recompute, _, _ = setup_model(params, base_dir, "fp32")  # the train stage's own
-    _trainables_to_fp32(model)
+    # the train stage's own set-up, with its padding-free batches for the real batch
+    model, recompute, packed = stage_model(params, base_dir, "fp32", pack=batch_file is not None)
     fused = pipeline_loss(model) if batch_file is not None else None
-    packed = batch_file is not None and unpackable(model) is None
-    if packed:  # the train stage's padding-free batches (`train_adapter`)
-        use_packed_attention(model)
     load_seconds = time.perf_counter() - t0
     after_load = sampler.snapshot()
     loaded_rss = sampler.status()

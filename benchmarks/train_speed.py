@@ -369,12 +369,9 @@ def pipeline_steps(
     raw: dict[str, Any], base: Path, train: list[dict[str, Any]], steps: int, work: Path
 ) -> dict[str, Any]:
     """The train stage's steps alone: `steps` optimizer steps of the pipeline's trainer after an
-    untimed first (as the plain loop's), nothing in between (no validation), their real tokens
-    and the FLOPs they performed counted from what the model was given (`StepWork`)."""
-    from peft import get_peft_model
-
-    from lorapipe.models import load_base_model
-    from lorapipe.training import lora_config, train_adapter
+    untimed first (as the plain loop's), nothing in between (no validation), and the sequences
+    they were given (`StepWork`): their real and supervised tokens, for the FLOP count."""
+    from lorapipe.training import train_adapter
 
     data = formatted_split(work / "steps", train)
     params = bench_params(raw, work / "steps", max_steps=steps + 1)
@@ -385,15 +382,15 @@ def pipeline_steps(
     seconds = sum(s["seconds"] for s in timed)
     lengths = [n for s in timed for n in s["lengths"]]
     supervised = [n for s in timed for n in s["supervised"]]
-    model = get_peft_model(load_base_model(base), lora_config(params))
     return {
         "steps": len(timed),
         "seconds": round(seconds, 2),
         "step_seconds": [round(s["seconds"], 3) for s in seen.steps],
+        "lengths": lengths,
+        "supervised": supervised,
         "tokens": sum(lengths),
         "supervised_tokens": sum(supervised),
         "tokens_per_s": round(sum(lengths) / seconds, 1),
-        "flops": performed_train_flops(model, lengths, supervised, head_everywhere=False),
     }
 
 
@@ -501,6 +498,10 @@ def measure(
         pipeline_flops_per_example = performed_train_flops(
             models["pipeline"], lengths, supervised, head_everywhere=False
         ) / len(train)
+        for steady in runs["pipeline steps"]:  # the sequences its timed steps were given
+            seen = steady.pop("lengths"), steady.pop("supervised")
+            flops = performed_train_flops(models["pipeline"], *seen, head_everywhere=False)
+            steady["flops"] = flops
     peak = max(peak, matmul_peak())  # the reference for every fraction below
     return summarise(
         runs,
