@@ -311,3 +311,43 @@ def test_a_qlora_evaluation_on_cpu_leaves_training_gradients_exact(tiny_base: Pa
     assert before.keys() == after.keys() and len(before) == 2 * 7 * 2  # A, B x 7 x 2 layers
     for name in before:
         torch.testing.assert_close(after[name], before[name], msg=name)
+
+
+NOTICES_SCRIPT = """
+import sys
+if sys.argv[1] == "stages":
+    import stages  # what every `python -m stages.*` imports first
+import bitsandbytes, logging, peft, transformers, warnings
+config = transformers.LlamaConfig(
+    vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=1,
+)
+peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=2))
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another bitsandbytes notice")
+warnings.warn("another FutureWarning", FutureWarning)
+"""
+
+
+def test_stages_drop_the_two_library_notices_and_only_them(tmp_path: Path) -> None:
+    """bitsandbytes' hub-kernel notice (on CPUs with AVX512-BF16) and peft's deprecated
+    attribute read print on every stage run without `stages` quietening them; other notices of
+    the same logger and category still print."""
+    import subprocess
+
+    script = tmp_path / "notices.py"
+    script.write_text(NOTICES_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def stderr(first: str) -> str:
+        run = [sys.executable, str(script), first]
+        done = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        return done.stderr
+
+    loud, quiet = stderr("libraries"), stderr("stages")
+    assert "`is_gradient_checkpointing` is deprecated" in loud
+    from bitsandbytes.functional import has_avx512bf16
+
+    assert ("Failed to load CPU gemm_4bit_forward" in loud) == has_avx512bf16()
+    assert "is_gradient_checkpointing" not in quiet
+    assert "gemm_4bit_forward" not in quiet
+    assert "another bitsandbytes notice" in quiet and "another FutureWarning" in quiet

@@ -9,9 +9,11 @@ does not: the facts stay versioned beside the metrics without making the lock fi
 from __future__ import annotations
 
 import ctypes
+import logging
 import resource
 import subprocess
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,30 @@ from typing import Any
 from lorapipe.io import write_json
 
 RUNTIME_DIR = "runtime"
+
+
+# Notices libraries print on every stage run that are not the user's to act on (written by
+# hand: neither library has a switch for them). bitsandbytes, when imported (peft imports it) on
+# a CPU with AVX512-BF16, tries `kernels` for a hub CPU kernel and logs "Failed to load ..."
+# without it; the hub is a download at run time, which this pipeline never relies on, and
+# bitsandbytes' own kernel runs instead. peft reads `model.is_gradient_checkpointing`, which
+# transformers 5 marks deprecated: a FutureWarning about peft's code, on every adapter load.
+BITSANDBYTES_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+
+
+def _not_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(HUB_KERNEL_NOTICE)
+
+
+def quiet_library_notices() -> None:
+    """Drop the two notices above, and only them; must run before bitsandbytes is imported
+    (`stages/__init__.py` calls it, so every `python -m stages.*` does)."""
+    logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
+    if _not_hub_kernel_notice not in logger.filters:
+        logger.addFilter(_not_hub_kernel_notice)
+    warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
 
 
 def peak_rss_mib() -> float:
