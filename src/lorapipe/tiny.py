@@ -1,4 +1,4 @@
-"""The embedded default base model: a tiny Llama built from a config, and a local tokenizer.
+"""The test model (`model=tiny`): a random 4-layer Llama built from a config, and a local tokenizer.
 
 Nothing is downloaded. The tokenizer is byte-level (every UTF-8 string round-trips, no training
 corpus needed, so the base never depends on the data) and carries a TinyLlama/Zephyr-style chat
