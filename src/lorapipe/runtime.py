@@ -109,7 +109,7 @@ def fix_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     backward and recomputation): at TinyLlama's shape the heap kept ~700 MiB more, over a third
     of the whole step's peak (docs/training-performance.md). Setting the threshold turns that
     adaptation off. The cost is a page-fault round trip for each large block, which slowed
-    training of the tiny default model 2x: so only quantised training calls this. It also undoes
+    training of the tiny test model 2x: so only quantised training calls this. It also undoes
     `keep_freed_memory` (mmap allowed again, the heap trimmed at glibc's default).
     """
     libc = _glibc()
