@@ -206,7 +206,7 @@ def keep_4bit_layout_on_cpu(model: Any) -> int:
     Written here because bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a Linear4bit's
     weight the first time it runs in eval mode without gradients (as the trainer's evaluation
     does), and keeps it repacked. The kernel for that layout computes in bfloat16, whatever
-    `quant.compute_dtype` says; it requires out_features divisible by 32 (the tiny default's
+    `quant.compute_dtype` says; it requires out_features divisible by 32 (the tiny test model's
     688-wide MLP fails an assertion); and it has no backward, so when training resumes after an
     evaluation the gradients through every 4-bit layer are wrong, silently (measured: LoRA
     gradients off by up to 95%; tests/test_models.py). With this flag off every forward
