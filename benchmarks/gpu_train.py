@@ -176,11 +176,12 @@ def time_variant(
 
 
 def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str, Any]:
-    """The real default model (`paths.base`) per variant: loaded as the train stage loads it,
-    the pipeline's LoRA, the first `--real-batch` training examples as one padded batch, the
-    train stage's loss (TRL's fused LM head; `train_memory.pipeline_loss`), in `--real-dtype`
-    (bf16 autocast when bfloat16); tokens/s over the real tokens, model FLOP/s and MFU against
-    a `torch.matmul` peak in that dtype measured here."""
+    """The real default model (`paths.base`) per variant: set up as the train stage sets it up,
+    the pipeline's LoRA, the first `--real-batch` training examples in one padding-free row (a
+    padded batch where the model's attention cannot take that), the train stage's loss (TRL's
+    fused LM head; `train_memory.pipeline_loss`), in `--real-dtype` (bf16 autocast when
+    bfloat16); tokens/s over the real tokens, model FLOP/s and MFU against a `torch.matmul`
+    peak in that dtype measured here."""
     import torch
     from train_memory import (
         batch_tensors,
