@@ -6,6 +6,9 @@ python benchmarks/gpu_train.py --device cpu --tiny    # the same code on a tiny 
 python benchmarks/gpu_train.py --device cpu --real-only --steps 1 --warmup 0 --real-batch 2
                                                       # the real model's code path, on CPU
 
+On a machine with PyTorch alone and no way to download (a lent GPU): `scripts/gpu_kit.sh` here,
+then carry `.gpukit` there and run what it prints (docs/training-performance.md).
+
 Without CUDA (and without `--device cpu`) it prints "skipped: no CUDA device" and exits 0,
 writing `{"skipped": ...}` to `--out`, so `make bench` on a CPU machine runs on.
 
@@ -196,7 +199,7 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
     from lorapipe.models import load_tokenizer
 
     dtype = args.real_dtype
-    base, source = real_base(params, work)
+    base, source = real_base(params, work, args.real_base)
     tokenizer = load_tokenizer(base)
     examples, where = real_examples(params, tokenizer, args.real_batch or params.train.batch_size)
     batch = real_batch(tokenizer, examples)
@@ -440,6 +443,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (3; tiny 1)")
     parser.add_argument(
         "--real-batch", type=int, default=None, help="real model: sequences (train.batch_size)"
+    )
+    parser.add_argument(
+        "--real-base",
+        type=Path,
+        default=None,
+        help="real model: this base folder instead of paths.base; with a config and tokenizer "
+        "but no weights (scripts/gpu_kit.sh), random weights at its shape",
     )
     parser.add_argument(
         "--real-dtype",

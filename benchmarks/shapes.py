@@ -5,6 +5,8 @@
 byte-level tokenizer (its 263 ids are valid ids of the 32000-token vocabulary) and a pin.json
 of kind `local`. The weights are N(0, initializer_range), the RMSNorm scales 1, so activations
 and hence timings and memory behave like a trained model's; no benchmark needs real weights.
+`random_base_like(folder, out)` does the same for any base folder's config and tokenizer (the
+real model's shape on a machine that cannot get its weights).
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def llama_config(shape: dict[str, Any] | None = None, **changes: Any) -> Any:
 
 
 def random_model(config: Any, dtype: str, *, seed: int = 0) -> Any:
-    """A LlamaForCausalLM of `config` in `dtype` with random weights, built without first
-    materialising float32 weights (meta device, then each tensor filled in place)."""
+    """A causal LM of `config` (a LlamaForCausalLM for `llama_config`) in `dtype` with random
+    weights, built without first materialising float32 weights (meta device, then each tensor
+    filled in place; tied embeddings stay tied)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from lorapipe.models import resolve_dtype
 
@@ -48,10 +51,11 @@ def random_model(config: Any, dtype: str, *, seed: int = 0) -> Any:
     torch.set_default_dtype(resolve_dtype(dtype))  # meta parameters in `dtype`, not float32
     try:
         with torch.device("meta"):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device="cpu")
+    model.tie_weights()  # to_empty gives every module its own tensor: tied embeddings untie
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -87,3 +91,47 @@ def build_random_base(
         "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     return model, info
+
+
+# What a model folder holds besides its weights (and the pin, which names the weights).
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
+
+
+def random_base_like(folder: Path, out: Path, *, dtype: str = "bfloat16") -> dict[str, Any]:
+    """Save to `out` a base with `folder`'s config and tokenizer and random weights in `dtype`
+    (`folder` needs no weights: a base's small files, as `scripts/gpu_kit.sh` packs them for a
+    machine that cannot get the model file). Timings depend on the shape, not the values; the
+    loss of random weights means nothing. Returns `{parameters, model_bytes, name}`."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from lorapipe.models import PIN_FILE
+
+    config = AutoConfig.from_pretrained(folder)
+    model = random_model(config, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="5GB")
+    weights = {p for pattern in WEIGHT_FILES for p in folder.glob(pattern)}
+    for path in folder.iterdir():
+        if path.is_file() and path not in weights and path.name not in (PIN_FILE, "config.json"):
+            shutil.copy2(path, out / path.name)
+    pin_file = folder / PIN_FILE
+    name = json.loads(pin_file.read_text()).get("name") if pin_file.is_file() else folder.name
+    parameters = sum(p.numel() for p in model.parameters())
+    pin = {
+        "kind": "local",
+        "name": f"{name}, random weights at its shape",
+        "dtype": dtype,
+        "parameters": parameters,
+    }
+    (out / PIN_FILE).write_text(json.dumps(pin, indent=2) + "\n")
+    return {
+        "parameters": parameters,
+        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "name": pin["name"],
+    }

@@ -75,10 +75,20 @@ def quant_for(variant: str) -> Any:
     return QuantCfg(**yaml.safe_load((ROOT / "conf" / "quant" / f"{option}.yaml").read_text()))
 
 
-def real_base(params: Any, work: Path) -> tuple[Path, str]:
-    """The real default model's base folder and where it came from: `paths.base` when the base
-    stage has built it, else the base built from `params.model` into `work`/base (the base
+def real_base(params: Any, work: Path, folder: Path | None = None) -> tuple[Path, str]:
+    """The real default model's base folder and where it came from: `folder` (default
+    `paths.base`) when it holds a model; a `folder` of a base's config and tokenizer alone gets
+    random weights at its shape in `work`/base (`shapes.random_base_like`: a machine without
+    the model file); with neither, the base built from `params.model` into `work`/base (the base
     stage's own code; about 20 s for the default's GGUF file)."""
+    if folder is not None:
+        from shapes import has_weights, random_base_like
+
+        if has_weights(folder):
+            return folder, str(folder)
+        print(f"bench: {folder} has no weights; random ones at its shape ...", file=sys.stderr)
+        built = random_base_like(folder, work / "base", dtype="float32")
+        return work / "base", f"{built['name']} ({folder} has no weights)"
     base = Path(params.paths.base)
     if (base / "config.json").is_file():
         return base, str(base)

@@ -158,3 +158,31 @@ def test_memory_benchmark_measures_a_real_model_step_in_its_own_process(
     first, second = r["peak_rss_by_step_mib"]
     assert first <= second <= r["peak_rss_mib"]
     assert r["step_seconds"] > 0 and r["first_step_seconds"] > 0
+
+
+def test_gpu_script_gives_a_base_without_weights_random_ones_at_its_shape(
+    benchmarks: None, real_params: Path, smol_base: Path, tmp_path: Path
+) -> None:
+    """A lent GPU machine gets the base's config and tokenizer, not its weights (the model file
+    is larger than what travels; scripts/gpu_kit.sh): `--real-base` on such a folder trains the
+    same architecture, tied embeddings and all, with random weights, and says so."""
+    import shutil
+
+    from gpu_train import main
+
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    for path in smol_base.iterdir():
+        if not path.name.endswith(".safetensors"):
+            shutil.copy2(path, kit / path.name)
+    out = tmp_path / "gpu.json"
+    args = ["--device", "cpu", "--real-only", "--steps", "1", "--warmup", "0", "--real-batch", "2"]
+    args += ["--variants", "lora-bf16", "--real-base", str(kit)]
+    assert main([*args, "--params", str(real_params), "--out", str(out)]) == 0
+    real = json.loads(out.read_text())["real_model"]
+    assert "random weights at its shape" in real["base"] and str(kit) in real["base"]
+    pin = json.loads((smol_base / "pin.json").read_text())
+    assert real["parameters"] == pin["parameters"]  # one embedding matrix, as the real model
+    (r,) = real["variants"].values()
+    assert r["padding_free"] and r["fused_lora_layers"] == 7 * 30
+    assert math.isfinite(r["loss"]) and r["loss"] > 5  # random weights: no better than chance
