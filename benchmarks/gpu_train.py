@@ -468,6 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be positive")
     if args.real_batch is not None and args.real_batch < 1:
         parser.error("--real-batch must be positive")
+    if args.real_base is not None and not (args.real_base / "config.json").is_file():
+        parser.error(f"--real-base {args.real_base} has no config.json: not a model folder")
     args.real = not (args.no_real or args.tiny)
     if args.real_dtype is None:
         args.real_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"

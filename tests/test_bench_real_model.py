@@ -168,10 +168,12 @@ def test_gpu_script_gives_a_base_without_weights_random_ones_at_its_shape(
     same architecture, tied embeddings and all, with random weights, and says so."""
     import shutil
 
-    from gpu_train import main
+    from gpu_train import main, parse_args
 
     kit = tmp_path / "kit"
     kit.mkdir()
+    with pytest.raises(SystemExit):  # not a model folder: refused before anything loads
+        parse_args(["--device", "cpu", "--real-only", "--real-base", str(kit)])
     for path in smol_base.iterdir():
         if not path.name.endswith(".safetensors"):
             shutil.copy2(path, kit / path.name)
