@@ -15,6 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-3.12}
 KIT=${KIT:-.gpukit}
+if [ ! -x .venv/bin/python ]; then
+    echo "gpu_kit: no .venv: run \`make setup\` first" >&2
+    exit 1
+fi
 BASE=$(.venv/bin/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['paths']['base'])")
 MAX_MIB=56  # of the 64 MiB a call carries, the rest for the repository itself
 PACKAGES="bitsandbytes trl datasets dill multiprocess pydantic pydantic_core annotated-types
