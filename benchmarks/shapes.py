@@ -71,8 +71,7 @@ def build_random_base(
 ) -> tuple[Any, dict[str, Any]]:
     """Save a random model of `shape` (TinyLlama's; `changes` such as num_hidden_layers=2
     override keys) in `dtype` to `out` as a loadable base, and return the in-memory model and
-    `{parameters, model_bytes}` (its size in `dtype`)."""
-    from lorapipe.models import PIN_FILE
+    `{parameters, model_bytes, name}` (its size in `dtype`)."""
     from lorapipe.tiny import build_tokenizer
 
     config = llama_config(shape, **changes)
@@ -81,15 +80,8 @@ def build_random_base(
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     model = random_model(config, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size="1GB")
+    info = _save_random(model, out, "tinyllama-shape-random", dtype, max_shard_size="1GB")
     tokenizer.save_pretrained(out)
-    pin = {"kind": "local", "name": "tinyllama-shape-random", "dtype": dtype}
-    (out / PIN_FILE).write_text(json.dumps(pin, indent=2) + "\n")
-    info = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-    }
     return model, info
 
 
@@ -97,8 +89,12 @@ def build_random_base(
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 
 
+def weight_files(folder: Path) -> set[Path]:
+    return {path for pattern in WEIGHT_FILES for path in folder.glob(pattern)}
+
+
 def has_weights(folder: Path) -> bool:
-    return any(any(folder.glob(pattern)) for pattern in WEIGHT_FILES)
+    return bool(weight_files(folder))
 
 
 def random_base_like(folder: Path, out: Path, *, dtype: str = "bfloat16") -> dict[str, Any]:
@@ -112,26 +108,28 @@ def random_base_like(folder: Path, out: Path, *, dtype: str = "bfloat16") -> dic
 
     from lorapipe.models import PIN_FILE
 
-    config = AutoConfig.from_pretrained(folder)
-    model = random_model(config, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size="5GB")
-    weights = {p for pattern in WEIGHT_FILES for p in folder.glob(pattern)}
-    for path in folder.iterdir():
-        if path.is_file() and path not in weights and path.name not in (PIN_FILE, "config.json"):
-            shutil.copy2(path, out / path.name)
+    model = random_model(AutoConfig.from_pretrained(folder), dtype)
     pin_file = folder / PIN_FILE
     name = json.loads(pin_file.read_text()).get("name") if pin_file.is_file() else folder.name
+    info = _save_random(model, out, f"{name}, random weights at its shape", dtype)
+    skip = weight_files(folder) | {pin_file, folder / "config.json"}
+    for path in folder.iterdir():
+        if path.is_file() and path not in skip:
+            shutil.copy2(path, out / path.name)
+    return info
+
+
+def _save_random(
+    model: Any, out: Path, name: str, dtype: str, max_shard_size: str = "5GB"
+) -> dict[str, Any]:
+    """Save `model` to `out` with a pin of kind `local` named `name`; `{parameters,
+    model_bytes, name}`."""
+    from lorapipe.models import PIN_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     parameters = sum(p.numel() for p in model.parameters())
-    pin = {
-        "kind": "local",
-        "name": f"{name}, random weights at its shape",
-        "dtype": dtype,
-        "parameters": parameters,
-    }
+    pin = {"kind": "local", "name": name, "dtype": dtype, "parameters": parameters}
     (out / PIN_FILE).write_text(json.dumps(pin, indent=2) + "\n")
-    return {
-        "parameters": parameters,
-        "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "name": pin["name"],
-    }
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"parameters": parameters, "model_bytes": model_bytes, "name": name}
