@@ -146,6 +146,20 @@ BAD_INPUTS = [
     ("t.csv", b"instruction,response\r\nq,a\r\nq2,\r\n", {}, " row 2: field 'response' is empty"),
     ("t.csv", b"instruction,response\nq,a\nq2,\xe9t\xe9\n", {}, ":3: not valid UTF-8"),
     ("t.csv", b"instruction,response\nq,a\nq,a,extra\n", {}, ": cannot read as CSV"),
+    # An extra field in the first row (or a trailing comma on every row) is named by its line,
+    # as in a later row; pandas would otherwise take the first column as the index, shifting all.
+    (
+        "t.csv",
+        b"instruction,response\nWhat is max(1, 2)?,2\nq2,b\n",
+        {"on_error": "skip", "max_reject_fraction": 1.0},
+        ": cannot read as CSV (Error tokenizing data. C error: Expected 2 fields in line 2, saw 3)",
+    ),
+    (
+        "t.csv",
+        b"instruction,response\nq,a,\nq2,b,\n",
+        {},
+        ": cannot read as CSV (Error tokenizing data. C error: Expected 2 fields in line 2, saw 3)",
+    ),
     (
         "t.parquet",
         lambda t: parquet_bytes(t, {"instruction": ["q", "r"], "response": ["a", None]}),

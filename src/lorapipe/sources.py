@@ -4,7 +4,8 @@ Supported: JSON Lines (`.jsonl`), a JSON array (`.json`), CSV (`.csv`, header ro
 read as text) and Parquet (`.parquet`); the text formats also gzipped (`.jsonl.gz`, ...).
 JSON Lines and JSON are parsed here, byte by byte, so a problem is named `file:line`; CSV and
 Parquet are read through `datasets` (pandas / pyarrow underneath), and rows are named
-`file row N`, counting from 1 after the header.
+`file row N`, counting from 1 after the header. A CSV row with more fields than the header
+makes the file unreadable, named by its line (pandas' message), the first row's too.
 
 A problem with one row becomes a Reject (the caller decides whether to skip or fail); a problem
 that makes a whole file unreadable (a broken CSV, a JSON array with a syntax error, a CSV that
@@ -207,6 +208,11 @@ def _table_rows(path: Path, kind: str) -> Iterator[tuple[str, Any] | Reject]:
                     csv_path = Path(cache) / path.name.removesuffix(".gz")
                     csv_path.write_bytes(data)
                 columns = list(pd.read_csv(csv_path, nrows=0, encoding="utf-8-sig").columns)
+                # A first row with more fields than the header would become pandas' implicit
+                # index, shifting every column: read header and first row as plain rows, so
+                # pandas names the line ("Expected 2 fields in line 2, saw 3") as it does for a
+                # later row, and never infer an index below (index_col=False).
+                pd.read_csv(csv_path, header=None, nrows=2, dtype=str, encoding="utf-8-sig")
                 # Every cell as text: "3" stays "3", an empty cell stays "" (not NaN).
                 table = Dataset.from_csv(
                     str(csv_path),
@@ -214,6 +220,7 @@ def _table_rows(path: Path, kind: str) -> Iterator[tuple[str, Any] | Reject]:
                     keep_in_memory=True,
                     cache_dir=cache,
                     encoding="utf-8-sig",
+                    index_col=False,
                     keep_default_na=False,
                     na_filter=False,
                 )
