@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -421,6 +422,31 @@ def test_data_config_takes_overrides_and_refuses_conflicts() -> None:
         validate(compose(root, ["data.fields={q: question}"]))
     with pytest.raises(ConfigError, match=r"format\.truncation"):
         validate(compose(root, ["format.truncation=cut"]))
+
+
+def test_the_documented_rest_is_train_command_leaves_no_row_out(tmp_path: Path) -> None:
+    """docs/data.md's command for "the rest is train", run as printed: a dict override would
+    merge into conf/data/pyqa.yaml's counts and keep its train count."""
+    import shutil
+
+    from lorapipe.params import write_params
+    from tests.test_documented_commands import ROOT, run_module
+
+    doc = (ROOT / "docs/data.md").read_text()
+    found = re.search(r"`(python -m stages\.prepare '~data\.split_counts\.train'[^`]*)`", doc)
+    assert found, "docs/data.md no longer shows how to make the rest train"
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "conf", project / "conf")
+    shutil.copy2(ROOT / "dvc.yaml", project / "dvc.yaml")
+    write_params(project, [])
+    (project / "data/raw").mkdir(parents=True)
+    rows = [{"instruction": f"What is {i} + 1?", "response": str(i + 1)} for i in range(500)]
+    (project / "data/raw/pyqa.jsonl").write_bytes(jsonl(*rows))
+    status, out = run_module(project, found.group(1))
+    assert status == 0, out
+    report = json.loads((project / "reports/data.json").read_text())
+    assert report["splits"] == {"train": 100, "val": 200, "test": 200}
+    assert report["rows_unused"] == 0
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
