@@ -206,3 +206,6 @@ def test_source_settings_are_checked_by_key(conf_data: dict[str, Any]) -> None:
         "data.sources.outside: path elsewhere/b.jsonl is not inside data.path data/raw" in message
     )
     assert "data.sources: 'replay' cannot name a source" in message
+    # data.path alone is the source named by its stem: 'replay' would lose every row to replay
+    message = problems(path="data/raw/r/replay.jsonl", replay=0.1)
+    assert "data.path data/raw/r/replay.jsonl: a file or folder named 'replay'" in message

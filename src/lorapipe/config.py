@@ -231,6 +231,18 @@ class DataCfg(_Group):
         return self
 
     @model_validator(mode="after")
+    def _path_is_not_named_replay(self) -> DataCfg:
+        # data.path alone is the source named by its stem: "replay" would be taken for the
+        # replayed retain answers, and its own rows dropped.
+        if self.sources is None and self.replay > 0 and Path(self.path).stem == "replay":
+            raise ValueError(
+                f"data.path {self.path}: a file or folder named 'replay' would be taken for the "
+                "replayed retain answers (data.replay); rename it, or list it under "
+                "data.sources with another name"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _splits_are_fractions(self) -> DataCfg:
         if set(self.splits) != {"train", "val", "test"}:
             raise ValueError("data.splits needs train, val and test fractions")
