@@ -9,8 +9,8 @@ from pathlib import Path
 from lorapipe.chat import FormatError
 from lorapipe.cli import stage
 from lorapipe.config import Params
-from lorapipe.formatting import format_split, length_distribution
-from lorapipe.io import atomic_dir, read_jsonl, write_json, write_jsonl
+from lorapipe.formatting import format_split, length_distribution, read_prepared
+from lorapipe.io import atomic_dir, write_json, write_jsonl
 from lorapipe.models import load_tokenizer, require_base
 from lorapipe.provenance import read_made_with, sections, write_made_with
 
@@ -23,10 +23,14 @@ def run(params: Params) -> None:
     report, lengths = {}, {}
     with atomic_dir(Path(params.paths.formatted)) as out:
         for split in SPLITS:
-            rows = read_jsonl(Path(params.paths.prepared) / f"{split}.jsonl")
-            kept, report[split], lengths[split] = format_split(
-                rows, tokenizer, params.format, params.train.max_length
-            )
+            path = Path(params.paths.prepared) / f"{split}.jsonl"
+            rows = read_prepared(path)
+            try:
+                kept, report[split], lengths[split] = format_split(
+                    rows, tokenizer, params.format, params.train.max_length
+                )
+            except FormatError as e:  # the chat template's: the message names the row
+                raise FormatError(f"{path}: {e}") from None
             write_jsonl(out / f"{split}.jsonl", kept)
         # The prepared data's record (its `data` params) goes on with this stage's own.
         made = read_made_with(Path(params.paths.prepared))
