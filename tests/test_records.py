@@ -100,9 +100,11 @@ def test_bad_fractions_raise_naming_the_values(fractions: dict[str, float], show
 
 
 def test_normalise_only_unifies_line_ends_unicode_and_outer_whitespace() -> None:
-    text = "  def f(x):  \r\n    return  X\r\rcafe\u0301 \t\n\n"
-    assert normalise(text) == "def f(x):\n    return  X\n\ncaf\u00e9"
+    text = " \n\t\r\n  def f(x):  \r\n    return  X\r\rcafe\u0301 \t\n\n"
+    assert normalise(text) == "  def f(x):\n    return  X\n\ncaf\u00e9"
     assert normalise(normalise(text)) == normalise(text)
+    # A completion continuing a code block keeps its first line's indentation.
+    assert normalise("    x = 1\n    return x\n") == "    x = 1\n    return x"
 
 
 def test_dedupe_keeps_first_and_counts_whitespace_and_crlf_variants() -> None:

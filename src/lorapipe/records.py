@@ -101,13 +101,15 @@ class Record:
 
 
 def normalise(text: str) -> str:
-    """`text` in NFC with "\\n" line ends, no trailing whitespace on any line, stripped as a whole.
+    """`text` in NFC with "\\n" line ends, no trailing whitespace on any line, and no blank
+    lines before the first line with text or after the last.
 
-    Nothing else changes: case and internal spaces (indentation in code answers) are kept.
-    Idempotent: normalising twice gives the same string.
+    Nothing else changes: case and every line's indentation (the first line's too, as in a
+    completion that continues a code block) are kept. Idempotent: normalising twice gives the
+    same string.
     """
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
+    return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
 
 
 def detect_format(row: Mapping[str, Any]) -> RowFormat | None:
