@@ -274,6 +274,16 @@ def test_every_file_type_and_shape_gives_the_same_records(tmp_path: Path) -> Non
     assert recs[-1].source == f"{tmp_path / 'd' / 'f.parquet'} row 3"
 
 
+def test_hidden_files_and_folders_in_a_data_folder_are_skipped(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "a.jsonl").write_bytes(jsonl(OK))
+    (folder / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_bytes(jsonl(OK, OK_CHAT))
+    (folder / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    recs, rejects = read_records(folder)
+    assert rejects == [] and [r.source for r in recs] == [f"{folder / 'a.jsonl'}:1"]
+
+
 def test_csv_cells_are_text_and_multiline_cells_survive(tmp_path: Path) -> None:
     raw = tmp_path / "t.csv"
     raw.write_text('instruction,response\n"Two\nlines",007\n', encoding="utf-8")

@@ -60,7 +60,8 @@ def data_files(path: Path) -> list[Path]:
     """`path` itself if it is a supported file, or every supported file below the folder `path`.
 
     A folder is read recursively, files in order of their relative path; other files in it are
-    ignored. Raises DataError if `path` does not exist, is an unsupported file, or is a folder
+    ignored, and so are hidden ones: a name starting with '.' (`.ipynb_checkpoints/`, macOS's
+    `._x.jsonl`), of the file or of a folder below `path`. Raises DataError if `path` does not exist, is an unsupported file, or is a folder
     without data files.
     """
     supported = ".jsonl, .json, .csv, .parquet (the first three also .gz)"
@@ -70,7 +71,13 @@ def data_files(path: Path) -> list[Path]:
         return [path]
     if path.is_dir():
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and kind_of(p) is not None),
+            (
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and kind_of(p) is not None
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            ),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
