@@ -188,6 +188,20 @@ BAD_INPUTS = [
         {},
         ":1: cannot tell the data format from the keys ['answer', 'question']",
     ),
+    (
+        "t.csv",
+        b"instruction,question,answer\nold,q,a\n",
+        {"fields": {"question": "instruction", "answer": "response"}},
+        " row 1: data.fields renames the keys ['instruction', 'question'] all to 'instruction'",
+    ),
+    (
+        "t.jsonl",
+        jsonl(
+            {"question": "q", "answer": "a"}, {"question": "q", "instruction": "i", "answer": "a"}
+        ),
+        {"fields": {"question": "instruction", "answer": "response"}},
+        ":2: data.fields renames the keys ['question', 'instruction'] all to 'instruction'",
+    ),
 ]
 
 

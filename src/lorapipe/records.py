@@ -255,7 +255,7 @@ def _read_file(
             continue
         source, row = item
         if isinstance(row, dict) and fields:
-            row = {fields.get(k, k): v for k, v in row.items()}
+            row = _renamed(row, fields, source)
         if fmt == "auto" and isinstance(row, dict):
             fmt = detect_format(row) or "auto"
             if fmt == "auto":
@@ -275,6 +275,21 @@ def _read_file(
         else:
             rejects.append(result)
     return records, rejects
+
+
+def _renamed(row: Mapping[str, Any], fields: Mapping[str, str], source: str) -> dict[str, Any]:
+    """`row` with its keys renamed by `data.fields`; raises DataError naming `source` and the
+    keys when two would get one name (a renamed key onto a key the row already has)."""
+    renamed = {fields.get(k, k): v for k, v in row.items()}
+    if len(renamed) < len(row):
+        target, keys = next(
+            (t, ks) for t in renamed if len(ks := [k for k in row if fields.get(k, k) == t]) > 1
+        )
+        raise DataError(
+            f"{source}: data.fields renames the keys {keys} all to {target!r}, so one would "
+            "overwrite the other; remove one of them from the data, or its entry from data.fields"
+        )
+    return renamed
 
 
 def _check_columns(path: Path, row: Mapping[str, Any], fmt: RowFormat) -> None:
