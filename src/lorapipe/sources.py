@@ -61,8 +61,8 @@ def data_files(path: Path) -> list[Path]:
 
     A folder is read recursively, files in order of their relative path; other files in it are
     ignored, and so are hidden ones: a name starting with '.' (`.ipynb_checkpoints/`, macOS's
-    `._x.jsonl`), of the file or of a folder below `path`. Raises DataError if `path` does not exist, is an unsupported file, or is a folder
-    without data files.
+    `._x.jsonl`), of the file or of a folder below `path`. Raises DataError if `path` does not
+    exist, is an unsupported file, or is a folder without data files.
     """
     supported = ".jsonl, .json, .csv, .parquet (the first three also .gz)"
     if path.is_file():
