@@ -51,6 +51,18 @@ def parquet_bytes(tmp: Path, columns: dict[str, list[Any]]) -> bytes:
 BAD_INPUTS = [
     ("a.jsonl", jsonl(OK) + b'{"instruction": "q",\n', {}, ":2: not valid JSON"),
     ("a.jsonl", jsonl(OK) + b'"just a string"\n', {}, ":2: not a JSON object"),
+    (
+        "a.jsonl",
+        jsonl(OK) + b'{"instruction": "q", "response": ' + b"9" * 5000 + b"}\n",
+        {},
+        ":2: not valid JSON (an integer of more than 4300 digits)",
+    ),
+    (
+        "t.json",
+        b'[\n  {"instruction": "q", "response": "a"},\n  ' + b"9" * 5000 + b"\n]",
+        {},
+        ":3: not valid JSON (an integer of more than 4300 digits at column 3)",
+    ),
     ("a.jsonl", jsonl(OK, {"instruction": "q"}), {}, ":2: field 'response' is missing"),
     (
         "a.jsonl",

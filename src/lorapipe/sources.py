@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -109,6 +110,11 @@ def _decode_whole(path: Path, data: bytes) -> str:
         ) from None
 
 
+def _too_many_digits() -> str:
+    """Why `json` refused a number: Python's limit on the digits of an int (a ValueError)."""
+    return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any] | Reject]:
     data = _file_bytes(path)
     # Split on LF only: a CRLF line's "\r" is JSON whitespace; a lone CR ends no JSONL line.
@@ -137,6 +143,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any] | Reject]:
             yield Reject(source, None, "not valid JSON", f"{e.msg} at column {e.colno}")
         except RecursionError:
             yield Reject(source, None, "not valid JSON", "nested too deeply")
+        except ValueError:  # Python's limit on the digits of an integer
+            yield Reject(source, None, "not valid JSON", _too_many_digits())
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any] | Reject]:
@@ -176,6 +184,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any] | Reject]:
             raise fail(e.pos, e.msg) from None
         except RecursionError:
             raise fail(pos, "nested too deeply") from None
+        except ValueError:  # Python's limit on the digits of an integer
+            raise fail(pos, _too_many_digits()) from None
         line, counted = line + text.count("\n", counted, pos), pos
         yield f"{path}:{line}", item
         pos, expect_item, items = end, False, items + 1
