@@ -199,12 +199,14 @@ def test_source_settings_are_checked_by_key(conf_data: dict[str, Any]) -> None:
     message = problems(
         sources={
             "outside": source(Path("elsewhere/b.jsonl"), weight=1),
+            "up": source(Path("data/raw/mix/../../outside.jsonl"), weight=1),
             "replay": source(Path("data/raw/c.jsonl"), weight=1),
         }
     )
     assert (
         "data.sources.outside: path elsewhere/b.jsonl is not inside data.path data/raw" in message
     )
+    assert "data.sources.up: path data/raw/mix/../../outside.jsonl is not inside" in message
     assert "data.sources: 'replay' cannot name a source" in message
     # data.path alone is the source named by its stem: 'replay' would lose every row to replay
     message = problems(path="data/raw/r/replay.jsonl", replay=0.1)

@@ -218,9 +218,12 @@ class DataCfg(_Group):
                     f"data.sources: {name!r} cannot name a source (letters, digits, '_', '-', "
                     "'.', starting with a letter; 'replay' names the replayed retain answers)"
                 )
-            inside = (
-                Path(source.path) == Path(self.path) or Path(self.path) in Path(source.path).parents
+            # `..` collapsed first (data/raw/mix/../../x is outside data/raw), but symlinks not
+            # followed: DVC may link a tracked file to its cache, outside data.path.
+            path, top = (
+                Path(os.path.normpath(Path(p).absolute())) for p in (source.path, self.path)
             )
+            inside = path == top or top in path.parents
             if not inside:
                 problems.append(
                     f"data.sources.{name}: path {source.path} is not inside data.path "
