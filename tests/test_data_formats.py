@@ -310,6 +310,18 @@ def test_hidden_files_and_folders_in_a_data_folder_are_skipped(tmp_path: Path) -
     assert rejects == [] and [r.source for r in recs] == [f"{folder / 'a.jsonl'}:1"]
 
 
+def test_an_empty_parquet_or_header_only_csv_is_a_file_of_no_rows(tmp_path: Path) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(jsonl(OK))
+    (folder / "b.csv").write_text("instruction,response\n")
+    empty = {"instruction": pa.array([], pa.string()), "response": pa.array([], pa.string())}
+    pq.write_table(pa.table(empty), folder / "c.parquet")
+    recs, rejects = read_records(folder)
+    assert rejects == [] and [r.source for r in recs] == [f"{folder / 'a.jsonl'}:1"]
+    assert read_records(folder / "c.parquet") == read_records(folder / "b.csv") == ([], [])
+
+
 def test_csv_cells_are_text_and_multiline_cells_survive(tmp_path: Path) -> None:
     raw = tmp_path / "t.csv"
     raw.write_text('instruction,response\n"Two\nlines",007\n', encoding="utf-8")

@@ -5,7 +5,8 @@ read as text) and Parquet (`.parquet`); the text formats also gzipped (`.jsonl.g
 JSON Lines and JSON are parsed here, byte by byte, so a problem is named `file:line`; CSV and
 Parquet are read through `datasets` (pandas / pyarrow underneath), and rows are named
 `file row N`, counting from 1 after the header. A CSV row with more fields than the header
-makes the file unreadable, named by its line (pandas' message), the first row's too.
+makes the file unreadable, named by its line (pandas' message), the first row's too. A file
+of no rows (an empty Parquet file, a CSV of its header alone) gives none, as an empty `.jsonl`.
 
 A problem with one row becomes a Reject (the caller decides whether to skip or fail); a problem
 that makes a whole file unreadable (a broken CSV, a JSON array with a syntax error, a CSV that
@@ -204,6 +205,7 @@ def _table_rows(path: Path, kind: str) -> Iterator[tuple[str, Any] | Reject]:
     """Rows of a CSV or Parquet file as dicts, read through `datasets`, kept in memory."""
     import datasets
     import pandas as pd
+    import pyarrow.parquet as pq
     from datasets import Dataset, Features, Value
 
     datasets.disable_progress_bars()
@@ -211,8 +213,10 @@ def _table_rows(path: Path, kind: str) -> Iterator[tuple[str, Any] | Reject]:
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become ours, below
     try:
         with tempfile.TemporaryDirectory(prefix="lorapipe-") as cache:
+            table: Dataset | None = None  # None: no rows, which `datasets` cannot read
             if kind == "parquet":
-                table = Dataset.from_parquet(str(path), keep_in_memory=True, cache_dir=cache)
+                if pq.read_metadata(path).num_rows > 0:
+                    table = Dataset.from_parquet(str(path), keep_in_memory=True, cache_dir=cache)
             else:
                 # Arrow cannot hold undecodable bytes, so check here and name the line.
                 data = _file_bytes(path)
@@ -229,17 +233,21 @@ def _table_rows(path: Path, kind: str) -> Iterator[tuple[str, Any] | Reject]:
                 # index, shifting every column: read header and first row as plain rows, so
                 # pandas names the line ("Expected 2 fields in line 2, saw 3") as it does for a
                 # later row, and never infer an index below (index_col=False).
-                pd.read_csv(csv_path, header=None, nrows=2, dtype=str, encoding="utf-8-sig")
+                head = pd.read_csv(csv_path, header=None, nrows=2, dtype=str, encoding="utf-8-sig")
                 # Every cell as text: "3" stays "3", an empty cell stays "" (not NaN).
-                table = Dataset.from_csv(
-                    str(csv_path),
-                    features=Features({c: Value("string") for c in columns}),
-                    keep_in_memory=True,
-                    cache_dir=cache,
-                    encoding="utf-8-sig",
-                    index_col=False,
-                    keep_default_na=False,
-                    na_filter=False,
+                table = (
+                    None
+                    if len(head) < 2
+                    else Dataset.from_csv(
+                        str(csv_path),
+                        features=Features({c: Value("string") for c in columns}),
+                        keep_in_memory=True,
+                        cache_dir=cache,
+                        encoding="utf-8-sig",
+                        index_col=False,
+                        keep_default_na=False,
+                        na_filter=False,
+                    )
                 )
     except DataError:
         raise
@@ -247,7 +255,7 @@ def _table_rows(path: Path, kind: str) -> Iterator[tuple[str, Any] | Reject]:
         raise DataError(f"{path}: cannot read as {kind.upper()} ({_innermost(e)})") from None
     finally:
         datasets.logging.set_verbosity(verbosity)
-    for index, row in enumerate(table.to_list(), start=1):
+    for index, row in enumerate(table.to_list() if table is not None else [], start=1):
         yield f"{path} row {index}", row
 
 
