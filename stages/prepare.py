@@ -31,6 +31,12 @@ def run(params: Params) -> None:
     print(f"prepare: {report['rows_read']} rows read, splits {report['splits']}")
     for name, source in report["sources"].items():
         print(f"prepare: source {name}: {source['splits']}")
+        if source["train_rows_repeated"]:
+            print(
+                f"prepare: source {name}: {source['train_rows_repeated']} of its "
+                f"{source['splits']['train']} training rows repeat others (too few rows left "
+                "for its share; lower its weight or rows, or data.split_counts.train)"
+            )
     if near:
         print(f"prepare: warning: {near} near-duplicate groups straddle splits (reports/data.json)")
 

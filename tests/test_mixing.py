@@ -211,3 +211,23 @@ def test_source_settings_are_checked_by_key(conf_data: dict[str, Any]) -> None:
     # data.path alone is the source named by its stem: 'replay' would lose every row to replay
     message = problems(path="data/raw/r/replay.jsonl", replay=0.1)
     assert "data.path data/raw/r/replay.jsonl: a file or folder named 'replay'" in message
+
+
+def test_the_prepare_stage_says_how_many_training_rows_repeat(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stages import prepare as prepare_stage
+
+    raw = tmp_path / "raw"
+    write_rows(raw / "a.jsonl", generate(20, seed=7))
+    overrides = [
+        f"data.path={raw}",
+        f"data.sources={{a: {{path: {raw / 'a.jsonl'}, format: auto, fields: null, weight: 1, "
+        "rows: null}}",
+        "data.split_counts={train: 40, val: 2, test: 2}",
+        f"paths.prepared={tmp_path / 'prepared'}",
+        f"paths.reports={tmp_path / 'reports'}",
+    ]
+    prepare_stage.run(validate(compose(ROOT / "conf", overrides)))
+    out = capsys.readouterr().out
+    assert "prepare: source a: 24 of its 40 training rows repeat others" in out
