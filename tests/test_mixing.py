@@ -135,6 +135,29 @@ def test_one_source_is_prepared_as_before(tmp_path: Path, data_cfg: Callable[...
     assert report["sources"]["qa"]["splits"] == {"train": 100, "val": 20, "test": 20}
 
 
+def test_one_source_interrupted_at_its_records_leaves_the_old_folder_whole(
+    tmp_path: Path, data_cfg: Callable[..., DataCfg], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sources.json and made_with.json (after hashing every raw file) are written into the new
+    # folder before it replaces the old: an interrupt there must replace nothing.
+    import lorapipe.mixing
+
+    path = write_rows(tmp_path / "raw" / "qa.jsonl", generate(150, seed=3))
+    out = tmp_path / "prepared"
+    prepare_data(data_cfg(path=str(path), split_counts=None), out, None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lorapipe.mixing, "write_made_with", interrupted)
+    counts = {"train": 100, "val": 20, "test": 20}
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data(data_cfg(path=str(path), split_counts=counts), out, None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []
+
+
 def test_replay_takes_its_share_of_the_train_split_only(
     tmp_path: Path, data_cfg: Callable[..., DataCfg]
 ) -> None:

@@ -277,24 +277,27 @@ def prepare_data(cfg: DataCfg, out_dir: Path, replay_file: Path | None) -> dict[
 
 def _prepare_one(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
     """`data.path` alone, nothing replayed: `records.prepare`, its errors and output unchanged,
-    plus the one source's entry and `sources.json`."""
-    report = prepare(cfg, out_dir)
+    plus the one source's entry and `sources.json`, written into the new folder before it
+    replaces `out_dir` (an interrupted run leaves the old folder whole)."""
     path = Path(cfg.path)
-    report["sources"] = {
-        path.stem: {
-            "path": str(path),
-            "md5": source_md5(path),
-            "weight": 1.0,
-            "rows": None,
-            "rows_read": report["rows_read"],
-            "rows_rejected": report["rows_rejected"],
-            "splits": {k: report["splits"][k] for k in SPLITS},
-            "train_rows_repeated": 0,
+
+    def records_of(folder: Path, report: dict[str, Any]) -> None:
+        report["sources"] = {
+            path.stem: {
+                "path": str(path),
+                "md5": source_md5(path),
+                "weight": 1.0,
+                "rows": None,
+                "rows_read": report["rows_read"],
+                "rows_rejected": report["rows_rejected"],
+                "splits": {k: report["splits"][k] for k in SPLITS},
+                "train_rows_repeated": 0,
+            }
         }
-    }
-    write_json(out_dir / SOURCES_FILE, _lineage(report["sources"]))
-    write_made_with(out_dir, sections(data=cfg))
-    return report
+        write_json(folder / SOURCES_FILE, _lineage(report["sources"]))
+        write_made_with(folder, sections(data=cfg))
+
+    return prepare(cfg, out_dir, also=records_of)
 
 
 def _reject_row(r: Reject) -> dict[str, Any]:

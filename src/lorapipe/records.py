@@ -24,7 +24,7 @@ import json
 import math
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple, get_args
@@ -522,7 +522,9 @@ def check_rejects(
         )
 
 
-def prepare(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
+def prepare(
+    cfg: DataCfg, out_dir: Path, also: Callable[[Path, dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Read `cfg.path`, validate, dedupe and split it, and write the splits to `out_dir`.
 
     Splits come from `cfg.split_column` (the split each row names) if set, else from
@@ -531,7 +533,8 @@ def prepare(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
     input order: `{"id", "instruction", "response"}` for one turn, `{"id", "messages"}`
     otherwise; id = first 16 hex digits of the content hash) and rejects.jsonl (`{"source",
     "field", "reason", "detail"}`, empty when nothing was rejected). The folder is replaced
-    atomically: on any error an existing `out_dir` is left as it was.
+    atomically: on any error an existing `out_dir` is left as it was. `also(folder, report)`
+    writes more files into the new folder before it replaces `out_dir` (the caller's records).
 
     Returns the report `{"rows_read", "rows_rejected", "rejects_by_reason": {reason: n},
     "duplicates_removed", "near_duplicates_across_splits": {...}, "splits": {split: n},
@@ -557,6 +560,16 @@ def prepare(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
         splits, split_by = split_by_counts(unique, dict(split_counts.items())), "counts"
     else:
         splits, split_by = split_records(unique, dict(cfg.splits.items())), "content hash"
+    report = {
+        "rows_read": rows_read,
+        "rows_rejected": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
+        "duplicates_removed": duplicates,
+        "near_duplicates_across_splits": near_duplicates(splits),
+        "splits": {name: len(split) for name, split in splits.items()},
+        "rows_unused": len(unique) - sum(len(split) for split in splits.values()),
+        "split_by": split_by,
+    }
     with atomic_dir(out_dir) as tmp:
         for name, split in splits.items():
             write_jsonl(tmp / f"{name}.jsonl", (r.to_row() for r in split))
@@ -567,14 +580,6 @@ def prepare(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
                 for r in rejects
             ),
         )
-
-    return {
-        "rows_read": rows_read,
-        "rows_rejected": len(rejects),
-        "rejects_by_reason": dict(sorted(Counter(r.reason for r in rejects).items())),
-        "duplicates_removed": duplicates,
-        "near_duplicates_across_splits": near_duplicates(splits),
-        "splits": {name: len(split) for name, split in splits.items()},
-        "rows_unused": len(unique) - sum(len(split) for split in splits.values()),
-        "split_by": split_by,
-    }
+        if also is not None:
+            also(tmp, report)
+    return report
