@@ -36,10 +36,8 @@ def run(params: Params) -> None:
         made = read_made_with(Path(params.paths.prepared))
         write_made_with(out, {**made, **sections(format=params.format)})
         if not report["train"]["examples_out"]:
-            raise FormatError(
-                f"format: no training example left: {report['train']['rejects_by_reason']}; "
-                "raise train.max_length or set format.truncation=truncate_prompt"
-            )
+            reasons = report["train"]["rejects_by_reason"]
+            raise FormatError(f"format: no training example left: {reasons}{_hint(params)}")
     # Reports only after the formatted files are in place: a failed run leaves neither.
     reports = Path(params.paths.reports)
     write_json(reports / "format.json", report)
@@ -52,6 +50,13 @@ def run(params: Params) -> None:
             f"format: {split}: {r['examples_out']} of {r['examples']} examples kept, "
             f"{r['truncated']} over max_length, rejected {r['rejects_by_reason']}"
         )
+
+
+def _hint(params: Params) -> str:
+    """What to change when length rejected every training example (only what is not set)."""
+    if params.format.truncation == "truncate_prompt":
+        return "; raise train.max_length, or shorten the completions"
+    return "; raise train.max_length or set format.truncation=truncate_prompt"
 
 
 main = stage(run)

@@ -240,8 +240,17 @@ def test_failed_format_leaves_outputs_and_reports_as_they_were(
     (tmp_path / "formatted").mkdir()
     (tmp_path / "formatted" / "train.jsonl").write_text("old\n")
     (tmp_path / "reports" / "format.json").write_text("{}\n")
-    with pytest.raises(FormatError, match="no training example left"):
+    with pytest.raises(FormatError, match="no training example left") as failed:
         format_stage.run(p)
+    assert "set format.truncation=truncate_prompt" in str(failed.value)
+    # with it already set, the hint names only what is left to change
+    truncating = p.model_copy(
+        update={"format": p.format.model_copy(update={"truncation": "truncate_prompt"})}
+    )
+    with pytest.raises(FormatError, match="no training example left") as failed:
+        format_stage.run(truncating)
+    assert "format.truncation" not in str(failed.value)
+    assert "raise train.max_length" in str(failed.value)
     assert (tmp_path / "formatted" / "train.jsonl").read_text() == "old\n"
     assert sorted(x.name for x in (tmp_path / "formatted").iterdir()) == ["train.jsonl"]
     assert (tmp_path / "reports" / "format.json").read_text() == "{}\n"
