@@ -13,7 +13,7 @@ import pytest
 
 from lorapipe.chat import FormatError, render_prompt
 from lorapipe.config import FormatCfg, Params, validate
-from lorapipe.formatting import format_split, length_distribution, mask_audit
+from lorapipe.formatting import format_split, length_distribution, mask_audit, truncate_prompt
 from lorapipe.io import read_jsonl, write_jsonl
 from lorapipe.models import load_tokenizer
 from lorapipe.params import compose
@@ -228,6 +228,19 @@ def test_prompt_that_fills_max_length_is_rejected_as_unsupervised(tiny_base: Pat
     # "x"*80 prompt: more than max_length tokens before the completion starts
     assert report["rejects_by_reason"] == {"completion truncated": 1}
     assert [ex["id"] for ex in kept] == ["s0", "s1"]
+
+
+def test_a_shortened_prompt_never_begins_inside_a_character(tiny_base: Path) -> None:
+    # The tiny tokenizer is byte-level: a cut at any token can fall inside a character's
+    # UTF-8 bytes, which would decode to U+FFFD at the start of the written prompt.
+    tok = load_tokenizer(tiny_base)
+    example = {"id": "x", "prompt": "日本語のテキスト😀" * 12, "completion": "答え</s>"}
+    for max_length in range(30, 60):
+        fitted = truncate_prompt(example, tok, max_length)
+        assert fitted is not None
+        prompt, audit = fitted[0]["prompt"], fitted[1]
+        assert "\ufffd" not in prompt and example["prompt"].endswith(prompt)
+        assert not audit["truncated"] and audit["eos_supervised"] == 1
 
 
 def test_failed_format_leaves_outputs_and_reports_as_they_were(

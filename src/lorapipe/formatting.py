@@ -177,6 +177,9 @@ def truncate_prompt(
     drop = audit["total_tokens"] - max_length
     while 0 < drop < len(body):
         text = tokenizer.decode(body[drop:], clean_up_tokenization_spaces=False)
+        if text.startswith("\ufffd") and "\ufffd" not in example["prompt"]:
+            drop += 1  # a byte-level cut inside a character's bytes: cut after the character
+            continue
         candidate = {**example, "prompt": text}
         audit = mask_audit(candidate, tokenizer, max_length)
         if not audit["truncated"]:
