@@ -21,6 +21,7 @@ def run(params: Params) -> None:
     require_base(params.model, Path(params.paths.base))
     tokenizer = load_tokenizer(Path(params.paths.base))
     report, lengths = {}, {}
+    seen: set[tuple[str, str]] = set()  # the training examples, as written
     with atomic_dir(Path(params.paths.formatted)) as out:
         for split in SPLITS:
             path = Path(params.paths.prepared) / f"{split}.jsonl"
@@ -32,6 +33,11 @@ def run(params: Params) -> None:
             except FormatError as e:  # the chat template's: the message names the row
                 raise FormatError(f"{path}: {e}") from None
             write_jsonl(out / f"{split}.jsonl", kept)
+            pairs = [(ex["prompt"], ex["completion"]) for ex in kept]
+            if split == "train":
+                seen.update(pairs)
+            else:  # prepare splits rows apart; a conversation's turns can still meet across
+                report[split]["examples_in_train"] = sum(pair in seen for pair in pairs)
         # The prepared data's record (its `data` params) goes on with this stage's own.
         made = read_made_with(Path(params.paths.prepared))
         write_made_with(out, {**made, **sections(format=params.format)})
@@ -50,6 +56,12 @@ def run(params: Params) -> None:
             f"format: {split}: {r['examples_out']} of {r['examples']} examples kept, "
             f"{r['truncated']} over max_length, rejected {r['rejects_by_reason']}"
         )
+        if r.get("examples_in_train"):
+            print(
+                f"format: warning: {split}: {r['examples_in_train']} examples are also training "
+                "examples, prompt and completion (conversations sharing turns; "
+                "format.train_on=last_assistant trains on each conversation's last turn only)"
+            )
 
 
 def _hint(params: Params) -> str:

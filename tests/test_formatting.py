@@ -230,6 +230,37 @@ def test_prompt_that_fills_max_length_is_rejected_as_unsupervised(tiny_base: Pat
     assert [ex["id"] for ex in kept] == ["s0", "s1"]
 
 
+def test_examples_shared_by_conversations_across_splits_are_counted(
+    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Twenty different conversations, each opening with the same greeting: prepare keeps the
+    # rows apart, but with every assistant turn trained the greeting is an example of each.
+    raw = tmp_path / "shared.jsonl"
+    greeting = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+    ]
+    rows = [
+        {
+            "messages": [
+                *greeting,
+                {"role": "user", "content": f"What is {i}+{i}?"},
+                {"role": "assistant", "content": str(2 * i)},
+            ]
+        }
+        for i in range(20)
+    ]
+    write_jsonl(raw, rows)
+    split = "data.splits={train: 0.5, val: 0.0, test: 0.5}"
+    formatted, report = run_both(params(tmp_path, tiny_base, raw, split))
+    in_test = len(formatted["test"]) // 2  # each test conversation: the greeting, then its own
+    assert in_test > 0 and report["test"]["examples_in_train"] == in_test
+    assert report["val"]["examples_in_train"] == 0
+    assert f"test: {in_test} examples are also training examples" in capsys.readouterr().out
+    _, report = run_both(params(tmp_path, tiny_base, raw, split, "format.train_on=last_assistant"))
+    assert report["test"]["examples_in_train"] == 0
+
+
 def test_a_shortened_prompt_never_begins_inside_a_character(tiny_base: Path) -> None:
     # The tiny tokenizer is byte-level: a cut at any token can fall inside a character's
     # UTF-8 bytes, which would decode to U+FFFD at the start of the written prompt.
