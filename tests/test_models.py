@@ -88,6 +88,63 @@ def test_local_folder_without_a_model_is_refused(tmp_path: Path) -> None:
         build_base(local_model_cfg(str(tmp_path)), tmp_path / "base")
 
 
+def drop_tensor(folder: Path, name: str) -> None:
+    """Rewrite `folder`'s model.safetensors without the tensor `name`."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def damage(folder: Path, kind: str) -> tuple[str, str]:
+    """Break the model folder `folder` in one way; the file and words its refusal must name."""
+    if kind == "missing tensor":
+        drop_tensor(folder, LAYER_1_Q)
+        return "", f"1 tensor(s) missing ({LAYER_1_Q})"
+    assert kind == "other shape"
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
+    return "", "6 tensor(s) of another shape than the config gives"
+
+
+LAYER_1_Q = "model.layers.1.self_attn.q_proj.weight"
+DAMAGES = ["missing tensor", "other shape"]
+
+
+@pytest.mark.parametrize("kind", DAMAGES)
+def test_a_damaged_local_folder_is_refused_naming_the_file(
+    kind: str, tmp_path: Path, tiny_base: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The base stage loads what it copies: a folder that later stages could not load, or would
+    load with random weights in place of missing ones, stops it with one line."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_base, folder)
+    file, words = damage(folder, kind)
+    with pytest.raises(ModelSourceError) as err:
+        build_base(local_model_cfg(str(folder)), tmp_path / "base")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and message.startswith("model.name: "), message
+    assert f"{folder / file}" in message and words in message, message
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' table, said in the line
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # as stored; cast tensor by tensor
+def test_loading_a_base_with_a_missing_tensor_is_refused(
+    dtype: str, tmp_path: Path, tiny_base: Path
+) -> None:
+    """A base damaged after the base stage ran would load with that weight random."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    drop_tensor(base, LAYER_1_Q)
+    with pytest.raises(ModelSourceError, match=rf"{base}: .*1 tensor\(s\) missing \({LAYER_1_Q}\)"):
+        load_base_model(base, dtype=dtype)
+
+
 def test_unreachable_hub_model_says_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

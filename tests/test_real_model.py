@@ -180,6 +180,84 @@ def test_a_bad_gguf_is_refused_with_one_clear_message(kind: str, tmp_path: Path)
         build_base(ModelCfg(**cfg), tmp_path / "base")
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small sound GGUF file: the tiny ChatML Llama of test_gguf_export, written as f32."""
+    from lorapipe.gguf_export import write_gguf
+    from tests.test_gguf_export import build_chatml_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    write_gguf(build_chatml_tiny(folder / "model"), folder / "tiny.gguf", "f32", name="tiny")
+    return folder / "tiny.gguf"
+
+
+def rewrite_gguf(
+    src: Path,
+    dst: Path,
+    *,
+    drop_tensor: str | None = None,
+    drop_key: str | None = None,
+    set_key: tuple[str, object] | None = None,
+) -> None:
+    """Copy the GGUF `src` to `dst` without one tensor or metadata key, or with one key's value
+    changed (gguf's own copy, as its gguf-new-metadata script does it)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        if field.name == drop_key:
+            continue
+        value = set_key[1] if set_key and set_key[0] == field.name else field.contents()
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        writer.add_key_value(
+            field.name, value, field.types[0], sub_type=field.types[-1] if array else None
+        )
+    tensors = [t for t in reader.tensors if t.name != drop_tensor]
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
+
+
+# A GGUF file that reads but does not make the model it describes, and what its refusal says.
+INCONSISTENT = {
+    "missing tensor": (
+        {"drop_tensor": "blk.1.attn_q.weight"},
+        "1 tensor(s) missing (model.layers.1.self_attn.q_proj.weight): they would be random",
+    ),
+    "metadata against tensors": (
+        {"set_key": ("llama.feed_forward_length", 100)},
+        "6 tensor(s) of another shape than the config gives "
+        "(model.layers.0.mlp.down_proj.weight is [64, 128], not [64, 100]",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(INCONSISTENT))
+def test_a_gguf_that_does_not_make_its_model_is_refused(
+    kind: str, tiny_gguf: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """transformers' GGUF loader fills a missing tensor at random (differently on each run) and
+    only logs it; the base stage refuses instead, from the loader's own loading info."""
+    change, words = INCONSISTENT[kind]
+    bad = tmp_path / "bad.gguf"
+    rewrite_gguf(tiny_gguf, bad, **change)  # type: ignore[arg-type]
+    cfg = ModelCfg(**{**SMOLLM2, "package": None, "sha256": None, "file": str(bad)})
+    with pytest.raises(GgufSourceError) as err:
+        build_base(cfg, tmp_path / "base")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and str(bad) in message and words in message, message
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' table, said in the line
+    build_base(ModelCfg(**{**cfg.model_dump(), "file": str(tiny_gguf)}), tmp_path / "sound")
+
+
 def run_stage(cwd: Path, stage: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
     env.pop("DVC_EXP_NAME", None)

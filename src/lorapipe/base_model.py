@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import PICKLE_WEIGHTS, ModelCfg, is_commit_sha, model_folder_problems
-from lorapipe.models import MADE_WITH, PIN_FILE, ModelSourceError, hub_token
+from lorapipe.models import (
+    MADE_WITH,
+    PIN_FILE,
+    ModelSourceError,
+    hub_token,
+    loading_problems,
+    quiet_load_report,
+    with_loading_info,
+)
 from lorapipe.provenance import sections
 
 
@@ -35,6 +43,42 @@ def pin_warning(cfg: ModelCfg, sha: str) -> str | None:
         f"commit; this run is pinned to {sha}. Put that sha in conf/model/ so later runs get the "
         "same weights (model.strict_pin: true refuses anything else)"
     )
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool) -> None:
+    """Raise ModelSourceError, naming the folder and what is wrong, unless its weights are
+    every tensor the config asks for, of its shapes.
+
+    The weights are checked through transformers' own loading info, on the meta device: names
+    and shapes from the safetensors headers, nothing read or allocated.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_load_report():
+            _, info = with_loading_info(
+                AutoModelForCausalLM.from_pretrained(
+                    folder,
+                    device_map="meta",
+                    use_safetensors=True,
+                    ignore_mismatched_sizes=True,
+                    output_loading_info=True,
+                    trust_remote_code=trust_remote_code,
+                )
+            )
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise ModelSourceError(
+            f"model.name: transformers cannot load the model in {folder}: {_one_line(exc)}"
+        ) from None
+    problem = loading_problems(info)
+    if problem:
+        raise ModelSourceError(
+            f"model.name: the weights in {folder} do not fit its config.json: {problem}"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
@@ -60,6 +104,7 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
         problems = model_folder_problems(src)
         if problems:
             raise ModelSourceError("; ".join(problems))
+        check_model_folder(src, cfg.trust_remote_code)
         for item in src.iterdir():
             if item.is_file() and item.suffix not in PICKLE_WEIGHTS:  # safetensors only
                 shutil.copy2(item, out_dir / item.name)

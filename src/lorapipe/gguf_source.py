@@ -22,6 +22,7 @@ from typing import Any
 
 from lorapipe.config import ModelCfg
 from lorapipe.errors import PipelineError
+from lorapipe.models import loading_problems, quiet_load_report, with_loading_info
 
 GGUF_MAGIC = b"GGUF"
 
@@ -122,7 +123,9 @@ def convert(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     """Check the GGUF file `cfg` names and write it to `out_dir` as a dense float32 safetensors
     model with its tokenizer and generation config. Returns the pin: name, origin, sha256, size,
     architecture and the tensor types found. Raises GgufSourceError (before writing anything)
-    when the file is missing, unreadable, unsupported, or its sha256 is not `cfg.sha256`."""
+    when the file is missing, unreadable, unsupported, or its sha256 is not `cfg.sha256`; or when
+    transformers' loading info finds a tensor missing, left over or of another shape than the
+    file's metadata gives."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -138,14 +141,25 @@ def convert(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
         header = inspect(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            model = AutoModelForCausalLM.from_pretrained(
-                folder,
-                gguf_file=name,
-                quantization_config=GgufConfig(dequantize=True),
-                dtype=torch.float32,
-            )
+            with quiet_load_report():
+                model, info = with_loading_info(
+                    AutoModelForCausalLM.from_pretrained(
+                        folder,
+                        gguf_file=name,
+                        quantization_config=GgufConfig(dequantize=True),
+                        dtype=torch.float32,
+                        ignore_mismatched_sizes=True,  # refused below, from the loading info
+                        output_loading_info=True,
+                    )
+                )
         except (ValueError, KeyError, NotImplementedError) as exc:
             raise GgufSourceError(f"{path}: transformers cannot load it: {exc}") from None
+    problem = loading_problems(info)
+    if problem:  # transformers fills a missing tensor at random, differently on every run
+        raise GgufSourceError(
+            f"{path}: its tensors do not fit its own metadata (the model config read from it): "
+            f"{problem}"
+        )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return {

@@ -9,7 +9,10 @@ that commit.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,61 @@ def check_merge_dtype(base_dir: Path, dtype: str) -> None:
             "merge.dtype: float16 cannot hold the base's bfloat16 weights (values above 65504 "
             "overflow to inf); use merge.dtype=bfloat16 or float32"
         )
+
+
+def _named(keys: list[str], most: int = 3) -> str:
+    shown = ", ".join(keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def loading_problems(info: dict[str, Any]) -> str | None:
+    """What transformers' loading info (`from_pretrained(..., output_loading_info=True)`) says
+    is wrong with a checkpoint, in one phrase; None when every weight was read from it.
+
+    A missing tensor is filled at random, differently on every load, and a mismatched one
+    (loaded with `ignore_mismatched_sizes=True`) likewise; transformers itself only logs them.
+    Tied weights (an output layer sharing the input embedding) are not missing.
+    """
+    problems = []
+    if missing := sorted(info.get("missing_keys", ())):
+        problems.append(
+            f"{len(missing)} tensor(s) missing ({_named(missing)}): they would be random"
+        )
+    if mismatched := sorted(info.get("mismatched_keys", ())):
+        shapes = [f"{k} is {list(saved)}, not {list(model)}" for k, saved, model in mismatched]
+        problems.append(
+            f"{len(mismatched)} tensor(s) of another shape than the config gives ({_named(shapes)})"
+        )
+    if unexpected := sorted(info.get("unexpected_keys", ())):
+        problems.append(
+            f"{len(unexpected)} tensor(s) the model has no place for ({_named(unexpected)})"
+        )
+    return "; ".join(problems) or None
+
+
+def with_loading_info(loaded: Any) -> tuple[Any, dict[str, Any]]:
+    """(model, loading info) from `from_pretrained(..., output_loading_info=True)`, typed: the
+    library's annotations give the model alone."""
+    model, info = loaded
+    return model, dict(info)
+
+
+def _not_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Within it, transformers does not log its load report (a table of missing, unexpected and
+    mismatched weights) to stderr: the caller reads the same from the loading info and says it
+    in one line (`loading_problems`). A filter, not a level: transformers reads that logger's
+    level to decide whether to log more (its tensor-parallel plan at WARNING and above)."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(_not_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_not_load_report)
 
 
 def read_pin(base_dir: Path) -> dict[str, Any]:
@@ -166,6 +224,9 @@ def load_base_model(
         "revision": revision,
         "trust_remote_code": trust,
         "token": hub_token(),
+        # Mismatched shapes come back in the loading info, refused below with the missing ones.
+        "ignore_mismatched_sizes": True,
+        "output_loading_info": True,
     }
     if quant is not None and quant.mode != "none":
         compute = resolve_dtype(quant.compute_dtype)
@@ -184,16 +245,28 @@ def load_base_model(
         kwargs["dtype"] = resolve_dtype(dtype)
     state = read_by_tensor(Path(name)) if not trust and _converts(Path(name), kwargs) else None
     config: Any = AutoConfig.from_pretrained(name) if state is not None else None
-    if state is None or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
-    else:
-        kwargs.pop("trust_remote_code")  # False here: the class is transformers' own
-        model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-        model = model_class.from_pretrained(None, config=config, state_dict=state, **kwargs)
-        # Without a folder to read from, from_pretrained leaves out what it would take there.
-        model.name_or_path = model.config._name_or_path = name
-        if (Path(name) / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(name)
+    by_tensor = state is not None and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    with quiet_load_report():
+        if not by_tensor:
+            model, info = with_loading_info(
+                AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+            )
+        else:
+            kwargs.pop("trust_remote_code")  # False here: the class is transformers' own
+            model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+            model, info = model_class.from_pretrained(
+                None, config=config, state_dict=state, **kwargs
+            )
+            # Without a folder to read from, from_pretrained leaves out what it would take there.
+            model.name_or_path = model.config._name_or_path = name
+            if (Path(name) / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(name)
+    problem = loading_problems(info)
+    if problem:  # the base stage refuses these; this catches a base damaged after it ran
+        raise ModelSourceError(
+            f"{name}: the base's weights do not fit its config.json: {problem}; rerun the base "
+            "stage (`python -m stages.base`)"
+        )
     if "quantization_config" in kwargs and not torch.cuda.is_available():
         keep_4bit_layout_on_cpu(model)
     return model
