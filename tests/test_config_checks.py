@@ -29,9 +29,19 @@ def raw() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def local_base(tiny_base: Path, dest: Path, *, template: bool = True, pickle: bool = False) -> str:
+def local_base(
+    tiny_base: Path,
+    dest: Path,
+    *,
+    template: bool = True,
+    pickle: bool = False,
+    tokenizer: bool = True,
+) -> str:
     """A copy of the tiny base as a `kind: local` folder, optionally broken."""
     shutil.copytree(tiny_base, dest)
+    if not tokenizer:
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            (dest / name).unlink()
     if not template:
         (dest / "chat_template.jinja").unlink()
         config = json.loads((dest / "tokenizer_config.json").read_text())
@@ -96,6 +106,7 @@ BAD = {
         "not found",
     ),
     "no chat template": (local_model(template=False), "model.name", "tok.chat_template ="),
+    "no tokenizer": (local_model(tokenizer=False), "model.name", "has no tokenizer (none of"),
     "pickle weights only": (
         local_model(pickle=True),
         "model.name",

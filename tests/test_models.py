@@ -99,6 +99,20 @@ def drop_tensor(folder: Path, name: str) -> None:
 
 def damage(folder: Path, kind: str) -> tuple[str, str]:
     """Break the model folder `folder` in one way; the file and words its refusal must name."""
+    weights = folder / "model.safetensors"
+    if kind == "config not JSON":
+        (folder / "config.json").write_text("{ broken")
+        return "config.json", "cannot be read: Expecting property name"
+    if kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return "model.safetensors", "is not a whole safetensors file"
+    if kind == "no tokenizer.json":
+        (folder / "tokenizer.json").unlink()
+        return "", "the tokenizer in"
+    if kind == "no tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            (folder / name).unlink()
+        return "", "has no tokenizer (none of tokenizer.json"
     if kind == "missing tensor":
         drop_tensor(folder, LAYER_1_Q)
         return "", f"1 tensor(s) missing ({LAYER_1_Q})"
@@ -109,7 +123,14 @@ def damage(folder: Path, kind: str) -> tuple[str, str]:
 
 
 LAYER_1_Q = "model.layers.1.self_attn.q_proj.weight"
-DAMAGES = ["missing tensor", "other shape"]
+DAMAGES = [
+    "config not JSON",
+    "truncated weights",
+    "no tokenizer.json",
+    "no tokenizer",
+    "missing tensor",
+    "other shape",
+]
 
 
 @pytest.mark.parametrize("kind", DAMAGES)

@@ -46,14 +46,38 @@ def pin_warning(cfg: ModelCfg, sha: str) -> str | None:
 
 
 def check_model_folder(folder: Path, trust_remote_code: bool) -> None:
-    """Raise ModelSourceError, naming the folder and what is wrong, unless its weights are
-    every tensor the config asks for, of its shapes.
+    """Raise ModelSourceError, naming the file and what is wrong, unless the model folder loads:
+    config.json parses, every safetensors file's header reads, the tokenizer loads, and the
+    weights are every tensor the config asks for, of its shapes.
 
     The weights are checked through transformers' own loading info, on the meta device: names
     and shapes from the safetensors headers, nothing read or allocated.
     """
-    from transformers import AutoModelForCausalLM
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+        AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelSourceError(f"model.name: {config} cannot be read: {_one_line(exc)}") from None
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ModelSourceError(
+                f"model.name: {weights} is not a whole safetensors file ({_one_line(exc)}); "
+                "is it truncated? Copy it again"
+            ) from None
+    try:
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # tokenizers fail in many ways on broken files; all mean the same
+        raise ModelSourceError(
+            f"model.name: the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: "
+            f"{_one_line(exc)}); save it again beside the weights"
+        ) from None
     try:
         with quiet_load_report():
             _, info = with_loading_info(

@@ -108,6 +108,10 @@ def is_commit_sha(revision: str | None) -> bool:
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+# The files a saved tokenizer is read from: at least one of them must be in a model folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def has_chat_template(folder: Path) -> bool:
     """Whether the tokenizer saved in `folder` carries a chat template (read from its JSON/Jinja
     files, without loading the tokenizer)."""
@@ -140,7 +144,13 @@ def model_folder_problems(folder: Path) -> list[str]:
             + "; convert them: AutoModelForCausalLM.from_pretrained(folder)"
             ".save_pretrained(folder, safe_serialization=True)"
         )
-    if not has_chat_template(folder):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(
+            f"model.name: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save it beside the weights: `AutoTokenizer.from_pretrained(original)"
+            ".save_pretrained(folder)`"
+        )
+    elif not has_chat_template(folder):
         problems.append(
             f"model.name: the tokenizer in {folder} has no chat template (format needs one to "
             "build prompts). Use a chat/instruct model, or give it one: "
