@@ -237,6 +237,10 @@ INCONSISTENT = {
         "6 tensor(s) of another shape than the config gives "
         "(model.layers.0.mlp.down_proj.weight is [64, 128], not [64, 100]",
     ),
+    "no chat template": (
+        {"drop_key": "tokenizer.chat_template"},
+        "has no chat template (format needs one to build prompts)",
+    ),
 }
 
 

@@ -152,12 +152,22 @@ def model_folder_problems(folder: Path) -> list[str]:
         )
     elif not has_chat_template(folder):
         problems.append(
-            f"model.name: the tokenizer in {folder} has no chat template (format needs one to "
-            "build prompts). Use a chat/instruct model, or give it one: "
-            "`tok = AutoTokenizer.from_pretrained(folder); tok.chat_template = '<jinja>'; "
-            "tok.save_pretrained(folder)`"
+            "model.name: "
+            + no_chat_template(
+                folder,
+                "`tok = AutoTokenizer.from_pretrained(folder); tok.chat_template = '<jinja>'; "
+                "tok.save_pretrained(folder)`",
+            )
         )
     return problems
+
+
+def no_chat_template(where: Path, fix: str) -> str:
+    """The one wording for a base whose tokenizer has no chat template, with how to give one."""
+    return (
+        f"the tokenizer in {where} has no chat template (format needs one to build prompts). "
+        f"Use a chat/instruct model, or give it one: {fix}"
+    )
 
 
 # Choices the library's functions take; the schema below is where they are checked.

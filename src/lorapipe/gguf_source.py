@@ -20,11 +20,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import ModelCfg
+from lorapipe.config import ModelCfg, no_chat_template
 from lorapipe.errors import PipelineError
 from lorapipe.models import loading_problems, quiet_load_report, with_loading_info
 
 GGUF_MAGIC = b"GGUF"
+# How to give a GGUF file a chat template: the gguf package's own tool, installed with it.
+ADD_TEMPLATE = (
+    "`gguf-new-metadata --chat-template-file chat_template.jinja old.gguf new.gguf` "
+    "(installed with the gguf package)"
+)
 
 
 class GgufSourceError(PipelineError, RuntimeError):
@@ -123,9 +128,9 @@ def convert(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
     """Check the GGUF file `cfg` names and write it to `out_dir` as a dense float32 safetensors
     model with its tokenizer and generation config. Returns the pin: name, origin, sha256, size,
     architecture and the tensor types found. Raises GgufSourceError (before writing anything)
-    when the file is missing, unreadable, unsupported, or its sha256 is not `cfg.sha256`; or when
-    transformers' loading info finds a tensor missing, left over or of another shape than the
-    file's metadata gives."""
+    when the file is missing, unreadable, unsupported, or its sha256 is not `cfg.sha256`; when
+    its tokenizer has no chat template; or when transformers' loading info finds a tensor
+    missing, left over or of another shape than the file's metadata gives."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -141,6 +146,8 @@ def convert(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
         header = inspect(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            if not tokenizer.chat_template:
+                raise GgufSourceError("model.file: " + no_chat_template(path, ADD_TEMPLATE))
             with quiet_load_report():
                 model, info = with_loading_info(
                     AutoModelForCausalLM.from_pretrained(
