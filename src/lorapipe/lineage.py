@@ -231,17 +231,35 @@ def _source_lines(sources: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def base_source(pin: dict[str, Any]) -> str:
+    """What the base model is and what pins it, from its pin (models/base/pin.json), in words:
+    a GGUF file's sha256 is not a hub revision, so the card does not write it as one."""
+    name = f"`{pin['name']}`"
+    if pin.get("kind") == "gguf":
+        shipped = f" in {pin['package']} {pin['package_version']}" if pin.get("package") else ""
+        return f"{name}, dequantised from `{pin['file']}` (sha256 `{pin['sha256']}`){shipped}"
+    if pin.get("kind") == "hub":
+        return f"{name} at commit `{pin['revision']}` on the Hugging Face Hub"
+    if pin.get("kind") == "local":
+        return f"{name}, a local model folder (each file's md5 in `lineage.json`)"
+    if pin.get("kind") == "tiny":
+        return (
+            f"{name}, a random Llama built by lorapipe (config hash `{pin['config_hash']}`, "
+            f"seed {pin['seed']})"
+        )
+    return name
+
+
 def _training_lines(lineage: dict[str, Any]) -> list[str]:
     params, base = lineage["params"], lineage["base_model"]
     lora, train = params["lora"], params["train"]
     targets = lora["target_modules"]
     targets = ", ".join(targets) if isinstance(targets, list) else targets
-    pin = base.get("revision") or base.get("sha256") or base.get("config_hash") or "-"
     lines = [
         "",
         "## Training",
         "",
-        f"- base: `{base['name']}` at `{pin}`",
+        f"- base: {base_source(base)}",
         f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
         f"targets: {targets}",
         f"- epochs {train['epochs']}, learning rate {train['learning_rate']}, "
