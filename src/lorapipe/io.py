@@ -28,6 +28,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     A process killed (SIGKILL, power loss) inside the block leaves its temporary folder behind,
     never a partial `target`; the next `atomic_dir` on the same target removes such leftovers.
+    The new folder and everything in it get a plain folder's or file's mode under the umask
+    (the temporary folder and files some writers make are owner-only).
 
     Raises NotADirectoryError if `target` exists and is not a folder.
     """
@@ -46,6 +48,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
+        _plain_modes(tmp, umask)
         # Move the old folder aside rather than deleting it first: if the swap fails, it comes back.
         old = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
         had_old = target.exists()
@@ -61,6 +64,23 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_modes(folder: Path, umask: int) -> None:
+    """Give everything in `folder` the mode a plain file or folder gets under `umask`, as
+    `open` and `mkdir` give it: writers that go through a private temporary file (safetensors,
+    `tempfile`) leave theirs owner-only (0600). An executable keeps its x bits; links are
+    left alone. Modes only: no content changes."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = Path(root, name)
+            if not path.is_symlink():
+                path.chmod(0o777 & ~umask)
+        for name in files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                executable = path.stat().st_mode & 0o100
+                path.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def write_text(path: Path, text: str) -> None:
