@@ -3,7 +3,7 @@
 python -m stages.generate "What does \\`sorted([3, 1, 2])\\` return?"
 python -m stages.generate --adapter pyqa=models/adapter --adapter r4=sweeps/x/lora.r=4/adapter \\
     --use pyqa,r4,base --prompts questions.txt --out answers.jsonl
-python -m stages.generate -i          # interactive: /use NAME switches adapter, /quit ends
+python -m stages.generate -i          # interactive: /use NAME[,NAME...] switches, /quit ends
 
 Not a DVC stage and not a Hydra app: prompts are free text, and Hydra's override grammar would
 parse their `=`, commas, quotes and brackets (a Python question is often all four); adapters
@@ -89,33 +89,65 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Answers:
+    """The answers given so far; with a path, each is saved as it comes (the whole file rewritten
+    atomically), so an interrupt or a crash loses none of them and leaves no half a file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, name: str, messages: list[dict[str, str]], answer: str) -> None:
+        self.rows.append({"adapter": name, "messages": messages, "answer": answer})
+        if self.path is not None:
+            write_jsonl(self.path, self.rows)
+
+
+def answer_all(
+    assistant: Assistant,
+    messages: list[dict[str, str]],
+    names: list[str],
+    out: TextIO,
+    answers: Answers,
+    **kwargs: Any,
+) -> None:
+    """Each of `names` answers the conversation in turn, its answer streamed after `[NAME] `."""
+    for name in names:
+        out.write(f"[{name}] ")
+        answers.add(name, messages, assistant.answer(messages, name, stream=out, **kwargs))
+
+
 def interactive(
-    assistant: Assistant, name: str, out: TextIO, **kwargs: Any
-) -> list[dict[str, Any]]:
-    """Answer stdin lines one by one; `/use NAME` switches adapter, `/quit` (or EOF) ends."""
-    rows: list[dict[str, Any]] = []
-    out.write(f"adapters: {', '.join(assistant.names)}; /use NAME to switch, /quit to end\n")
+    assistant: Assistant, names: list[str], out: TextIO, answers: Answers, **kwargs: Any
+) -> None:
+    """Answer stdin lines one by one, each with every name in `names`; `/use NAME[,NAME...]`
+    switches, `/use` alone shows the names answering, `/quit` (or EOF) ends."""
+    loaded = ", ".join(assistant.names)
+    out.write(f"adapters: {loaded}; /use NAME[,NAME...] to switch, /quit to end\n")
     while True:
-        out.write(f"[{name}]> ")
+        out.write(f"[{','.join(names)}]> ")
         out.flush()
         line = sys.stdin.readline()
         if not line or line.strip() == "/quit":
-            return rows
+            return
         line = line.strip()
-        if line.startswith("/use "):
-            wanted = line.removeprefix("/use ").strip()
-            if wanted in assistant.names:
-                name = wanted
+        if line.split(" ", 1)[0] == "/use":
+            wanted = [n.strip() for n in line.removeprefix("/use").split(",") if n.strip()]
+            unknown = [n for n in wanted if n not in assistant.names]
+            if not wanted:
+                out.write(f"answering with {', '.join(names)}; /use NAME[,NAME...] ({loaded})\n")
+            elif unknown:
+                out.write(f"unknown adapter {', '.join(map(repr, unknown))}; loaded: {loaded}\n")
             else:
-                out.write(f"unknown adapter {wanted!r}; loaded: {', '.join(assistant.names)}\n")
+                names = wanted
         elif line:
             messages = [{"role": "user", "content": line}]
-            answer = assistant.answer(messages, name, stream=out, **kwargs)
-            rows.append({"adapter": name, "messages": messages, "answer": answer})
+            answer_all(assistant, messages, names, out, answers, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    answers = Answers(args.out)
     try:
         if [args.prompt is not None, args.prompts is not None, args.interactive].count(True) != 1:
             raise PipelineError("give exactly one of: a prompt, --prompts FILE, --interactive")
@@ -144,23 +176,17 @@ def main(argv: list[str] | None = None) -> int:
             kwargs.update(
                 do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed
             )
-        out = sys.stdout
-        rows: list[dict[str, Any]] = []
         if args.interactive:
-            rows = interactive(assistant, use[0], out, **kwargs)
+            interactive(assistant, use, sys.stdout, answers, **kwargs)
         else:
             for messages in conversations:
-                for name in use:
-                    out.write(f"[{name}] ")
-                    answer = assistant.answer(messages, name, stream=out, **kwargs)
-                    rows.append({"adapter": name, "messages": messages, "answer": answer})
-        if args.out:
-            write_jsonl(args.out, rows)
+                answer_all(assistant, messages, use, sys.stdout, answers, **kwargs)
     except (PipelineError, FileNotFoundError, ValueError) as exc:
         print(f"{NAME}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{NAME}: interrupted", file=sys.stderr)
+        kept = f"; the {len(answers.rows)} answers given are in {args.out}" if args.out else ""
+        print(f"\n{NAME}: interrupted{kept}", file=sys.stderr)
         return 130
     return 0
 

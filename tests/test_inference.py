@@ -120,7 +120,8 @@ def test_generate_command_answers_files_and_stdin(
     )
     assert main([*common, "-i", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["adapter"] for r in rows] == ["a", "b"] and rows[1]["answer"] == alone.answer(
+    # without --use every adapter answers, until /use b
+    assert [r["adapter"] for r in rows] == ["a", "b", "b"] and rows[2]["answer"] == alone.answer(
         [{"role": "user", "content": QUESTIONS[0]}], "b", **GREEDY
     )
 
@@ -157,3 +158,60 @@ def test_generate_command_answers_files_and_stdin(
             main([*common, option, value, "hi"])
         assert exited.value.code == 2
         assert f"argument {option}: {problem}" in capsys.readouterr().err
+
+
+def common_args(tiny_base: Path, adapters: dict[str, Path]) -> list[str]:
+    return [
+        "--base",
+        str(tiny_base),
+        *[f"--adapter={name}={path}" for name, path in adapters.items()],
+        "--max-new-tokens",
+        "6",
+    ]
+
+
+def out_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+class InterruptedStdin(io.StringIO):
+    """stdin whose lines run out in a Ctrl-C (KeyboardInterrupt), as a person presses it."""
+
+    def readline(self, size: int | None = -1) -> str:
+        line = super().readline(size)
+        if not line:
+            raise KeyboardInterrupt
+        return line
+
+
+def test_interactive_answers_with_every_name_and_keeps_answers_on_ctrl_c(
+    tiny_base: Path,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from stages.generate import main
+
+    common = common_args(tiny_base, adapters)
+    out = tmp_path / "answers.jsonl"
+    lines = [QUESTIONS[0], "/use", "/use b,x", "/use b", QUESTIONS[1], "/quit"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    assert main([*common, "-i", "--use", "a,base", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = out_rows(out)
+    # every name in --use answers each prompt; a bare /use shows the names, is no prompt
+    assert [(r["adapter"], r["messages"][0]["content"]) for r in rows] == [
+        ("a", QUESTIONS[0]),
+        (BASE, QUESTIONS[0]),
+        ("b", QUESTIONS[1]),
+    ]
+    assert "[a,base]> " in printed and f"[{BASE}] {rows[1]['answer']}" in printed
+    assert "answering with a, base; /use NAME" in printed
+    assert "unknown adapter 'x'; loaded: a, b, base" in printed
+
+    # Ctrl-C at the next prompt: what was answered is in --out
+    monkeypatch.setattr(sys, "stdin", InterruptedStdin(f"{QUESTIONS[0]}\n"))
+    assert main([*common, "-i", "--use", "a,b", "--out", str(out)]) == 130
+    assert [r["adapter"] for r in out_rows(out)] == ["a", "b"]
+    assert f"interrupted; the 2 answers given are in {out}" in capsys.readouterr().err
