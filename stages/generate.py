@@ -14,6 +14,7 @@ params.yaml as defaults. The base is loaded once; every adapter shares it (lorap
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,7 +22,7 @@ from typing import Any, TextIO
 import yaml
 
 from lorapipe.errors import PipelineError
-from lorapipe.inference import BASE, Assistant, parse_adapter, read_prompts
+from lorapipe.inference import BASE, Assistant, InferenceError, parse_adapter, read_prompts
 from lorapipe.io import write_jsonl
 
 NAME = "generate"
@@ -97,10 +98,29 @@ class Answers:
         self.path = path
         self.rows: list[dict[str, Any]] = []
 
+    def check(self) -> None:
+        """Raise PipelineError unless the answers can be written to the path: checked before
+        any model loads, so no answer is generated to be lost."""
+        if self.path is None:
+            return
+        if self.path.is_dir():
+            example = self.path / "answers.jsonl"
+            raise PipelineError(f"--out {self.path}: is a folder; give a file, e.g. {example}")
+        folder = next(p for p in self.path.absolute().parents if p.exists())
+        if not folder.is_dir():
+            raise PipelineError(f"--out {self.path}: {folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PipelineError(f"--out {self.path}: cannot write in {folder}")
+
     def add(self, name: str, messages: list[dict[str, str]], answer: str) -> None:
         self.rows.append({"adapter": name, "messages": messages, "answer": answer})
         if self.path is not None:
-            write_jsonl(self.path, self.rows)
+            try:
+                write_jsonl(self.path, self.rows)
+            except OSError as e:
+                raise PipelineError(
+                    f"--out {self.path}: cannot write ({e.strerror}); the answers are above"
+                ) from None
 
 
 def answer_all(
@@ -145,6 +165,16 @@ def interactive(
             answer_all(assistant, messages, names, out, answers, **kwargs)
 
 
+def prompts(args: argparse.Namespace) -> list[list[dict[str, str]]]:
+    """The conversations to answer: the prompt, or those in the --prompts file."""
+    if args.prompts is None:
+        return [[{"role": "user", "content": args.prompt}]] if args.prompt is not None else []
+    try:
+        return read_prompts(args.prompts)
+    except InferenceError as e:
+        raise InferenceError(f"--prompts {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     answers = Answers(args.out)
@@ -160,11 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in use:
             if name != BASE and name not in adapters:
                 raise PipelineError(f"--use {name!r}: not a loaded adapter ({', '.join(adapters)})")
-        conversations = (
-            read_prompts(args.prompts)
-            if args.prompts
-            else [[{"role": "user", "content": args.prompt}]]
-        )
+        answers.check()
+        conversations = prompts(args)
         assistant = Assistant(
             args.base or Path(defaults["base"]),
             adapters,

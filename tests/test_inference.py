@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,3 +217,63 @@ def test_interactive_answers_with_every_name_and_keeps_answers_on_ctrl_c(
     assert main([*common, "-i", "--use", "a,b", "--out", str(out)]) == 130
     assert [r["adapter"] for r in out_rows(out)] == ["a", "b"]
     assert f"interrupted; the 2 answers given are in {out}" in capsys.readouterr().err
+
+
+def test_generate_bad_paths_and_files_get_one_line_naming_them(
+    tiny_base: Path,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each bad path or file: exit 2, one line naming it, no traceback; an --out that cannot be
+    written is refused before anything is generated (the answers were lost, and a stray
+    `.NAME.tmp` was left beside it)."""
+    from stages.generate import main
+
+    common = common_args(tiny_base, {"a": adapters["a"]})
+    folder = tmp_path / "answers"
+    folder.mkdir()
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(adapters["a"], truncated)
+    os.truncate(truncated / "adapter_model.safetensors", 5000)
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(adapters["a"], bad_config)
+    (bad_config / "adapter_config.json").write_text("{'r': 4}")
+    for args, problem in [
+        (["--out", str(folder), "hi"], f"--out {folder}: is a folder; give a file"),
+        (["--out", str(afile / "a.jsonl"), "hi"], f"--out {afile / 'a.jsonl'}: {afile} is not a"),
+        (["--prompts", str(folder)], f"--prompts {folder}: cannot read it (Is a directory)"),
+        (
+            ["--prompts", str(tmp_path / "none.txt")],
+            f"--prompts {tmp_path / 'none.txt'}: cannot read it (No such file or directory)",
+        ),
+        (
+            ["--adapter", f"h={truncated}", "hi"],
+            f"adapter 'h': {truncated / 'adapter_model.safetensors'}: unreadable",
+        ),
+        (
+            ["--adapter", f"h={bad_config}", "hi"],
+            f"adapter 'h': {bad_config / 'adapter_config.json'}: not valid JSON (Expecting",
+        ),
+    ]:
+        assert main([*common, *args]) == 2, args
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0] and "[a] " not in captured.out, captured
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "answers",
+        "bad_config",
+        "file.txt",
+        "truncated",
+    ]
+
+
+def test_write_text_leaves_no_temporary_file_when_it_fails(tmp_path: Path) -> None:
+    from lorapipe.io import write_text
+
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_text(tmp_path / "folder", "text")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
