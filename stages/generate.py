@@ -168,11 +168,18 @@ def interactive(
 def prompts(args: argparse.Namespace) -> list[list[dict[str, str]]]:
     """The conversations to answer: the prompt, or those in the --prompts file."""
     if args.prompts is None:
-        return [[{"role": "user", "content": args.prompt}]] if args.prompt is not None else []
+        if args.prompt is None:
+            return []
+        if not args.prompt.strip():
+            raise PipelineError("empty prompt: give the instruction to answer")
+        return [[{"role": "user", "content": args.prompt}]]
     try:
-        return read_prompts(args.prompts)
+        conversations = read_prompts(args.prompts)
     except InferenceError as e:
         raise InferenceError(f"--prompts {e}") from None
+    if not conversations:
+        raise PipelineError(f"--prompts {args.prompts}: no prompts in it (only blank lines)")
+    return conversations
 
 
 def main(argv: list[str] | None = None) -> int:

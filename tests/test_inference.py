@@ -219,7 +219,7 @@ def test_interactive_answers_with_every_name_and_keeps_answers_on_ctrl_c(
     assert f"interrupted; the 2 answers given are in {out}" in capsys.readouterr().err
 
 
-def test_generate_bad_paths_and_files_get_one_line_naming_them(
+def test_generate_bad_paths_files_and_empty_prompts_get_one_line_naming_them(
     tiny_base: Path,
     adapters: dict[str, Path],
     tmp_path: Path,
@@ -262,6 +262,17 @@ def test_generate_bad_paths_and_files_get_one_line_naming_them(
         captured = capsys.readouterr()
         err = captured.err.strip().splitlines()
         assert len(err) == 1 and problem in err[0] and "[a] " not in captured.out, captured
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    for args, problem in [
+        ([""], "empty prompt"),
+        (["   "], "empty prompt"),
+        (["--prompts", str(empty)], f"--prompts {empty}: no prompts in it"),
+    ]:
+        assert main([*common, *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and problem in err[0], err
+    empty.unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "answers",
         "bad_config",
