@@ -165,6 +165,29 @@ def interactive(
             answer_all(assistant, messages, names, out, answers, **kwargs)
 
 
+def chosen(args: argparse.Namespace, defaults: dict[str, str]) -> tuple[dict[str, Path], list[str]]:
+    """The adapters to load (NAME -> folder) and the names that answer (--use). Without
+    --adapter, paths.adapter is loaded as `adapter` only when it answers: `--use base` needs no
+    trained adapter."""
+    specs = args.adapter or [f"adapter={defaults['adapter']}"]
+    adapters = dict(parse_adapter(s) for s in specs)
+    if len(adapters) != len(specs):
+        raise PipelineError("--adapter: each NAME must be given once")
+    use = args.use.split(",") if args.use else list(adapters)
+    for name in use:
+        if name != BASE and name not in adapters:
+            raise PipelineError(f"--use {name!r}: not a loaded adapter ({', '.join(adapters)})")
+    if not args.adapter:
+        adapters = {name: path for name, path in adapters.items() if name in use}
+        for path in adapters.values():
+            if not (path / "adapter_config.json").is_file():
+                raise PipelineError(
+                    f"{path}: no trained adapter; train it first (`dvc repro train`), or answer "
+                    "with the base alone (--use base)"
+                )
+    return adapters, use
+
+
 def prompts(args: argparse.Namespace) -> list[list[dict[str, str]]]:
     """The conversations to answer: the prompt, or those in the --prompts file."""
     if args.prompts is None:
@@ -189,14 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if [args.prompt is not None, args.prompts is not None, args.interactive].count(True) != 1:
             raise PipelineError("give exactly one of: a prompt, --prompts FILE, --interactive")
         defaults = default_paths()
-        specs = args.adapter or [f"adapter={defaults['adapter']}"]
-        adapters = dict(parse_adapter(s) for s in specs)
-        if len(adapters) != len(specs):
-            raise PipelineError("--adapter: each NAME must be given once")
-        use = args.use.split(",") if args.use else list(adapters)
-        for name in use:
-            if name != BASE and name not in adapters:
-                raise PipelineError(f"--use {name!r}: not a loaded adapter ({', '.join(adapters)})")
+        adapters, use = chosen(args, defaults)
         answers.check()
         conversations = prompts(args)
         assistant = Assistant(

@@ -288,3 +288,26 @@ def test_write_text_leaves_no_temporary_file_when_it_fails(tmp_path: Path) -> No
     with pytest.raises(IsADirectoryError):
         write_text(tmp_path / "folder", "text")
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
+def test_generate_with_the_base_alone_needs_no_trained_adapter(
+    tiny_base: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """In a project whose adapter is not trained yet, `--use base` answers (the default adapter
+    was loaded anyway, and refused); asking for the adapter says to train it."""
+    from stages.generate import main
+
+    missing = tmp_path / "models/adapter"
+    params = {"paths": {"base": str(tiny_base), "adapter": str(missing)}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--use", BASE, "--max-new-tokens", "2", "hi"]) == 0
+    assert f"[{BASE}] " in capsys.readouterr().out
+    assert main(["--max-new-tokens", "2", "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"generate: error: {missing}: no trained adapter; train it first (`dvc repro train`), "
+        "or answer with the base alone (--use base)\n"
+    )

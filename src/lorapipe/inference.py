@@ -80,7 +80,9 @@ def check_adapter(name: str, path: Path) -> None:
         with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt"):
             pass
     except SafetensorError as e:
-        raise InferenceError(f"adapter {name!r}: {path / ADAPTER_WEIGHTS}: unreadable ({e})") from None
+        raise InferenceError(
+            f"adapter {name!r}: {path / ADAPTER_WEIGHTS}: unreadable ({e})"
+        ) from None
 
 
 def read_prompts(path: Path) -> list[list[dict[str, str]]]:
