@@ -9,6 +9,8 @@ Not a DVC stage and not a Hydra app: prompts are free text, and Hydra's override
 parse their `=`, commas, quotes and brackets (a Python question is often all four); adapters
 are repeatable NAME=PATH pairs. So argparse, with `paths.base` / `paths.adapter` from
 params.yaml as defaults. The base is loaded once; every adapter shares it (lorapipe.inference).
+Every model, the base too, answers with params.yaml's `format.system_prompt` (as in evaluate, so
+`--use adapter,base` shows what reports/predictions.jsonl measured) unless --system-prompt.
 """
 
 from __future__ import annotations
@@ -22,20 +24,57 @@ from typing import Any, TextIO
 import yaml
 
 from lorapipe.errors import PipelineError
-from lorapipe.inference import BASE, Assistant, InferenceError, parse_adapter, read_prompts
+from lorapipe.inference import (
+    BASE,
+    Assistant,
+    InferenceError,
+    check_adapter,
+    parse_adapter,
+    read_prompts,
+    trained_system_prompt,
+)
 from lorapipe.io import write_jsonl
 
 NAME = "generate"
 
 
-def default_paths() -> dict[str, str]:
-    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults."""
-    params = Path("params.yaml")
-    paths = yaml.safe_load(params.read_text())["paths"] if params.is_file() else {}
-    return {
+def project_defaults() -> dict[str, Any]:
+    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults; and its
+    format.system_prompt, when it has one (`system_prompt` absent otherwise)."""
+    file = Path("params.yaml")
+    params = yaml.safe_load(file.read_text()) if file.is_file() else {}
+    paths = params.get("paths", {})
+    found: dict[str, Any] = {
         "base": paths.get("base", "models/base"),
         "adapter": paths.get("adapter", "models/adapter"),
     }
+    if "system_prompt" in params.get("format", {}):
+        found["system_prompt"] = params["format"]["system_prompt"]
+    return found
+
+
+def system_prompt(
+    args: argparse.Namespace, defaults: dict[str, Any], adapters: dict[str, Path]
+) -> str | None:
+    """Every model's system prompt: --system-prompt, else params.yaml's format.system_prompt
+    (the one evaluate gave every model, base included, so the answers are those the report
+    measured), else (no params.yaml) the first adapter's trained one. An adapter trained with
+    another gets a note on stderr."""
+    trained = {name: trained_system_prompt(path) for name, path in adapters.items()}
+    if args.system_prompt is not None:
+        chosen = args.system_prompt
+    elif "system_prompt" in defaults:
+        chosen = defaults["system_prompt"]
+    else:
+        chosen = next((p for p in trained.values() if p is not None), None)
+    for name, prompt in trained.items():
+        if prompt is not None and prompt != chosen:
+            print(
+                f"{NAME}: note: adapter {name!r} was trained with the system prompt {prompt!r}; "
+                f"every model answers with {chosen!r}",
+                file=sys.stderr,
+            )
+    return chosen
 
 
 def _number(kind: type, low: float, high: float | None = None) -> Any:
@@ -80,7 +119,11 @@ def parser() -> argparse.ArgumentParser:
         "adapter (default: every loaded adapter)",
     )
     p.add_argument("--out", type=Path, help="also write {adapter, messages, answer} as JSONL")
-    p.add_argument("--system-prompt", help="override the system prompt the adapters trained with")
+    p.add_argument(
+        "--system-prompt",
+        help="every model's system prompt (default: format.system_prompt in params.yaml, as "
+        "evaluate gives every model)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=_number(int, 0), default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -165,7 +208,7 @@ def interactive(
             answer_all(assistant, messages, names, out, answers, **kwargs)
 
 
-def chosen(args: argparse.Namespace, defaults: dict[str, str]) -> tuple[dict[str, Path], list[str]]:
+def chosen(args: argparse.Namespace, defaults: dict[str, Any]) -> tuple[dict[str, Path], list[str]]:
     """The adapters to load (NAME -> folder) and the names that answer (--use). Without
     --adapter, paths.adapter is loaded as `adapter` only when it answers: `--use base` needs no
     trained adapter."""
@@ -211,15 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if [args.prompt is not None, args.prompts is not None, args.interactive].count(True) != 1:
             raise PipelineError("give exactly one of: a prompt, --prompts FILE, --interactive")
-        defaults = default_paths()
+        defaults = project_defaults()
         adapters, use = chosen(args, defaults)
         answers.check()
         conversations = prompts(args)
+        for name, path in adapters.items():
+            check_adapter(name, path)
         assistant = Assistant(
             args.base or Path(defaults["base"]),
             adapters,
             dtype=args.dtype,
-            system_prompt=args.system_prompt,
+            system_prompt=system_prompt(args, defaults, adapters),
         )
         kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
         if args.sample:

@@ -311,3 +311,49 @@ def test_generate_with_the_base_alone_needs_no_trained_adapter(
         f"generate: error: {missing}: no trained adapter; train it first (`dvc repro train`), "
         "or answer with the base alone (--use base)\n"
     )
+
+
+def test_generate_gives_every_model_the_system_prompt_evaluate_gives(
+    tiny_base: Path,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The base answered with no system prompt while evaluate gave it format.system_prompt (the
+    formatted test prompts), so `--use base` differed from reports/predictions.jsonl. Now every
+    model answers the formatted prompt, unless --system-prompt; an adapter trained with another
+    system prompt gets a note."""
+    from lorapipe.generation import generate
+    from lorapipe.models import load_base_model
+    from stages.generate import main
+
+    system = "Answer with the value only."
+    params = {"paths": {"base": str(tiny_base)}, "format": {"system_prompt": system}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    other = tmp_path / "other"  # adapter a, trained (its lineage says) with another prompt
+    shutil.copytree(adapters["a"], other)
+    pin = json.loads((tiny_base / "pin.json").read_text())
+    lineage = {"base_model": pin, "params": {"format": {"system_prompt": "Be brief."}}}
+    (other / "lineage.json").write_text(json.dumps(lineage))
+    monkeypatch.chdir(tmp_path)
+    tok, model = load_tokenizer(tiny_base), load_base_model(tiny_base, dtype="float32")
+
+    def evaluated(prompt: str | None) -> str:
+        """The base's answer to the test prompt format writes with `prompt` (evaluate's)."""
+        row = {"id": "0", "instruction": QUESTIONS[0], "response": "[1, 2, 3]"}
+        formatted = format_rows([row], tok, prompt)[0]["prompt"]
+        return generate(model, tok, [formatted], batch_size=1, **GREEDY)[0]
+
+    out = tmp_path / "answers.jsonl"
+    run = ["--adapter", f"a={other}", "--use", f"a,{BASE}", "--max-new-tokens", "6"]
+    assert main([*run, "--out", str(out), QUESTIONS[0]]) == 0
+    assert out_rows(out)[1]["answer"] == evaluated(system) != evaluated(None)
+    err = capsys.readouterr().err
+    assert (
+        f"adapter 'a' was trained with the system prompt 'Be brief.'; every model answers "
+        f"with {system!r}"
+    ) in err
+    assert main([*run, "--out", str(out), "--system-prompt", "Be brief.", QUESTIONS[0]]) == 0
+    assert out_rows(out)[1]["answer"] == evaluated("Be brief.")
+    assert "was trained with" not in capsys.readouterr().err

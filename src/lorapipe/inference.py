@@ -3,9 +3,10 @@
 The base weights are loaded once; each adapter is added with peft's `load_adapter` under its
 name and chosen with `set_adapter`, so switching costs nothing and adapters share the base's
 memory. The name `base` answers with every adapter disabled. Prompts are built with
-`lorapipe.chat.build_prompt`, the function the format stage used for training, with the system
-prompt each adapter was trained with (its lineage.json), so an adapter sees the same prompt
-tokens it learnt from. Generation is `lorapipe.generation.generate`, as in evaluation.
+`lorapipe.chat.build_prompt`, the function the format stage used for training, with one system
+prompt for every model (generate: format.system_prompt, the one the adapter was trained and
+evaluated with), so an adapter sees the same prompt tokens it learnt from and the base the
+prompt evaluate gave it. Generation is `lorapipe.generation.generate`, as in evaluation.
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ class Assistant:
         dtype: str = "auto",
         system_prompt: str | None = None,
     ) -> None:
-        """Load the base once and every adapter onto it; `system_prompt` overrides the trained
-        one of every adapter (and is the base's)."""
+        """Load the base once and every adapter onto it; `system_prompt` is every model's (the
+        base's and each adapter's), as evaluation gives them one prompt."""
         for name, path in adapters.items():
             check_adapter(name, path)
             require_trained_on(path, base_dir)
@@ -130,11 +131,7 @@ class Assistant:
             for name, path in rest:
                 model.load_adapter(str(path), adapter_name=name)
         self.model = model.eval()
-        self.system_prompts = {
-            name: system_prompt if system_prompt is not None else trained_system_prompt(path)
-            for name, path in adapters.items()
-        }
-        self.system_prompts[BASE] = system_prompt
+        self.system_prompts = {name: system_prompt for name in [*adapters, BASE]}
 
     @property
     def names(self) -> list[str]:
