@@ -180,6 +180,24 @@ def answer_all(
         answers.add(name, messages, assistant.answer(messages, name, stream=out, **kwargs))
 
 
+def too_long(
+    assistant: Assistant,
+    messages: list[dict[str, str]],
+    names: list[str],
+    max_new_tokens: int,
+    what: str,
+) -> None:
+    """Raise PipelineError when the prompt (as any of `names` gets it) and `max_new_tokens` do
+    not fit in the model's context: past it the model answers nothing or garbage."""
+    context = assistant.context
+    tokens = max(assistant.prompt_tokens(messages, name) for name in names)
+    if context is not None and tokens + max_new_tokens > context:
+        raise PipelineError(
+            f"{what} is {tokens:,} tokens; the model's context is {context:,} "
+            f"(with --max-new-tokens {max_new_tokens})"
+        )
+
+
 def interactive(
     assistant: Assistant, names: list[str], out: TextIO, answers: Answers, **kwargs: Any
 ) -> None:
@@ -205,6 +223,11 @@ def interactive(
                 names = wanted
         elif line:
             messages = [{"role": "user", "content": line}]
+            try:
+                too_long(assistant, messages, names, kwargs["max_new_tokens"], "this prompt")
+            except PipelineError as e:
+                out.write(f"{e}\n")
+                continue
             answer_all(assistant, messages, names, out, answers, **kwargs)
 
 
@@ -274,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.interactive:
             interactive(assistant, use, sys.stdout, answers, **kwargs)
         else:
+            where = f"--prompts {args.prompts}: " if args.prompts else ""
+            for i, messages in enumerate(conversations, start=1):
+                too_long(assistant, messages, use, args.max_new_tokens, f"{where}prompt {i}")
             for messages in conversations:
                 answer_all(assistant, messages, use, sys.stdout, answers, **kwargs)
     except (PipelineError, FileNotFoundError, ValueError) as exc:

@@ -15,6 +15,7 @@ import pytest
 from transformers import PreTrainedModel
 
 from lorapipe import inference
+from lorapipe.chat import build_prompt
 from lorapipe.formatting import format_rows
 from lorapipe.inference import BASE, Assistant
 from lorapipe.models import load_tokenizer
@@ -357,3 +358,39 @@ def test_generate_gives_every_model_the_system_prompt_evaluate_gives(
     assert main([*run, "--out", str(out), "--system-prompt", "Be brief.", QUESTIONS[0]]) == 0
     assert out_rows(out)[1]["answer"] == evaluated("Be brief.")
     assert "was trained with" not in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_longer_than_the_context_before_generating(
+    tiny_base: Path,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A prompt past max_position_embeddings (256 here) was answered with garbage and exit 0;
+    now one line, before anything is generated (in -i: said, and the next line is answered)."""
+    from stages.generate import main
+
+    common = common_args(tiny_base, {"a": adapters["a"]})
+    monkeypatch.chdir(tmp_path)  # no params.yaml: no system prompt
+    long = " ".join(["word"] * 300)
+    tok = load_tokenizer(tiny_base)
+    tokens = len(tok(build_prompt(tok, long))["input_ids"])
+    assert tokens > 256
+    assert main([*common, long]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1] == (  # after transformers' loading bar
+        f"generate: error: prompt 1 is {tokens:,} tokens; the model's context is 256 "
+        "(with --max-new-tokens 6)"
+    )
+    assert "[a] " not in captured.out
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"hi\n{long}\n")
+    assert main([*common, "--prompts", str(prompts)]) == 2
+    captured = capsys.readouterr()
+    assert f"--prompts {prompts}: prompt 2 is {tokens:,} tokens" in captured.err
+    assert "[a] " not in captured.out  # not even prompt 1
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\nhi\n"))
+    assert main([*common, "-i"]) == 0
+    printed = capsys.readouterr().out
+    assert f"this prompt is {tokens:,} tokens" in printed and printed.count("[a] ") == 1

@@ -138,6 +138,16 @@ class Assistant:
         """The adapter names, in load order, then `base`."""
         return list(self.system_prompts)
 
+    @property
+    def context(self) -> int | None:
+        """The model's context in tokens (its config's max_position_embeddings), None when the
+        config does not say."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def prompt_tokens(self, messages: list[dict[str, str]], name: str) -> int:
+        """How many tokens the prompt `name` answers is, tokenized as generation does."""
+        return len(self.tokenizer(self.prompt_for(messages, name))["input_ids"])
+
     def prompt_for(self, messages: list[dict[str, str]], name: str) -> str:
         """The prompt `name` answers: the conversation with its system prompt, chat-templated."""
         if name not in self.system_prompts:
