@@ -306,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{NAME}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = f"; the {len(answers.rows)} answers given are in {args.out}" if args.out else ""
+        kept = ""
+        if args.out:
+            n = len(answers.rows)
+            kept = f"; the {n} answers given are in {args.out}" if n else f"; {args.out} untouched"
         print(f"\n{NAME}: interrupted{kept}", file=sys.stderr)
         return 130
     return 0

@@ -218,6 +218,10 @@ def test_interactive_answers_with_every_name_and_keeps_answers_on_ctrl_c(
     assert main([*common, "-i", "--use", "a,b", "--out", str(out)]) == 130
     assert [r["adapter"] for r in out_rows(out)] == ["a", "b"]
     assert f"interrupted; the 2 answers given are in {out}" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", InterruptedStdin(""))  # before any answer
+    assert main([*common, "-i", "--out", str(out)]) == 130
+    assert f"interrupted; {out} untouched" in capsys.readouterr().err
+    assert len(out_rows(out)) == 2
 
 
 def test_generate_bad_paths_files_and_empty_prompts_get_one_line_naming_them(
