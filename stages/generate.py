@@ -3,17 +3,20 @@
 python -m stages.generate "What does \\`sorted([3, 1, 2])\\` return?"
 python -m stages.generate --adapter pyqa=models/adapter --adapter r4=sweeps/x/lora.r=4/adapter \\
     --use pyqa,r4,base --prompts questions.txt --out answers.jsonl
-python -m stages.generate -i          # interactive: /use NAME switches adapter, /quit ends
+python -m stages.generate -i          # interactive: /use NAME[,NAME...] switches, /quit ends
 
 Not a DVC stage and not a Hydra app: prompts are free text, and Hydra's override grammar would
 parse their `=`, commas, quotes and brackets (a Python question is often all four); adapters
 are repeatable NAME=PATH pairs. So argparse, with `paths.base` / `paths.adapter` from
 params.yaml as defaults. The base is loaded once; every adapter shares it (lorapipe.inference).
+Every model, the base too, answers with params.yaml's `format.system_prompt` (as in evaluate, so
+`--use adapter,base` shows what reports/predictions.jsonl measured) unless --system-prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,20 +24,57 @@ from typing import Any, TextIO
 import yaml
 
 from lorapipe.errors import PipelineError
-from lorapipe.inference import BASE, Assistant, parse_adapter, read_prompts
+from lorapipe.inference import (
+    BASE,
+    Assistant,
+    InferenceError,
+    check_adapter,
+    parse_adapter,
+    read_prompts,
+    trained_system_prompt,
+)
 from lorapipe.io import write_jsonl
 
 NAME = "generate"
 
 
-def default_paths() -> dict[str, str]:
-    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults."""
-    params = Path("params.yaml")
-    paths = yaml.safe_load(params.read_text())["paths"] if params.is_file() else {}
-    return {
+def project_defaults() -> dict[str, Any]:
+    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults; and its
+    format.system_prompt, when it has one (`system_prompt` absent otherwise)."""
+    file = Path("params.yaml")
+    params = yaml.safe_load(file.read_text()) if file.is_file() else {}
+    paths = params.get("paths", {})
+    found: dict[str, Any] = {
         "base": paths.get("base", "models/base"),
         "adapter": paths.get("adapter", "models/adapter"),
     }
+    if "system_prompt" in params.get("format", {}):
+        found["system_prompt"] = params["format"]["system_prompt"]
+    return found
+
+
+def system_prompt(
+    args: argparse.Namespace, defaults: dict[str, Any], adapters: dict[str, Path]
+) -> str | None:
+    """Every model's system prompt: --system-prompt, else params.yaml's format.system_prompt
+    (the one evaluate gave every model, base included, so the answers are those the report
+    measured), else (no params.yaml) the first adapter's trained one. An adapter trained with
+    another gets a note on stderr."""
+    trained = {name: trained_system_prompt(path) for name, path in adapters.items()}
+    if args.system_prompt is not None:
+        chosen = args.system_prompt
+    elif "system_prompt" in defaults:
+        chosen = defaults["system_prompt"]
+    else:
+        chosen = next((p for p in trained.values() if p is not None), None)
+    for name, prompt in trained.items():
+        if prompt is not None and prompt != chosen:
+            print(
+                f"{NAME}: note: adapter {name!r} was trained with the system prompt {prompt!r}; "
+                f"every model answers with {chosen!r}",
+                file=sys.stderr,
+            )
+    return chosen
 
 
 def _number(kind: type, low: float, high: float | None = None) -> Any:
@@ -79,7 +119,11 @@ def parser() -> argparse.ArgumentParser:
         "adapter (default: every loaded adapter)",
     )
     p.add_argument("--out", type=Path, help="also write {adapter, messages, answer} as JSONL")
-    p.add_argument("--system-prompt", help="override the system prompt the adapters trained with")
+    p.add_argument(
+        "--system-prompt",
+        help="every model's system prompt (default: format.system_prompt in params.yaml, as "
+        "evaluate gives every model)",
+    )
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=_number(int, 0), default=128)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -89,78 +133,184 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class Answers:
+    """The answers given so far; with a path, each is saved as it comes (the whole file rewritten
+    atomically), so an interrupt or a crash loses none of them and leaves no half a file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def check(self) -> None:
+        """Raise PipelineError unless the answers can be written to the path: checked before
+        any model loads, so no answer is generated to be lost."""
+        if self.path is None:
+            return
+        if self.path.is_dir():
+            example = self.path / "answers.jsonl"
+            raise PipelineError(f"--out {self.path}: is a folder; give a file, e.g. {example}")
+        folder = next(p for p in self.path.absolute().parents if p.exists())
+        if not folder.is_dir():
+            raise PipelineError(f"--out {self.path}: {folder} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PipelineError(f"--out {self.path}: cannot write in {folder}")
+
+    def add(self, name: str, messages: list[dict[str, str]], answer: str) -> None:
+        self.rows.append({"adapter": name, "messages": messages, "answer": answer})
+        if self.path is not None:
+            try:
+                write_jsonl(self.path, self.rows)
+            except OSError as e:
+                raise PipelineError(
+                    f"--out {self.path}: cannot write ({e.strerror}); the answers are above"
+                ) from None
+
+
+def answer_all(
+    assistant: Assistant,
+    messages: list[dict[str, str]],
+    names: list[str],
+    out: TextIO,
+    answers: Answers,
+    **kwargs: Any,
+) -> None:
+    """Each of `names` answers the conversation in turn, its answer streamed after `[NAME] `."""
+    for name in names:
+        out.write(f"[{name}] ")
+        answers.add(name, messages, assistant.answer(messages, name, stream=out, **kwargs))
+
+
+def too_long(
+    assistant: Assistant,
+    messages: list[dict[str, str]],
+    names: list[str],
+    max_new_tokens: int,
+    what: str,
+) -> None:
+    """Raise PipelineError when the prompt (as any of `names` gets it) and `max_new_tokens` do
+    not fit in the model's context: past it the model answers nothing or garbage."""
+    context = assistant.context
+    tokens = max(assistant.prompt_tokens(messages, name) for name in names)
+    if context is not None and tokens + max_new_tokens > context:
+        raise PipelineError(
+            f"{what} is {tokens:,} tokens; the model's context is {context:,} "
+            f"(with --max-new-tokens {max_new_tokens})"
+        )
+
+
 def interactive(
-    assistant: Assistant, name: str, out: TextIO, **kwargs: Any
-) -> list[dict[str, Any]]:
-    """Answer stdin lines one by one; `/use NAME` switches adapter, `/quit` (or EOF) ends."""
-    rows: list[dict[str, Any]] = []
-    out.write(f"adapters: {', '.join(assistant.names)}; /use NAME to switch, /quit to end\n")
+    assistant: Assistant, names: list[str], out: TextIO, answers: Answers, **kwargs: Any
+) -> None:
+    """Answer stdin lines one by one, each with every name in `names`; `/use NAME[,NAME...]`
+    switches, `/use` alone shows the names answering, `/quit` (or EOF) ends."""
+    loaded = ", ".join(assistant.names)
+    out.write(f"adapters: {loaded}; /use NAME[,NAME...] to switch, /quit to end\n")
     while True:
-        out.write(f"[{name}]> ")
+        out.write(f"[{','.join(names)}]> ")
         out.flush()
         line = sys.stdin.readline()
         if not line or line.strip() == "/quit":
-            return rows
+            return
         line = line.strip()
-        if line.startswith("/use "):
-            wanted = line.removeprefix("/use ").strip()
-            if wanted in assistant.names:
-                name = wanted
+        if line.split(" ", 1)[0] == "/use":
+            wanted = [n.strip() for n in line.removeprefix("/use").split(",") if n.strip()]
+            unknown = [n for n in wanted if n not in assistant.names]
+            if not wanted:
+                out.write(f"answering with {', '.join(names)}; /use NAME[,NAME...] ({loaded})\n")
+            elif unknown:
+                out.write(f"unknown adapter {', '.join(map(repr, unknown))}; loaded: {loaded}\n")
             else:
-                out.write(f"unknown adapter {wanted!r}; loaded: {', '.join(assistant.names)}\n")
+                names = wanted
         elif line:
             messages = [{"role": "user", "content": line}]
-            answer = assistant.answer(messages, name, stream=out, **kwargs)
-            rows.append({"adapter": name, "messages": messages, "answer": answer})
+            try:
+                too_long(assistant, messages, names, kwargs["max_new_tokens"], "this prompt")
+            except PipelineError as e:
+                out.write(f"{e}\n")
+                continue
+            answer_all(assistant, messages, names, out, answers, **kwargs)
+
+
+def chosen(args: argparse.Namespace, defaults: dict[str, Any]) -> tuple[dict[str, Path], list[str]]:
+    """The adapters to load (NAME -> folder) and the names that answer (--use). Without
+    --adapter, paths.adapter is loaded as `adapter` only when it answers: `--use base` needs no
+    trained adapter."""
+    specs = args.adapter or [f"adapter={defaults['adapter']}"]
+    adapters = dict(parse_adapter(s) for s in specs)
+    if len(adapters) != len(specs):
+        raise PipelineError("--adapter: each NAME must be given once")
+    use = args.use.split(",") if args.use else list(adapters)
+    for name in use:
+        if name != BASE and name not in adapters:
+            raise PipelineError(f"--use {name!r}: not a loaded adapter ({', '.join(adapters)})")
+    if not args.adapter:
+        adapters = {name: path for name, path in adapters.items() if name in use}
+        for path in adapters.values():
+            if not (path / "adapter_config.json").is_file():
+                raise PipelineError(
+                    f"{path}: no trained adapter; train it first (`dvc repro train`), or answer "
+                    "with the base alone (--use base)"
+                )
+    return adapters, use
+
+
+def prompts(args: argparse.Namespace) -> list[list[dict[str, str]]]:
+    """The conversations to answer: the prompt, or those in the --prompts file."""
+    if args.prompts is None:
+        if args.prompt is None:
+            return []
+        if not args.prompt.strip():
+            raise PipelineError("empty prompt: give the instruction to answer")
+        return [[{"role": "user", "content": args.prompt}]]
+    try:
+        conversations = read_prompts(args.prompts)
+    except InferenceError as e:
+        raise InferenceError(f"--prompts {e}") from None
+    if not conversations:
+        raise PipelineError(f"--prompts {args.prompts}: no prompts in it (only blank lines)")
+    return conversations
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    answers = Answers(args.out)
     try:
         if [args.prompt is not None, args.prompts is not None, args.interactive].count(True) != 1:
             raise PipelineError("give exactly one of: a prompt, --prompts FILE, --interactive")
-        defaults = default_paths()
-        specs = args.adapter or [f"adapter={defaults['adapter']}"]
-        adapters = dict(parse_adapter(s) for s in specs)
-        if len(adapters) != len(specs):
-            raise PipelineError("--adapter: each NAME must be given once")
-        use = args.use.split(",") if args.use else list(adapters)
-        for name in use:
-            if name != BASE and name not in adapters:
-                raise PipelineError(f"--use {name!r}: not a loaded adapter ({', '.join(adapters)})")
-        conversations = (
-            read_prompts(args.prompts)
-            if args.prompts
-            else [[{"role": "user", "content": args.prompt}]]
-        )
+        defaults = project_defaults()
+        adapters, use = chosen(args, defaults)
+        answers.check()
+        conversations = prompts(args)
+        for name, path in adapters.items():
+            check_adapter(name, path)
         assistant = Assistant(
             args.base or Path(defaults["base"]),
             adapters,
             dtype=args.dtype,
-            system_prompt=args.system_prompt,
+            system_prompt=system_prompt(args, defaults, adapters),
         )
         kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
         if args.sample:
             kwargs.update(
                 do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed
             )
-        out = sys.stdout
-        rows: list[dict[str, Any]] = []
         if args.interactive:
-            rows = interactive(assistant, use[0], out, **kwargs)
+            interactive(assistant, use, sys.stdout, answers, **kwargs)
         else:
+            where = f"--prompts {args.prompts}: " if args.prompts else ""
+            for i, messages in enumerate(conversations, start=1):
+                too_long(assistant, messages, use, args.max_new_tokens, f"{where}prompt {i}")
             for messages in conversations:
-                for name in use:
-                    out.write(f"[{name}] ")
-                    answer = assistant.answer(messages, name, stream=out, **kwargs)
-                    rows.append({"adapter": name, "messages": messages, "answer": answer})
-        if args.out:
-            write_jsonl(args.out, rows)
+                answer_all(assistant, messages, use, sys.stdout, answers, **kwargs)
     except (PipelineError, FileNotFoundError, ValueError) as exc:
         print(f"{NAME}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{NAME}: interrupted", file=sys.stderr)
+        kept = ""
+        if args.out:
+            n = len(answers.rows)
+            kept = f"; the {n} answers given are in {args.out}" if n else f"; {args.out} untouched"
+        print(f"\n{NAME}: interrupted{kept}", file=sys.stderr)
         return 130
     return 0
 

@@ -229,7 +229,9 @@ CHECKS: dict[str, Check] = {
     ),
     "python -m stages.generate -i": lambda p, out: out.count("[adapter]> ") == 2,
     "python -m stages.generate -i --use adapter,base": lambda p, out: (
-        "adapters: adapter, base;" in out and out.count("[adapter]> ") == 2
+        "adapters: adapter, base;" in out
+        and out.count("[adapter,base]> ") == 2  # both answer the one question
+        and out.count("[adapter] ") == out.count("[base] ") == 1
     ),
     "python -m stages.generate --adapter pyqa=models/adapter --adapter r4=sweeps/x/lora.r=4/"
     "adapter --use pyqa,r4,base --prompts questions.txt --out answers.jsonl": lambda p, out: (

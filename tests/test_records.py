@@ -369,6 +369,37 @@ def test_atomic_dir_refuses_to_replace_a_file(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+def test_atomic_dir_gives_its_files_a_plain_files_mode(tmp_path: Path) -> None:
+    """safetensors writes through a private (0600) temporary file: the weights came out
+    -rw------- beside -rw-r--r-- files. Every file gets the mode a plain file gets under the
+    umask (an executable keeps its x bits), every folder a plain folder's; contents unchanged."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    umask = os.umask(0)
+    os.umask(umask)
+    target = tmp_path / "adapter"
+    with atomic_dir(target) as tmp:
+        save_file({"w": torch.ones(2)}, tmp / "model.safetensors")
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "secret.txt").write_text("x")
+        (tmp / "sub" / "secret.txt").chmod(0o600)
+        (tmp / "run.sh").write_text("#!/bin/sh\n")
+        (tmp / "run.sh").chmod(0o700)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in target.rglob("*")}
+    plain = 0o666 & ~umask
+    assert mode == {
+        "model.safetensors": plain,
+        "sub": 0o777 & ~umask,
+        "secret.txt": plain,
+        "run.sh": 0o777 & ~umask,
+    }
+    assert load_file(target / "model.safetensors")["w"].tolist() == [1.0, 1.0]
+
+
 def test_jsonl_and_json_round_trip_as_utf8_with_lf(tmp_path: Path) -> None:
     rows: list[dict[str, Any]] = [
         {"text": "h\u00e9 \u4e16\u754c", "n": 1},

@@ -123,6 +123,37 @@ def test_markdown_table_has_a_row_per_metric_with_both_models(tmp_path: Path) ->
     assert md.read_text(encoding="utf-8") == text and page.name == "report.html"
 
 
+def test_documented_render_command_writes_what_evaluate_writes(tmp_path: Path) -> None:
+    """docs/evaluation-report.md's "render a report from existing results" command, run as
+    printed (its output moved under tmp_path), on the committed reports/: the same page as
+    `write_reports`, what the evaluate stage writes, retain section included."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lorapipe.io import read_jsonl
+
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs/evaluation-report.md").read_text()
+    intro = "To render a report from existing results"
+    command = re.search(r"```bash\n(.*?)```", docs[docs.index(intro) :], re.S)
+    assert command, "the documented command is gone"
+    out = tmp_path / "report.html"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = command.group(1).replace("/tmp/report.html", str(out))
+    subprocess.run(["bash", "-c", script], cwd=root, env=env, check=True)
+    reports = root / "reports"
+    expected = write_reports(
+        tmp_path / "evaluate",
+        json.loads((reports / "metrics.json").read_text()),
+        read_jsonl(reports / "predictions.jsonl"),
+        read_jsonl(reports / "retain.jsonl"),
+    )[1]
+    assert 'id="retain"' in expected.read_text(encoding="utf-8")
+    assert out.read_text(encoding="utf-8") == expected.read_text(encoding="utf-8")
+
+
 def test_val_loss_equals_the_models_own_loss_for_one_example(tiny_base: Path) -> None:
     tok = load_tokenizer(tiny_base)
     model = load_base_model(tiny_base, dtype="float32")

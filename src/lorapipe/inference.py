@@ -3,9 +3,10 @@
 The base weights are loaded once; each adapter is added with peft's `load_adapter` under its
 name and chosen with `set_adapter`, so switching costs nothing and adapters share the base's
 memory. The name `base` answers with every adapter disabled. Prompts are built with
-`lorapipe.chat.build_prompt`, the function the format stage used for training, with the system
-prompt each adapter was trained with (its lineage.json), so an adapter sees the same prompt
-tokens it learnt from. Generation is `lorapipe.generation.generate`, as in evaluation.
+`lorapipe.chat.build_prompt`, the function the format stage used for training, with one system
+prompt for every model (generate: format.system_prompt, the one the adapter was trained and
+evaluated with), so an adapter sees the same prompt tokens it learnt from and the base the
+prompt evaluate gave it. Generation is `lorapipe.generation.generate`, as in evaluation.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import TextStreamer
 
 from lorapipe.chat import build_prompt, conversations_to_answer, render_prompt, with_system
 from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
 from lorapipe.lineage import LINEAGE_FILE, require_trained_on
-from lorapipe.models import load_base_model, load_tokenizer, require_safetensors
+from lorapipe.models import (
+    ADAPTER_WEIGHTS,
+    load_base_model,
+    load_tokenizer,
+    require_safetensors,
+)
 
 BASE = "base"  # the name that answers with the base model alone
 
@@ -52,6 +59,33 @@ def trained_system_prompt(adapter_dir: Path) -> str | None:
     return params.get("format", {}).get("system_prompt")
 
 
+def check_adapter(name: str, path: Path) -> None:
+    """Raise InferenceError, naming the file, unless `path` holds an adapter that loads: its
+    adapter_config.json (and lineage.json, if any) a JSON object, its weights safetensors (PEFT
+    would unpickle an adapter_model.bin) with a whole header (a truncated file fails here, before
+    any weights load, not in safetensors' loader)."""
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise InferenceError(f"adapter {name!r}: {path} has no adapter_config.json")
+    for file in (config, path / LINEAGE_FILE):
+        if not file.is_file():
+            continue
+        try:
+            ok = isinstance(json.loads(file.read_text(encoding="utf-8")), dict)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InferenceError(f"adapter {name!r}: {file}: not valid JSON ({e})") from None
+        if not ok:
+            raise InferenceError(f"adapter {name!r}: {file}: expected a JSON object")
+    require_safetensors(path)
+    try:
+        with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt"):
+            pass
+    except SafetensorError as e:
+        raise InferenceError(
+            f"adapter {name!r}: {path / ADAPTER_WEIGHTS}: unreadable ({e})"
+        ) from None
+
+
 def read_prompts(path: Path) -> list[list[dict[str, str]]]:
     """The conversations to answer, from `path`: JSONL rows with `instruction` (one user turn)
     or `messages` (ending with a user turn), or else plain text, one instruction per line."""
@@ -59,6 +93,8 @@ def read_prompts(path: Path) -> list[list[dict[str, str]]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InferenceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # missing, a folder, unreadable
+        raise InferenceError(f"{path}: cannot read it ({e.strerror})") from None
     if path.suffix != ".jsonl":
         return [[{"role": "user", "content": line}] for line in text.splitlines() if line.strip()]
     try:
@@ -78,12 +114,10 @@ class Assistant:
         dtype: str = "auto",
         system_prompt: str | None = None,
     ) -> None:
-        """Load the base once and every adapter onto it; `system_prompt` overrides the trained
-        one of every adapter (and is the base's)."""
+        """Load the base once and every adapter onto it; `system_prompt` is every model's (the
+        base's and each adapter's), as evaluation gives them one prompt."""
         for name, path in adapters.items():
-            if not (path / "adapter_config.json").is_file():
-                raise InferenceError(f"adapter {name!r}: {path} has no adapter_config.json")
-            require_safetensors(path)  # PEFT would unpickle an adapter_model.bin
+            check_adapter(name, path)
             require_trained_on(path, base_dir)
         self.tokenizer = load_tokenizer(base_dir)
         model = load_base_model(base_dir, dtype=dtype)
@@ -97,16 +131,22 @@ class Assistant:
             for name, path in rest:
                 model.load_adapter(str(path), adapter_name=name)
         self.model = model.eval()
-        self.system_prompts = {
-            name: system_prompt if system_prompt is not None else trained_system_prompt(path)
-            for name, path in adapters.items()
-        }
-        self.system_prompts[BASE] = system_prompt
+        self.system_prompts = {name: system_prompt for name in [*adapters, BASE]}
 
     @property
     def names(self) -> list[str]:
         """The adapter names, in load order, then `base`."""
         return list(self.system_prompts)
+
+    @property
+    def context(self) -> int | None:
+        """The model's context in tokens (its config's max_position_embeddings), None when the
+        config does not say."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def prompt_tokens(self, messages: list[dict[str, str]], name: str) -> int:
+        """How many tokens the prompt `name` answers is, tokenized as generation does."""
+        return len(self.tokenizer(self.prompt_for(messages, name))["input_ids"])
 
     def prompt_for(self, messages: list[dict[str, str]], name: str) -> str:
         """The prompt `name` answers: the conversation with its system prompt, chat-templated."""

@@ -12,7 +12,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
     A process killed (SIGKILL, power loss) inside the block leaves its temporary folder behind,
     never a partial `target`; the next `atomic_dir` on the same target removes such leftovers.
+    The new folder and everything in it get a plain folder's or file's mode under the umask
+    (the temporary folder and files some writers make are owner-only).
 
     Raises NotADirectoryError if `target` exists and is not a folder.
     """
@@ -46,6 +48,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)
     try:
         yield tmp
+        _plain_modes(tmp, umask)
         # Move the old folder aside rather than deleting it first: if the swap fails, it comes back.
         old = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
         had_old = target.exists()
@@ -63,6 +66,23 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _plain_modes(folder: Path, umask: int) -> None:
+    """Give everything in `folder` the mode a plain file or folder gets under `umask`, as
+    `open` and `mkdir` give it: writers that go through a private temporary file (safetensors,
+    `tempfile`) leave theirs owner-only (0600). An executable keeps its x bits; links are
+    left alone. Modes only: no content changes."""
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            path = Path(root, name)
+            if not path.is_symlink():
+                path.chmod(0o777 & ~umask)
+        for name in files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                executable = path.stat().st_mode & 0o100
+                path.chmod((0o777 if executable else 0o666) & ~umask)
+
+
 def write_text(path: Path, text: str) -> None:
     """Write `text` to `path` as UTF-8 with "\\n" line ends, atomically.
 
@@ -72,8 +92,13 @@ def write_text(path: Path, text: str) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)  # no stray half-written sibling (a full disk, a folder)
+        raise
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
