@@ -23,7 +23,14 @@ from lorapipe.cli import stage
 from lorapipe.config import Params, validate
 from lorapipe.io import write_json
 from lorapipe.lineage import LINEAGE_FILE
-from lorapipe.sweep import MEMBER_FILE, MEMBER_PATHS, SWEEP_ROOT, SweepError, check_sweepable
+from lorapipe.sweep import (
+    MEMBER_FILE,
+    MEMBER_PATHS,
+    SWEEP_ROOT,
+    SweepError,
+    check_sweepable,
+    own_overrides,
+)
 from stages import evaluate, train
 
 # The sweep's folders and summary; `hydra.sweep.dir=...` on the command line still wins.
@@ -76,7 +83,7 @@ def run(composed: dict[str, Any]) -> dict[str, Any]:
     root = Path(hydra.runtime.cwd)
     member = Path(hydra.runtime.output_dir)
     base, task = composed["composed_with"], list(hydra.overrides.task)
-    overrides = task[len(base) :] if task[: len(base)] == base else task
+    overrides = own_overrides(base, task)
     record: dict[str, Any] = {"member": member.name, "overrides": overrides, "status": "running"}
     write_json(member / MEMBER_FILE, record)
     started = time.perf_counter()

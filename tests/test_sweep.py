@@ -131,3 +131,37 @@ def test_a_sweep_without_m_is_one_line_not_a_traceback(tmp_path: Path) -> None:
         "sweep: error: add -m: members run as a Hydra multirun "
         "(python -m stages.sweep -m lora.r=4,8)\n"
     )
+
+
+def test_a_members_own_overrides_are_found_when_params_yaml_holds_a_list_or_a_dict() -> None:
+    """params.yaml's values beyond conf/ reach a sweep as overrides written by hydra_value
+    (`[a, b]`, `{k: v}`); Hydra's sweeper hands each member those overrides in its compact form
+    (`[a,b]`, `{k:v}`), and the member took them all for its own (then refused `model=tiny` as a
+    key it cannot sweep)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lorapipe.params import as_overrides
+    from lorapipe.sweep import own_overrides
+
+    applied = as_overrides(
+        {"lora": {"target_modules": ["q_proj", "v_proj"]}, "data": {"fields": {"q": "prompt"}}},
+        {"lora": {"target_modules": "all-linear"}, "data": {"fields": None}},
+    )
+    assert applied == [
+        "++lora.target_modules=['q_proj', 'v_proj']",
+        "++data.fields={q: 'prompt'}",
+    ]
+    base = ["model=tiny", *applied, "~lora.bias"]
+    mine = ["lora.r=2,4", "train.max_steps=1", "lora.layers_to_transform=[0, 1]"]
+    parsed = OverridesParser.create().parse_overrides([*base, *mine])
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    assert batch[0][1] == "++lora.target_modules=['q_proj','v_proj']"  # as Hydra writes it
+    for task, r in zip(batch, ("2", "4"), strict=True):
+        assert own_overrides(base, task) == [
+            f"lora.r={r}",
+            "train.max_steps=1",
+            "lora.layers_to_transform=[0,1]",
+        ]
+    # A member's own value for a key params.yaml also sets is the member's own.
+    assert own_overrides(["++lora.r=4"], ["++lora.r=8"]) == ["++lora.r=8"]
