@@ -24,6 +24,7 @@ from lorapipe.config import Params, validate
 from lorapipe.io import write_json
 from lorapipe.lineage import LINEAGE_FILE
 from lorapipe.sweep import (
+    DEFAULT_METRIC,
     MEMBER_FILE,
     MEMBER_PATHS,
     SWEEP_ROOT,
@@ -39,6 +40,8 @@ SWEEP_DEFAULTS = [
     f"hydra.sweep.dir={SWEEP_ROOT}/${{now:%Y-%m-%d_%H-%M-%S}}",
     "hydra.sweep.subdir=${hydra:job.override_dirname}",
     "+hydra.callbacks.sweep_summary._target_=lorapipe.sweep.SweepSummary",
+    # Declared with its default, so `hydra.callbacks.sweep_summary.metric=...` overrides it.
+    f"+hydra.callbacks.sweep_summary.metric={DEFAULT_METRIC}",
 ]
 
 

@@ -165,3 +165,33 @@ def test_a_members_own_overrides_are_found_when_params_yaml_holds_a_list_or_a_di
         ]
     # A member's own value for a key params.yaml also sets is the member's own.
     assert own_overrides(["++lora.r=4"], ["++lora.r=8"]) == ["++lora.r=8"]
+
+
+def test_the_ranking_metric_is_chosen_by_the_documented_override(tmp_path: Path) -> None:
+    """`hydra.callbacks.sweep_summary.metric=adapter.val_loss` (docs/sweeps-and-scale-out.md)
+    was refused by Hydra (Key 'metric' is not in struct): the callback's config lacked the key.
+    Here the members fail fast (nothing formatted), which is enough for the summary to be
+    written under the chosen metric."""
+    import shutil
+    import subprocess
+    import sys
+
+    from lorapipe.params import write_params
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "conf", tmp_path / "conf")
+    write_params(tmp_path, ["model=tiny"])
+    cmd = [sys.executable, "-m", "stages.sweep", "-m", "hydra.sweep.dir=sweeps/m", "lora.r=2"]
+    done = subprocess.run(
+        [*cmd, "hydra.callbacks.sweep_summary.metric=adapter.val_loss"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "not in struct" not in done.stderr, done.stderr
+    summary = json.loads((tmp_path / "sweeps/m/summary.json").read_text())
+    assert summary["metric"] == "adapter.val_loss"
+    assert [m["error"].split(":")[0] for m in summary["members"]] == ["SweepError"]
+    assert done.returncode == 1 and "ranked by adapter.val_loss" in done.stdout
