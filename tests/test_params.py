@@ -105,6 +105,9 @@ MISSPELT = {
     "eval.max_new_token=8": "eval.max_new_token: unknown key (did you mean eval.max_new_tokens?)",
     "foo=1": "foo: unknown key (check the spelling against conf/; a new key needs '+'",
     "lora=llama": "lora=llama: conf/lora/ has no llama.yaml (options: default, ",
+    # Hydra raised a bare ValueError (Config group override must be a string or a list).
+    "experiment=null": "experiment=null: to drop a group choice use ~experiment",
+    "lora=null": "lora=null: to drop a group choice use ~lora",
 }
 
 
@@ -195,3 +198,18 @@ def test_a_mapping_value_is_assigned_without_plus(project: Path) -> None:
     assert compose_run(project, ["eval.batch_size=2"])["eval"]["adapters"] == {
         "r4": "sweeps/x/adapter"
     }
+
+
+def test_a_group_set_to_null_is_one_line_for_the_params_command_and_a_sweep(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorapipe.params import base_overrides
+
+    write_params(project, [])
+    assert main(["experiment=null"]) == 2
+    assert capsys.readouterr().err == (
+        "params: error: experiment=null: to drop a group choice use ~experiment\n"
+    )
+    with pytest.raises(ConfigError, match=r"^experiment=null: to drop a group choice use ~exp"):
+        base_overrides(project, ["experiment=null,qlora", "lora.r=2"], sweep=True)
+    assert compose_run(project, ["~experiment"])["lora"]["r"] == 16  # what the hint says works

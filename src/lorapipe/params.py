@@ -64,7 +64,7 @@ def compose(conf_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
         with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
         OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # group=null: ValueError
         reason = " ".join(str(exc).split())
         raise ConfigError(f"cannot compose {conf_dir}/ with {list(overrides)}: {reason}") from None
     container = OmegaConf.to_container(cfg)
@@ -208,7 +208,11 @@ def check_overrides(
 
     parser = OverridesParser.create()
     known = groups(conf_dir)
-    chosen = [o for o in _first_values(overrides) if override_key(o) in known]
+    chosen = [
+        o
+        for o in _first_values(overrides)
+        if override_key(o) in known and not o.endswith("=null")  # Hydra raises a bare ValueError
+    ]
     try:  # keys are looked up in the groups as the overrides choose them
         composed = compose(conf_dir, [*base, *chosen])
     except ConfigError:
@@ -238,7 +242,10 @@ def check_overrides(
         if key in known and not override.is_add():
             options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             problems += [
-                f"{key}={value}: conf/{key}/ has no {value}.yaml (options: {', '.join(options)})"
+                f"{key}={value}: to drop a group choice use ~{key}"
+                if value == "null"
+                else f"{key}={value}: conf/{key}/ has no {value}.yaml (options: "
+                f"{', '.join(options)})"
                 for value in values
                 if value not in options and not override.is_delete()
             ]
