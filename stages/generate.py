@@ -18,19 +18,25 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
+from lorapipe.config import ConfigError
 from lorapipe.errors import PipelineError
 from lorapipe.inference import BASE, Assistant, parse_adapter, read_prompts
 from lorapipe.io import write_jsonl
+from lorapipe.params import PARAMS_FILE, load_params
 
 NAME = "generate"
 
 
 def default_paths() -> dict[str, str]:
-    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults."""
-    params = Path("params.yaml")
-    paths = yaml.safe_load(params.read_text())["paths"] if params.is_file() else {}
+    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults without one.
+    Raises ConfigError when params.yaml is not YAML or has no paths section."""
+    root = Path.cwd()
+    paths = load_params(root).get("paths") if (root / PARAMS_FILE).is_file() else {}
+    if not isinstance(paths, dict):
+        raise ConfigError(
+            f"{PARAMS_FILE}: no paths section (generate reads paths.base and paths.adapter "
+            "there); `make params` recomposes it from conf/, or give --base and --adapter"
+        )
     return {
         "base": paths.get("base", "models/base"),
         "adapter": paths.get("adapter", "models/adapter"),

@@ -213,3 +213,38 @@ def test_a_group_set_to_null_is_one_line_for_the_params_command_and_a_sweep(
     with pytest.raises(ConfigError, match=r"^experiment=null: to drop a group choice use ~exp"):
         base_overrides(project, ["experiment=null,qlora", "lora.r=2"], sweep=True)
     assert compose_run(project, ["~experiment"])["lora"]["r"] == 16  # what the hint says works
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand edit that breaks the YAML (`r: [16`) gave yaml.parser's traceback, in params.yaml
+    (--check, every stage, generate) and in a conf/ file (make params)."""
+    from stages.generate import main as generate
+
+    write_params(project, [])
+    good = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(good.replace("  r: 16\n", "  r: [16\n"))
+    line = good.splitlines().index("  r: 16") + 1
+    expected = (
+        f"params.yaml line {line + 1}: expected ',' or ']', but got ':' (while parsing a flow "
+        f"sequence started on line {line}); fix the YAML syntax there\n"
+    )
+    assert main(["--check"]) == 2
+    assert capsys.readouterr().err == f"params: error: {expected}"
+    assert generate(["hi"]) == 2
+    assert capsys.readouterr().err == f"generate: error: {expected}"
+    done = run_stage(project, "stages.train", "lora.r=2")
+    assert done.returncode == 2 and done.stderr == f"train: error: {expected}"
+
+    (project / "params.yaml").write_text(good.replace("paths:", "elsewhere:"))
+    assert generate(["hi"]) == 2
+    assert capsys.readouterr().err.startswith("generate: error: params.yaml: no paths section")
+
+    lora = project / "conf" / "lora" / "default.yaml"
+    lora.write_text(lora.read_text().replace("\nr: 16", "\nr: [16"))
+    assert main(["lora.r=4"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "params: error: conf/lora/default.yaml line 4: expected ',' or ']', but got '<scalar>' "
+        "(while parsing a flow sequence started on line 3); fix the YAML syntax there"
+    )

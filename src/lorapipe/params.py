@@ -18,6 +18,7 @@ it selects anew, take the new value.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
@@ -64,6 +65,8 @@ def compose(conf_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
         with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
         OmegaConf.resolve(cfg)
+    except yaml.YAMLError as exc:  # a syntax error in a conf/ file: Hydra passes it on
+        raise ConfigError(yaml_problem(exc)) from None
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # group=null: ValueError
         reason = " ".join(str(exc).split())
         raise ConfigError(f"cannot compose {conf_dir}/ with {list(overrides)}: {reason}") from None
@@ -71,6 +74,22 @@ def compose(conf_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
     assert isinstance(container, dict)
     container[RECORD_KEY] = list(overrides)
     return container  # type: ignore[return-value]
+
+
+def yaml_problem(exc: yaml.YAMLError, path: Path | None = None) -> str:
+    """One line for a YAML syntax error: `file line N: the parser's problem`, with a hint."""
+    mark = getattr(exc, "problem_mark", None)
+    name = str(path) if path is not None else str(getattr(mark, "name", "a YAML file"))
+    with contextlib.suppress(ValueError):  # outside the working directory: the full path
+        name = str(Path(name).resolve().relative_to(Path.cwd().resolve()))
+    where = f"{name} line {mark.line + 1}" if mark is not None else name
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        problem += f" ({context} started on line {start.line + 1})"
+    elif context:
+        problem += f" ({context})"
+    return f"{where}: {problem}; fix the YAML syntax there"
 
 
 def dump(params: dict[str, Any]) -> str:
@@ -103,7 +122,10 @@ def load_params(root: Path) -> dict[str, Any]:
             f"{path} not found: run stages from the project root (where dvc.yaml is), after "
             "`make params` composed it from conf/"
         )
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsFileError(yaml_problem(exc, path)) from None
     if not isinstance(data, dict):
         raise ParamsFileError(f"{path}: expected a mapping of config groups")
     recorded = data.get(RECORD_KEY) or []
