@@ -181,8 +181,7 @@ def test_the_params_command_refuses_values_a_stage_would_refuse(
     assert main(["lora.r=abc", "train.learning_rate=0"]) == 2
     assert capsys.readouterr().err == (
         "params: error: invalid configuration:\n"
-        "  lora.r: Input should be a valid integer, unable to parse string as an integer, "
-        "got 'abc'\n"
+        "  lora.r: Input should be a valid integer, got 'abc'\n"
         "  train.learning_rate: Input should be greater than 0, got 0\n"
     )
     assert (project / "params.yaml").read_text() == before
@@ -248,3 +247,17 @@ def test_a_yaml_syntax_error_names_the_file_and_line(
         "params: error: conf/lora/default.yaml line 4: expected ',' or ']', but got '<scalar>' "
         "(while parsing a flow sequence started on line 3); fix the YAML syntax there"
     )
+
+
+def test_params_yaml_is_read_as_yaml_1_2_and_an_int_is_a_float(project: Path) -> None:
+    """The schema refuses a value of the wrong type (pydantic strict), so params.yaml is read
+    as DVC and Hydra read it: a hand-written `1e-3` is a float (PyYAML alone reads a string),
+    and `train.learning_rate=1` (an int) is a float."""
+    from lorapipe.config import validate
+
+    write_params(project, [])
+    set_value(project, "train", "learning_rate", 1)
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("learning_rate: 1\n", "learning_rate: 1e-3\n"))
+    assert validate(load_params(project)).train.learning_rate == 0.001
+    assert write_params(project, ["train.learning_rate=1"])["train"]["learning_rate"] == 1

@@ -31,7 +31,10 @@ class ConfigError(PipelineError, ValueError):
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong type is refused, not converted (lora.r=true would be 1,
+    # lora.use_dora=yes True, lora.r='8' 8); params arrive typed by YAML, and an int is still
+    # taken for a float (train.learning_rate=1).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Architecture(_Group):

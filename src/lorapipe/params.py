@@ -122,10 +122,14 @@ def load_params(root: Path) -> dict[str, Any]:
             f"{path} not found: run stages from the project root (where dvc.yaml is), after "
             "`make params` composed it from conf/"
         )
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    from omegaconf import OmegaConf
+
+    try:  # OmegaConf reads YAML 1.2 floats (1e-3) as DVC does; plain PyYAML reads a string
+        data = OmegaConf.to_container(OmegaConf.load(path))
     except yaml.YAMLError as exc:
         raise ParamsFileError(yaml_problem(exc, path)) from None
+    except OSError:  # a scalar, not a mapping ("Invalid loaded object type")
+        data = None
     if not isinstance(data, dict):
         raise ParamsFileError(f"{path}: expected a mapping of config groups")
     recorded = data.get(RECORD_KEY) or []
