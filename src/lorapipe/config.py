@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -54,6 +54,9 @@ class Architecture(_Group):
         return self
 
 
+# A random seed: numpy's (transformers.set_seed seeds it with train.seed) takes [0, 2**32).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -70,7 +73,7 @@ class ModelCfg(_Group):
     strict_pin: bool
     snapshot: bool
     trust_remote_code: bool
-    seed: int
+    seed: Seed
     architecture: Architecture | None
 
     @model_validator(mode="after")
@@ -344,7 +347,7 @@ class TrainCfg(_Group):
     max_grad_norm: float = Field(gt=0)
     max_steps: int  # -1: train.epochs decides
     logging_steps: int = Field(gt=0)
-    seed: int
+    seed: Seed
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     # auto: on when the base is quantised (QLoRA's usual setting, as peft's
     # prepare_model_for_kbit_training defaults), off otherwise (faster); true / false force it.
@@ -387,7 +390,7 @@ class EvalCfg(_Group):
     do_sample: bool
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
-    seed: int
+    seed: Seed
     val_loss_examples: int | None = Field(ge=0)
     # More adapters to evaluate beside the pipeline's own, on the same base and prompts:
     # {name: adapter folder}. Each becomes a model in metrics.json, predictions and the report.
