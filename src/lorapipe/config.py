@@ -290,7 +290,7 @@ class LoraCfg(_Group):
     use_dora: bool
     use_rslora: bool
     init: bool | str
-    layers_to_transform: list[int] | None
+    layers_to_transform: list[Annotated[int, Field(ge=0)]] | None  # the range: training.py
 
     @model_validator(mode="after")
     def _peft_accepts(self) -> LoraCfg:

@@ -78,6 +78,23 @@ def check_target_modules(model: torch.nn.Module, target_modules: str | list[str]
         )
 
 
+def check_layers(base_dir: Path, layers: list[int] | None) -> None:
+    """Raise TrainingError when a `lora.layers_to_transform` index is not a layer of the base
+    (peft raises its own error after loading); read from the base's config, before it loads."""
+    if not layers:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir).get_text_config()
+    count = getattr(config, "num_hidden_layers", None)
+    outside = [i for i in layers if count is not None and not 0 <= i < count]
+    if outside:
+        raise TrainingError(
+            f"lora.layers_to_transform: {', '.join(map(str, outside))} is not a layer of this "
+            f"model (its layers are 0-{count - 1})"
+        )
+
+
 def check_modules_to_save(model: torch.nn.Module, names: list[str] | None) -> None:
     """Raise TrainingError unless each `lora.modules_to_save` name ends some module's name.
 
@@ -358,6 +375,7 @@ def setup_model(params: Params, base_dir: Path, precision: str) -> tuple[Any, bo
     Raises TrainingError when a LoRA name matches nothing or no parameter would train."""
     from peft import get_peft_model
 
+    check_layers(base_dir, params.lora.layers_to_transform)
     model, recompute = load_for_training(base_dir, params, MODEL_DTYPES[precision])
     check_target_modules(model, params.lora.target_modules)
     check_modules_to_save(model, params.lora.modules_to_save)
