@@ -43,7 +43,7 @@ DVC_FILE = "dvc.yaml"
 # computing with them. tests/test_dvc_params.py runs every stage to keep this in step.
 CHECKED_THROUGH = {
     "${paths.base}": ("model",),
-    "${paths.formatted}/made_with.json": ("data", "format"),
+    "${paths.formatted}/made_with.json": ("data", "format", "train.max_length"),
     "${paths.adapter}": ("model", "data", "format", "lora", "quant", "train"),
 }
 
@@ -311,7 +311,9 @@ def stage_reads(root: Path, stage: str) -> tuple[list[str], list[str]] | None:
         parts = list(items) if isinstance(items, dict) else parts
     keys = [k for k in body.get("params", []) if isinstance(k, str)]
     listed = sorted({k.replace("${key}", part) for k in keys for part in parts})
-    checked = sorted({s for dep in body.get("deps", []) for s in CHECKED_THROUGH.get(dep, ())})
+    every = {s for dep in body.get("deps", []) for s in CHECKED_THROUGH.get(dep, ())}
+    # A key under a section listed or checked whole (train.max_length under train) is not named.
+    checked = sorted(c for c in every if not any(c.startswith(f"{k}.") for k in {*listed, *every}))
     return listed, checked
 
 
