@@ -135,7 +135,7 @@ def load_params(root: Path) -> dict[str, Any]:
     recorded = data.get(RECORD_KEY) or []
     if not isinstance(recorded, list):
         raise ParamsFileError(f"{path}: {RECORD_KEY} must be a list of overrides")
-    return data
+    return {str(key): value for key, value in data.items()}
 
 
 def hydra_value(value: Any) -> str:

@@ -87,7 +87,9 @@ def check_layers(base_dir: Path, layers: list[int] | None) -> None:
 
     config = AutoConfig.from_pretrained(base_dir).get_text_config()
     count = getattr(config, "num_hidden_layers", None)
-    outside = [i for i in layers if count is not None and not 0 <= i < count]
+    if count is None:
+        return  # a config without a layer count: peft says what it finds
+    outside = [i for i in layers if not 0 <= i < count]
     if outside:
         raise TrainingError(
             f"lora.layers_to_transform: {', '.join(map(str, outside))} is not a layer of this "
