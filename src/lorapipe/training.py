@@ -65,15 +65,23 @@ def check_target_modules(model: torch.nn.Module, target_modules: str | list[str]
     if isinstance(target_modules, str):  # PEFT treats a string as a full-match regex
         full_names = [n for n, m in model.named_modules() if n]
         if not any(re.fullmatch(target_modules, n) for n in full_names):
+            hint = f"adaptable layers are named: {', '.join(available)}"
+            if any(re.search(target_modules, n) for n in full_names):  # `q_proj`: a part only
+                hint = (
+                    "a string is a regex that must match a module's full name (such as "
+                    f"{next(n for n in full_names if re.search(target_modules, n))}); for "
+                    f"layer names give a list, lora.target_modules=[{target_modules}], or "
+                    f"match the end, '.*{target_modules}'"
+                )
             raise TrainingError(
-                f"lora.target_modules: regex {target_modules!r} matches no module; "
-                f"adaptable layers are named: {', '.join(available)}"
+                f"lora.target_modules: regex {target_modules!r} matches no module; {hint}"
             )
         return
     missing = [t for t in target_modules if t not in available]
     if missing:
+        verb = "matches" if len(missing) == 1 else "match"
         raise TrainingError(
-            f"lora.target_modules: {', '.join(missing)} match no layer of this model "
+            f"lora.target_modules: {', '.join(missing)} {verb} no layer of this model "
             f"(adaptable layers: {', '.join(available)})"
         )
 
