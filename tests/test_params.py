@@ -261,3 +261,36 @@ def test_params_yaml_is_read_as_yaml_1_2_and_an_int_is_a_float(project: Path) ->
     path.write_text(path.read_text().replace("learning_rate: 1\n", "learning_rate: 1e-3\n"))
     assert validate(load_params(project)).train.learning_rate == 0.001
     assert write_params(project, ["train.learning_rate=1"])["train"]["learning_rate"] == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "lora.r: Input should be greater than 0, got 0"),
+        ("eight", "lora.r: Input should be a valid integer, got 'eight'"),
+    ],
+)
+def test_check_validates_the_values_of_params_yaml(
+    project: Path, capsys: pytest.CaptureFixture[str], value: object, message: str
+) -> None:
+    """A hand edit no stage would run with was reported as values beyond conf/ (exit 1)."""
+    write_params(project, [])
+    set_value(project, "lora", "r", value)
+    assert main(["--check"]) == 2
+    assert capsys.readouterr().err == f"params: error: {message}\n"
+
+
+def test_check_reports_a_renamed_key_and_takes_no_overrides(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_params(project, [])
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("  r: 16\n", "  rank: 8\n"))
+    assert main(["--check"]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "  lora.r: missing (every key has its value in conf/; see conf/lora/)",
+        "  lora.rank: unknown key; use lora.r",
+    ]
+    # It said `--check: not an override (LexerNoViableAltException ...)`.
+    assert main(["lora.r=4", "--check"]) == 2
+    assert capsys.readouterr().err.startswith("params: error: --check takes no overrides")

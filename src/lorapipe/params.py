@@ -6,7 +6,7 @@ composes without running anything and records the overrides under `composed_with
 
     python -m lorapipe.params                   # recompose from conf/
     python -m lorapipe.params lora.r=4 quant=nf4
-    python -m lorapipe.params --check           # what params.yaml sets that conf/ does not
+    python -m lorapipe.params --check           # bad values in params.yaml; what conf/ lacks
 
 `params.yaml` as it stands is always a valid state, also after `dvc exp run -S` or
 `dvc exp apply` changed it: a stage run without overrides reads it exactly. A stage run with
@@ -456,7 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     try:
-        if args == ["--check"]:
+        if "--check" in args:
+            if args != ["--check"]:
+                raise ConfigError(
+                    "--check takes no overrides: it checks params.yaml as it stands (run "
+                    "`python -m lorapipe.params --check` alone)"
+                )
+            validate(load_params(Path.cwd()))  # values a stage would refuse: exit 2
             drift = describe_drift(Path.cwd())
             if not drift:
                 print(f"{PARAMS_FILE} is what conf/ composes (with its recorded overrides)")
