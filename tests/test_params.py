@@ -294,3 +294,20 @@ def test_check_reports_a_renamed_key_and_takes_no_overrides(
     # It said `--check: not an override (LexerNoViableAltException ...)`.
     assert main(["lora.r=4", "--check"]) == 2
     assert capsys.readouterr().err.startswith("params: error: --check takes no overrides")
+
+
+def test_recorded_overrides_come_with_a_note_that_an_experiment_drops_them(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dvc exp run -S` composes conf/ with its -S values only: what `make params ARGS=...`
+    recorded is silently dropped in an experiment, so both commands say so."""
+    note = (
+        "note: `dvc exp run -S` composes conf/ with its -S values only, so it drops lora.r=8: "
+        "keep lasting values in conf/, or pass them again with -S\n"
+    )
+    assert main(["lora.r=8"]) == 0
+    assert capsys.readouterr().out.endswith(note)
+    assert main(["--check"]) == 0
+    assert capsys.readouterr().out.endswith(note)
+    assert main([]) == 0
+    assert "note:" not in capsys.readouterr().out

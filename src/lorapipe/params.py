@@ -450,6 +450,33 @@ def _get(tree: Any, key: str) -> Any:
     return tree
 
 
+def exp_run_note(recorded: Sequence[str]) -> str:
+    """What `dvc exp run -S` does with the overrides params.yaml records (drops them)."""
+    return (
+        f"note: `dvc exp run -S` composes conf/ with its -S values only, so it drops "
+        f"{' '.join(recorded)}: keep lasting values in conf/, or pass them again with -S"
+    )
+
+
+def check(root: Path) -> int:
+    """`--check`: ConfigError for values a stage would refuse; 1 when params.yaml sets values
+    beyond conf/ (printed), else 0. Notes the recorded overrides an experiment would drop."""
+    recorded = [str(o) for o in validate(load_params(root)).composed_with]
+    drift = describe_drift(root)
+    if not drift:
+        print(f"{PARAMS_FILE} is what conf/ composes (with its recorded overrides)")
+    else:
+        print(
+            f"{PARAMS_FILE} sets values beyond conf/ (from dvc exp run -S, dvc exp apply or "
+            "a hand edit); stages use them as they stand:\n  " + "\n  ".join(drift) + "\n"
+            "To keep one in conf/, write it into the group's file under conf/; "
+            "`make params` recomposes params.yaml from conf/ and drops the others."
+        )
+    if recorded:
+        print(exp_run_note(recorded))
+    return 1 if drift else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
@@ -462,23 +489,14 @@ def main(argv: list[str] | None = None) -> int:
                     "--check takes no overrides: it checks params.yaml as it stands (run "
                     "`python -m lorapipe.params --check` alone)"
                 )
-            validate(load_params(Path.cwd()))  # values a stage would refuse: exit 2
-            drift = describe_drift(Path.cwd())
-            if not drift:
-                print(f"{PARAMS_FILE} is what conf/ composes (with its recorded overrides)")
-                return 0
-            print(
-                f"{PARAMS_FILE} sets values beyond conf/ (from dvc exp run -S, dvc exp apply or "
-                "a hand edit); stages use them as they stand:\n  " + "\n  ".join(drift) + "\n"
-                "To keep one in conf/, write it into the group's file under conf/; "
-                "`make params` recomposes params.yaml from conf/ and drops the others."
-            )
-            return 1
+            return check(Path.cwd())
         params = write_params(Path.cwd(), args)
     except ConfigError as exc:
         print(f"params: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {PARAMS_FILE} (overrides: {params[RECORD_KEY] or 'none'})")
+    if params[RECORD_KEY]:
+        print(exp_run_note(params[RECORD_KEY]))
     return 0
 
 
