@@ -23,6 +23,7 @@ from lorapipe.cli import stage
 from lorapipe.config import Params, validate
 from lorapipe.io import write_json
 from lorapipe.lineage import LINEAGE_FILE
+from lorapipe.params import assignable, load_params
 from lorapipe.sweep import (
     DEFAULT_METRIC,
     MEMBER_FILE,
@@ -114,7 +115,13 @@ def run(composed: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-main = stage(run, SWEEP_DEFAULTS, raw=True)
+def check_members(base: list[str], overrides: list[str]) -> None:
+    """SweepError before the sweep starts for a key no member can vary (`model.seed=1,2`); each
+    member would fail with it. An override params.yaml already holds is no change."""
+    check_sweepable(own_overrides(base, assignable(load_params(Path.cwd()), overrides)))
+
+
+main = stage(run, SWEEP_DEFAULTS, raw=True, check=check_members)
 
 if __name__ == "__main__":
     main()

@@ -121,7 +121,7 @@ def test_a_sweep_without_m_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "stages.sweep", "lora.r=4,8"],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])},
         capture_output=True,
         text=True,
         check=False,
@@ -195,3 +195,47 @@ def test_the_ranking_metric_is_chosen_by_the_documented_override(tmp_path: Path)
     assert summary["metric"] == "adapter.val_loss"
     assert [m["error"].split(":")[0] for m in summary["members"]] == ["SweepError"]
     assert done.returncode == 1 and "ranked by adapter.val_loss" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # Hydra's generic help, which names none of the sweep's usage.
+        (["--help"], "Sweep (not a DVC stage): train + evaluate one member per Hydra"),
+        # Hydra's many-line message, once the sweep ran.
+        (
+            ["-m", "hydra/launcher=nope", "lora.r=2"],
+            "sweep: error: hydra/launcher=nope: no such option (options: basic, joblib, "
+            "local_parallel, ray_local, slurm, submitit_local, submitit_slurm)\n",
+        ),
+        # Every member failed with it, one after the other.
+        (
+            ["-m", "model.seed=1,2", "lora.r=2"],
+            "sweep: error: cannot sweep model.seed=1,2: members share the formatted data",
+        ),
+        (["-m", "train.max_length=128,256"], "sweep: error: cannot sweep train.max_length="),
+    ],
+)
+def test_sweep_usage_and_what_no_member_can_run_are_said_before_it_starts(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from lorapipe.params import write_params
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "conf", tmp_path / "conf")
+    write_params(tmp_path, ["model=tiny"])
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.sweep", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (done.stdout if args == ["--help"] else done.stderr).startswith(expected), done
+    assert done.returncode == (0 if args == ["--help"] else 2)
+    assert not (tmp_path / "sweeps").exists()

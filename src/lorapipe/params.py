@@ -290,6 +290,25 @@ def check_overrides(
         raise ConfigError("\n  ".join([f"{len(problems)} invalid overrides:", *problems]))
 
 
+def check_hydra(conf_dir: Path, settings: Sequence[str]) -> None:
+    """Raise ConfigError, one line, when Hydra cannot compose its own config with the sweep's
+    hydra settings (`hydra/launcher=nope`), which Hydra reports in many lines once it runs."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
+            hydra_compose(CONFIG_NAME, overrides=list(settings), return_hydra_config=True)
+    except MissingConfigException as exc:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        options = ", ".join(exc.options or [])
+        raise ConfigError(f"{group}={option}: no such option (options: {options})") from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
+
+
 def _dvc_stages(root: Path) -> dict[str, Any]:
     path = root / DVC_FILE
     if not path.is_file():

@@ -79,6 +79,8 @@ def own_overrides(base: Sequence[str], task: Sequence[str]) -> list[str]:
 
     def parsed(text: str) -> tuple[str, str]:
         (override,) = parser.parse_overrides([text])
+        if override.is_sweep_override():  # a list of values: never a base override
+            return override.get_key_element(), f"sweep {text}"
         return override.get_key_element(), override.get_value_element_as_str()
 
     given = dict(parsed(o) for o in base)
