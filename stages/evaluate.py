@@ -14,7 +14,7 @@ from lorapipe.evaluation import evaluate_models
 from lorapipe.io import read_jsonl, write_json, write_jsonl
 from lorapipe.lineage import require_trained_on, require_trained_with
 from lorapipe.models import require_base, require_safetensors
-from lorapipe.provenance import require_made_with, sections
+from lorapipe.provenance import formatted_record, require_made_with
 from lorapipe.report import write_reports
 from lorapipe.retain import require_references
 
@@ -29,8 +29,11 @@ def run(params: Params) -> None:
     # the test and validation examples were formatted with them.
     require_trained_with(Path(params.paths.adapter), params)
     formatted = Path(params.paths.formatted)
-    made = sections(data=params.data, format=params.format)
-    require_made_with(formatted, made, "`python -m stages.prepare` and `python -m stages.format`")
+    require_made_with(
+        formatted,
+        formatted_record(params),
+        "`python -m stages.prepare` and `python -m stages.format`",
+    )
     examples = read_jsonl(formatted / "test.jsonl")
     val_examples = read_jsonl(formatted / "val.jsonl")
     references = Path(params.paths.references)

@@ -12,7 +12,7 @@ from lorapipe.config import Params
 from lorapipe.formatting import format_split, length_distribution, read_prepared
 from lorapipe.io import atomic_dir, write_json, write_jsonl
 from lorapipe.models import load_tokenizer, require_base
-from lorapipe.provenance import read_made_with, sections, write_made_with
+from lorapipe.provenance import format_record, read_made_with, write_made_with
 
 SPLITS = ("train", "val", "test")
 
@@ -40,7 +40,7 @@ def run(params: Params) -> None:
                 report[split]["examples_in_train"] = sum(pair in seen for pair in pairs)
         # The prepared data's record (its `data` params) goes on with this stage's own.
         made = read_made_with(Path(params.paths.prepared))
-        write_made_with(out, {**made, **sections(format=params.format)})
+        write_made_with(out, {**made, **format_record(params)})
         if not report["train"]["examples_out"]:
             reasons = report["train"]["rejects_by_reason"]
             raise FormatError(f"format: no training example left: {reasons}{_hint(params)}")

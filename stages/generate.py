@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
+from lorapipe.config import ConfigError
 from lorapipe.errors import PipelineError
 from lorapipe.inference import (
     BASE,
@@ -34,21 +33,28 @@ from lorapipe.inference import (
     trained_system_prompt,
 )
 from lorapipe.io import write_jsonl
+from lorapipe.params import PARAMS_FILE, load_params
 
 NAME = "generate"
 
 
 def project_defaults() -> dict[str, Any]:
-    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults; and its
-    format.system_prompt, when it has one (`system_prompt` absent otherwise)."""
-    file = Path("params.yaml")
-    params = yaml.safe_load(file.read_text()) if file.is_file() else {}
-    paths = params.get("paths", {})
+    """paths.base and paths.adapter from ./params.yaml, or the pipeline's defaults without one;
+    and its format.system_prompt, when it has one (`system_prompt` absent otherwise). Raises
+    ConfigError when params.yaml is not YAML or has no paths section."""
+    root = Path.cwd()
+    params = load_params(root) if (root / PARAMS_FILE).is_file() else {"paths": {}}
+    paths = params.get("paths")
+    if not isinstance(paths, dict):
+        raise ConfigError(
+            f"{PARAMS_FILE}: no paths section (generate reads paths.base and paths.adapter "
+            "there); `make params` recomposes it from conf/, or give --base and --adapter"
+        )
     found: dict[str, Any] = {
         "base": paths.get("base", "models/base"),
         "adapter": paths.get("adapter", "models/adapter"),
     }
-    if "system_prompt" in params.get("format", {}):
+    if isinstance(params.get("format"), dict) and "system_prompt" in params["format"]:
         found["system_prompt"] = params["format"]["system_prompt"]
     return found
 

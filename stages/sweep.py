@@ -23,7 +23,16 @@ from lorapipe.cli import stage
 from lorapipe.config import Params, validate
 from lorapipe.io import write_json
 from lorapipe.lineage import LINEAGE_FILE
-from lorapipe.sweep import MEMBER_FILE, MEMBER_PATHS, SWEEP_ROOT, SweepError, check_sweepable
+from lorapipe.params import assignable, load_params
+from lorapipe.sweep import (
+    DEFAULT_METRIC,
+    MEMBER_FILE,
+    MEMBER_PATHS,
+    SWEEP_ROOT,
+    SweepError,
+    check_sweepable,
+    own_overrides,
+)
 from stages import evaluate, train
 
 # The sweep's folders and summary; `hydra.sweep.dir=...` on the command line still wins.
@@ -32,6 +41,8 @@ SWEEP_DEFAULTS = [
     f"hydra.sweep.dir={SWEEP_ROOT}/${{now:%Y-%m-%d_%H-%M-%S}}",
     "hydra.sweep.subdir=${hydra:job.override_dirname}",
     "+hydra.callbacks.sweep_summary._target_=lorapipe.sweep.SweepSummary",
+    # Declared with its default, so `hydra.callbacks.sweep_summary.metric=...` overrides it.
+    f"+hydra.callbacks.sweep_summary.metric={DEFAULT_METRIC}",
 ]
 
 
@@ -76,7 +87,7 @@ def run(composed: dict[str, Any]) -> dict[str, Any]:
     root = Path(hydra.runtime.cwd)
     member = Path(hydra.runtime.output_dir)
     base, task = composed["composed_with"], list(hydra.overrides.task)
-    overrides = task[len(base) :] if task[: len(base)] == base else task
+    overrides = own_overrides(base, task)
     record: dict[str, Any] = {"member": member.name, "overrides": overrides, "status": "running"}
     write_json(member / MEMBER_FILE, record)
     started = time.perf_counter()
@@ -104,7 +115,13 @@ def run(composed: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-main = stage(run, SWEEP_DEFAULTS, raw=True)
+def check_members(base: list[str], overrides: list[str]) -> None:
+    """SweepError before the sweep starts for a key no member can vary (`model.seed=1,2`); each
+    member would fail with it. An override params.yaml already holds is no change."""
+    check_sweepable(own_overrides(base, assignable(load_params(Path.cwd()), overrides)))
+
+
+main = stage(run, SWEEP_DEFAULTS, raw=True, check=check_members)
 
 if __name__ == "__main__":
     main()

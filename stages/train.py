@@ -22,14 +22,17 @@ def run(params: Params) -> None:
     # to import on 2 busy cores, and a typo in params should be reported before that.
     from lorapipe.lineage import CARD_FILE, LINEAGE_FILE, build_lineage, model_card
     from lorapipe.models import require_base
-    from lorapipe.provenance import require_made_with, sections
+    from lorapipe.provenance import formatted_record, require_made_with
     from lorapipe.training import RUNTIME_KEYS, process_rank, train_adapter
 
     paths = params.paths
     require_base(params.model, Path(paths.base))
     formatted = Path(paths.formatted)
-    made = sections(data=params.data, format=params.format)
-    require_made_with(formatted, made, "`python -m stages.prepare` and `python -m stages.format`")
+    require_made_with(
+        formatted,
+        formatted_record(params),
+        "`python -m stages.prepare` and `python -m stages.format`",
+    )
     reports = Path(paths.reports)
     if process_rank()[0] != 0:
         # Another process of `accelerate launch -m stages.train`: it trains its share of each

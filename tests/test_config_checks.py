@@ -76,6 +76,17 @@ def local_model(**kwargs: bool) -> Callable[[dict[str, Any], Path], None]:
 BAD = {
     "unknown key": (setter("lora.alhpa", 8), "lora.alhpa", "did you mean lora.alpha?"),
     "wrong type": (setter("train.learning_rate", "fast"), "train.learning_rate", "valid number"),
+    # Refused, not converted (pydantic's lax mode made true 1, 1.0 and 'yes' True, '8' 8).
+    "true as rank": (setter("lora.r", True), "lora.r", "valid integer, got True"),
+    "text as rank": (setter("lora.r", "8"), "lora.r", "valid integer, got '8'"),
+    "true as epochs": (setter("train.epochs", True), "train.epochs", "valid number, got True"),
+    "true as a rate": (setter("train.learning_rate", True), "train.learning_rate", "valid number"),
+    "1.0 as a switch": (setter("lora.use_dora", 1.0), "lora.use_dora", "valid boolean, got 1.0"),
+    "yes as a switch": (setter("lora.use_dora", "yes"), "lora.use_dora", "valid boolean"),
+    # numpy's seed (train.seed reaches it after the model loaded) takes [0, 2**32).
+    "negative seed": (setter("train.seed", -1), "train.seed", "greater than or equal to 0"),
+    "seed >= 2**32": (setter("train.seed", 2**32), "train.seed", "less than 4294967296"),
+    "negative eval seed": (setter("eval.seed", -1), "eval.seed", "greater than or equal to 0"),
     "r <= 0": (setter("lora.r", 0), "lora.r", "greater than 0"),
     "alpha <= 0": (setter("lora.alpha", -16), "lora.alpha", "greater than 0"),
     "dropout = 1": (setter("lora.dropout", 1.0), "lora.dropout", "less than 1"),

@@ -71,23 +71,28 @@ def test_alpaca_end_to_end(tmp_path: Path, tiny_base: Path) -> None:
     assert data_report["rows_read"] == 30
 
 
-def test_formatted_data_records_the_data_and_format_params_it_was_made_from(
+def test_formatted_data_records_the_data_format_and_length_params_it_was_made_from(
     tmp_path: Path, tiny_base: Path
 ) -> None:
-    """prepare records its `data` params, format carries them on with its own `format` params;
-    the train stage checks them (tests/test_train_stage.py)."""
+    """prepare records its `data` params, format carries them on with its own `format` params
+    and train.max_length; the train stage checks them (tests/test_train_stage.py)."""
     from lorapipe.provenance import read_made_with
 
     raw = tmp_path / "alpaca.json"
     rows = [{"instruction": f"Add {i} and 1.", "output": str(i + 1)} for i in range(30)]
     raw.write_text(json.dumps(rows), encoding="utf-8")
-    p = params(tmp_path, tiny_base, raw, "format.system_prompt=Be brief.")
+    p = params(tmp_path, tiny_base, raw, "format.system_prompt=Be brief.", "train.max_length=78")
     run_both(p)
     prepared = read_made_with(Path(p.paths.prepared))
     assert prepared == {"data": p.data.model_dump(mode="json")}
     assert prepared["data"]["path"] == str(raw) and prepared["data"]["split_counts"] is None
     made = read_made_with(Path(p.paths.formatted))
-    assert made == {**prepared, "format": p.format.model_dump(mode="json")}
+    # train.max_length too: format drops or truncates examples by it.
+    assert made == {
+        **prepared,
+        "format": p.format.model_dump(mode="json"),
+        "train": {"max_length": 78},
+    }
     assert made["format"]["system_prompt"] == "Be brief."
 
 

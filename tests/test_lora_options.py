@@ -90,6 +90,26 @@ def test_every_init_ships_an_adapter_for_the_untouched_base(
     torch.testing.assert_close(logits, trained.logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layers", ["[99]", "[0,2]"])
+def test_a_layer_the_base_lacks_is_one_line_with_its_range(
+    tiny_base: Path,
+    formatted: Path,
+    tmp_path: Path,
+    train_params: Callable[..., Params],
+    layers: str,
+) -> None:
+    """peft raised NoMatchingPeftModuleError (a traceback) after the model loaded."""
+    from lorapipe.training import TrainingError
+
+    params = train_params("lora.target_modules=[q_proj]", f"lora.layers_to_transform={layers}")
+    with pytest.raises(TrainingError) as err:
+        train(params, tiny_base, formatted, tmp_path / "a")
+    bad = layers.strip("[]").split(",")[-1]
+    assert str(err.value) == (
+        f"lora.layers_to_transform: {bad} is not a layer of this model (its layers are 0-1)"
+    )
+
+
 @pytest.fixture()
 def raw() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -104,6 +124,10 @@ def raw() -> dict[str, Any]:
         ({"layers_to_transform": [0]}, "needs lora.target_modules as a list"),
         ({"target_modules": []}, "target_modules is empty"),
         ({"layers_to_transform": ["first"]}, "lora.layers_to_transform.0"),
+        (
+            {"layers_to_transform": [1, -1], "target_modules": ["q_proj"]},
+            r"lora\.layers_to_transform\.1: Input should be greater than or equal to 0, got -1",
+        ),
     ],
 )
 def test_lora_values_peft_would_reject_stop_at_validation(

@@ -105,6 +105,9 @@ MISSPELT = {
     "eval.max_new_token=8": "eval.max_new_token: unknown key (did you mean eval.max_new_tokens?)",
     "foo=1": "foo: unknown key (check the spelling against conf/; a new key needs '+'",
     "lora=llama": "lora=llama: conf/lora/ has no llama.yaml (options: default, ",
+    # Hydra raised a bare ValueError (Config group override must be a string or a list).
+    "experiment=null": "experiment=null: to drop a group choice use ~experiment",
+    "lora=null": "lora=null: to drop a group choice use ~lora",
 }
 
 
@@ -178,8 +181,7 @@ def test_the_params_command_refuses_values_a_stage_would_refuse(
     assert main(["lora.r=abc", "train.learning_rate=0"]) == 2
     assert capsys.readouterr().err == (
         "params: error: invalid configuration:\n"
-        "  lora.r: Input should be a valid integer, unable to parse string as an integer, "
-        "got 'abc'\n"
+        "  lora.r: Input should be a valid integer, got 'abc'\n"
         "  train.learning_rate: Input should be greater than 0, got 0\n"
     )
     assert (project / "params.yaml").read_text() == before
@@ -195,3 +197,117 @@ def test_a_mapping_value_is_assigned_without_plus(project: Path) -> None:
     assert compose_run(project, ["eval.batch_size=2"])["eval"]["adapters"] == {
         "r4": "sweeps/x/adapter"
     }
+
+
+def test_a_group_set_to_null_is_one_line_for_the_params_command_and_a_sweep(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorapipe.params import base_overrides
+
+    write_params(project, [])
+    assert main(["experiment=null"]) == 2
+    assert capsys.readouterr().err == (
+        "params: error: experiment=null: to drop a group choice use ~experiment\n"
+    )
+    with pytest.raises(ConfigError, match=r"^experiment=null: to drop a group choice use ~exp"):
+        base_overrides(project, ["experiment=null,qlora", "lora.r=2"], sweep=True)
+    assert compose_run(project, ["~experiment"])["lora"]["r"] == 16  # what the hint says works
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hand edit that breaks the YAML (`r: [16`) gave yaml.parser's traceback, in params.yaml
+    (--check, every stage, generate) and in a conf/ file (make params)."""
+    from stages.generate import main as generate
+
+    write_params(project, [])
+    good = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(good.replace("  r: 16\n", "  r: [16\n"))
+    line = good.splitlines().index("  r: 16") + 1
+    expected = (
+        f"params.yaml line {line + 1}: expected ',' or ']', but got ':' (while parsing a flow "
+        f"sequence started on line {line}); fix the YAML syntax there\n"
+    )
+    assert main(["--check"]) == 2
+    assert capsys.readouterr().err == f"params: error: {expected}"
+    assert generate(["hi"]) == 2
+    assert capsys.readouterr().err == f"generate: error: {expected}"
+    done = run_stage(project, "stages.train", "lora.r=2")
+    assert done.returncode == 2 and done.stderr == f"train: error: {expected}"
+
+    (project / "params.yaml").write_text(good.replace("paths:", "elsewhere:"))
+    assert generate(["hi"]) == 2
+    assert capsys.readouterr().err.startswith("generate: error: params.yaml: no paths section")
+
+    lora = project / "conf" / "lora" / "default.yaml"
+    lora.write_text(lora.read_text().replace("\nr: 16", "\nr: [16"))
+    assert main(["lora.r=4"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "params: error: conf/lora/default.yaml line 4: expected ',' or ']', but got '<scalar>' "
+        "(while parsing a flow sequence started on line 3); fix the YAML syntax there"
+    )
+
+
+def test_params_yaml_is_read_as_yaml_1_2_and_an_int_is_a_float(project: Path) -> None:
+    """The schema refuses a value of the wrong type (pydantic strict), so params.yaml is read
+    as DVC and Hydra read it: a hand-written `1e-3` is a float (PyYAML alone reads a string),
+    and `train.learning_rate=1` (an int) is a float."""
+    from lorapipe.config import validate
+
+    write_params(project, [])
+    set_value(project, "train", "learning_rate", 1)
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("learning_rate: 1\n", "learning_rate: 1e-3\n"))
+    assert validate(load_params(project)).train.learning_rate == 0.001
+    assert write_params(project, ["train.learning_rate=1"])["train"]["learning_rate"] == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "lora.r: Input should be greater than 0, got 0"),
+        ("eight", "lora.r: Input should be a valid integer, got 'eight'"),
+    ],
+)
+def test_check_validates_the_values_of_params_yaml(
+    project: Path, capsys: pytest.CaptureFixture[str], value: object, message: str
+) -> None:
+    """A hand edit no stage would run with was reported as values beyond conf/ (exit 1)."""
+    write_params(project, [])
+    set_value(project, "lora", "r", value)
+    assert main(["--check"]) == 2
+    assert capsys.readouterr().err == f"params: error: {message}\n"
+
+
+def test_check_reports_a_renamed_key_and_takes_no_overrides(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_params(project, [])
+    path = project / "params.yaml"
+    path.write_text(path.read_text().replace("  r: 16\n", "  rank: 8\n"))
+    assert main(["--check"]) == 2
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "  lora.r: missing (every key has its value in conf/; see conf/lora/)",
+        "  lora.rank: unknown key; use lora.r",
+    ]
+    # It said `--check: not an override (LexerNoViableAltException ...)`.
+    assert main(["lora.r=4", "--check"]) == 2
+    assert capsys.readouterr().err.startswith("params: error: --check takes no overrides")
+
+
+def test_recorded_overrides_come_with_a_note_that_an_experiment_drops_them(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dvc exp run -S` composes conf/ with its -S values only: what `make params ARGS=...`
+    recorded is silently dropped in an experiment, so both commands say so."""
+    note = (
+        "note: `dvc exp run -S` composes conf/ with its -S values only, so it drops lora.r=8: "
+        "keep lasting values in conf/, or pass them again with -S\n"
+    )
+    assert main(["lora.r=8"]) == 0
+    assert capsys.readouterr().out.endswith(note)
+    assert main(["--check"]) == 0
+    assert capsys.readouterr().out.endswith(note)
+    assert main([]) == 0
+    assert "note:" not in capsys.readouterr().out

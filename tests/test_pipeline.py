@@ -263,7 +263,7 @@ def test_submitit_local_sweep_records_each_member_and_a_failure(project: Path) -
     rows = list(csv.DictReader((sweep / "summary.csv").open()))
     assert [(r["rank"], r["status"]) for r in rows] == [("1", "completed"), ("", "failed")]
     good, bad = rows
-    assert "lora.target_modules: nope match no layer" in bad["error"]
+    assert "lora.target_modules: nope matches no layer" in bad["error"]
     assert int(good["trainable_params"]) > 0 and float(good["train_seconds"]) > 0
     assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert good["member"] in (sweep / "summary.md").read_text()

@@ -121,7 +121,7 @@ def test_a_sweep_without_m_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "stages.sweep", "lora.r=4,8"],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])},
         capture_output=True,
         text=True,
         check=False,
@@ -131,3 +131,111 @@ def test_a_sweep_without_m_is_one_line_not_a_traceback(tmp_path: Path) -> None:
         "sweep: error: add -m: members run as a Hydra multirun "
         "(python -m stages.sweep -m lora.r=4,8)\n"
     )
+
+
+def test_a_members_own_overrides_are_found_when_params_yaml_holds_a_list_or_a_dict() -> None:
+    """params.yaml's values beyond conf/ reach a sweep as overrides written by hydra_value
+    (`[a, b]`, `{k: v}`); Hydra's sweeper hands each member those overrides in its compact form
+    (`[a,b]`, `{k:v}`), and the member took them all for its own (then refused `model=tiny` as a
+    key it cannot sweep)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lorapipe.params import as_overrides
+    from lorapipe.sweep import own_overrides
+
+    applied = as_overrides(
+        {"lora": {"target_modules": ["q_proj", "v_proj"]}, "data": {"fields": {"q": "prompt"}}},
+        {"lora": {"target_modules": "all-linear"}, "data": {"fields": None}},
+    )
+    assert applied == [
+        "++lora.target_modules=['q_proj', 'v_proj']",
+        "++data.fields={q: 'prompt'}",
+    ]
+    base = ["model=tiny", *applied, "~lora.bias"]
+    mine = ["lora.r=2,4", "train.max_steps=1", "lora.layers_to_transform=[0, 1]"]
+    parsed = OverridesParser.create().parse_overrides([*base, *mine])
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    assert batch[0][1] == "++lora.target_modules=['q_proj','v_proj']"  # as Hydra writes it
+    for task, r in zip(batch, ("2", "4"), strict=True):
+        assert own_overrides(base, task) == [
+            f"lora.r={r}",
+            "train.max_steps=1",
+            "lora.layers_to_transform=[0,1]",
+        ]
+    # A member's own value for a key params.yaml also sets is the member's own.
+    assert own_overrides(["++lora.r=4"], ["++lora.r=8"]) == ["++lora.r=8"]
+
+
+def test_the_ranking_metric_is_chosen_by_the_documented_override(tmp_path: Path) -> None:
+    """`hydra.callbacks.sweep_summary.metric=adapter.val_loss` (docs/sweeps-and-scale-out.md)
+    was refused by Hydra (Key 'metric' is not in struct): the callback's config lacked the key.
+    Here the members fail fast (nothing formatted), which is enough for the summary to be
+    written under the chosen metric."""
+    import shutil
+    import subprocess
+    import sys
+
+    from lorapipe.params import write_params
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "conf", tmp_path / "conf")
+    write_params(tmp_path, ["model=tiny"])
+    cmd = [sys.executable, "-m", "stages.sweep", "-m", "hydra.sweep.dir=sweeps/m", "lora.r=2"]
+    done = subprocess.run(
+        [*cmd, "hydra.callbacks.sweep_summary.metric=adapter.val_loss"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "not in struct" not in done.stderr, done.stderr
+    summary = json.loads((tmp_path / "sweeps/m/summary.json").read_text())
+    assert summary["metric"] == "adapter.val_loss"
+    assert [m["error"].split(":")[0] for m in summary["members"]] == ["SweepError"]
+    assert done.returncode == 1 and "ranked by adapter.val_loss" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # Hydra's generic help, which names none of the sweep's usage.
+        (["--help"], "Sweep (not a DVC stage): train + evaluate one member per Hydra"),
+        # Hydra's many-line message, once the sweep ran.
+        (
+            ["-m", "hydra/launcher=nope", "lora.r=2"],
+            "sweep: error: hydra/launcher=nope: no such option (options: basic, joblib, "
+            "local_parallel, ray_local, slurm, submitit_local, submitit_slurm)\n",
+        ),
+        # Every member failed with it, one after the other.
+        (
+            ["-m", "model.seed=1,2", "lora.r=2"],
+            "sweep: error: cannot sweep model.seed=1,2: members share the formatted data",
+        ),
+        (["-m", "train.max_length=128,256"], "sweep: error: cannot sweep train.max_length="),
+    ],
+)
+def test_sweep_usage_and_what_no_member_can_run_are_said_before_it_starts(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from lorapipe.params import write_params
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "conf", tmp_path / "conf")
+    write_params(tmp_path, ["model=tiny"])
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.sweep", *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (done.stdout if args == ["--help"] else done.stderr).startswith(expected), done
+    assert done.returncode == (0 if args == ["--help"] else 2)
+    assert not (tmp_path / "sweeps").exists()

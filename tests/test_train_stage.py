@@ -101,7 +101,7 @@ def test_model_card_has_hub_front_matter_and_the_recipe(
     assert "Model Card for Model ID" not in card  # ours replaced the template PEFT writes
 
 
-def test_training_refuses_data_made_from_other_data_or_format_params(
+def test_training_refuses_data_made_from_other_data_format_or_length_params(
     tiny_base: Path,
     formatted: Path,
     tmp_path: Path,
@@ -111,7 +111,13 @@ def test_training_refuses_data_made_from_other_data_or_format_params(
     """`python -m stages.train data.replay=0.1` on data prepared without replay (or data
     prepared with it and a train run without): the lineage would name data params that did not
     make its data, so the stage stops before it writes anything, naming each key."""
-    from lorapipe.provenance import MADE_WITH_FILE, ProvenanceError, sections, write_made_with
+    from lorapipe.provenance import (
+        MADE_WITH_FILE,
+        ProvenanceError,
+        formatted_record,
+        sections,
+        write_made_with,
+    )
 
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "formatted"
@@ -131,7 +137,14 @@ def test_training_refuses_data_made_from_other_data_or_format_params(
         "was made from"
     )
     assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
-    write_made_with(data, sections(data=params.data, format=params.format))
+    # `python -m stages.format train.max_length=78` by hand: format reads it, so it is recorded.
+    made = formatted_record(params)
+    made["train"]["max_length"] = 78
+    write_made_with(data, made)
+    with pytest.raises(ProvenanceError, match=r"\): train\.max_length is \d+ here, 78 there\. "):
+        run(params)
+    assert not (tmp_path / "models").exists()
+    write_made_with(data, formatted_record(params))
     run(params)  # the same params as the record: trains
     assert (Path(params.paths.adapter) / "adapter_model.safetensors").is_file()
 

@@ -28,7 +28,7 @@ def test_partly_matching_names_stop_on_llama(tiny_base: Path) -> None:
     model = load_base_model(tiny_base)
     with pytest.raises(TrainingError) as err:
         check_target_modules(model, ["q_proj", "query_key_value"])
-    assert "query_key_value match no layer" in str(err.value)
+    assert "query_key_value matches no layer" in str(err.value)  # said "match"
     assert "gate_proj" in str(err.value)
 
 
@@ -47,3 +47,17 @@ def test_adaptable_names_cover_linear_and_conv1d(tiny_base: Path) -> None:
         llama
     )
     assert {"c_attn", "c_proj", "c_fc"} <= set(adaptable_module_names(gpt2_tiny()))
+
+
+def test_a_layer_name_given_as_a_string_hints_at_a_list(tiny_base: Path) -> None:
+    """`lora.target_modules=q_proj` is a regex (peft matches a string against the full module
+    name): the message said q_proj matches no module, then listed q_proj among the names."""
+    model = load_base_model(tiny_base)
+    with pytest.raises(TrainingError) as err:
+        check_target_modules(model, "q_proj")
+    assert str(err.value) == (
+        "lora.target_modules: regex 'q_proj' matches no module; a string is a regex that must "
+        "match a module's full name (such as model.layers.0.self_attn.q_proj); for layer names "
+        "give a list, lora.target_modules=[q_proj], or match the end, '.*q_proj'"
+    )
+    check_target_modules(model, ".*q_proj")  # what the hint says works

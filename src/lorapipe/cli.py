@@ -28,6 +28,7 @@ from lorapipe.params import (
     RECORD_KEY,
     assignable,
     base_overrides,
+    check_hydra,
     check_reads,
     compose_run,
     load_params,
@@ -49,14 +50,19 @@ def is_override(arg: str) -> bool:
 
 
 def stage(
-    run: Callable[[Any], Any], hydra_defaults: Sequence[str] = (), *, raw: bool = False
+    run: Callable[[Any], Any],
+    hydra_defaults: Sequence[str] = (),
+    *,
+    raw: bool = False,
+    check: Callable[[list[str], list[str]], None] | None = None,
 ) -> Callable[[], None]:
     """Wrap `run` into the entry point of a stage, reporting errors without traces.
 
     `hydra_defaults` make the stage a Hydra multirun app (the sweep): overrides given after
     HYDRA_DEFAULTS and before the user's own (its output folders and summary callback). With
     `raw`, `run` gets the composed dict unvalidated and validates it itself (a sweep records one
-    member's bad values and goes on).
+    member's bad values and goes on). `check(base, overrides)` (a multirun's) raises
+    PipelineError for overrides no member could run with, before the first member starts.
     """
     module = run.__module__
     if module == "__main__":  # `python -m stages.train`: the real name is on the module spec
@@ -74,7 +80,7 @@ def stage(
         interrupted = False
         try:
             if hydra_defaults:
-                _multirun(run, name, hydra_defaults)
+                _multirun(run, name, hydra_defaults, check)
             else:
                 _single(run, name, raw)
         except KeyboardInterrupt:
@@ -145,12 +151,20 @@ def _single(run: Callable[[Any], Any], name: str, raw: bool) -> None:
         _fail(name, str(exc))
 
 
-def _multirun(run: Callable[[Any], Any], name: str, hydra_defaults: Sequence[str]) -> None:
+def _multirun(
+    run: Callable[[Any], Any],
+    name: str,
+    hydra_defaults: Sequence[str],
+    check: Callable[[list[str], list[str]], None] | None,
+) -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
     root = Path.cwd()
     args = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in args):  # the module's usage, not Hydra's generic help
+        print(sys.modules["__main__"].__doc__ or f"python -m stages.{name} -m [key=a,b ...]")
+        return
     overrides = [a for a in args if is_override(a)]
     flags = [a for a in args if a not in overrides]
     if not flags and not any(o.startswith("hydra.mode=") for o in overrides):
@@ -161,7 +175,11 @@ def _multirun(run: Callable[[Any], Any], name: str, hydra_defaults: Sequence[str
         )
     try:
         base = base_overrides(root, overrides, sweep=True)
-    except ConfigError as exc:
+        settings = [o for o in overrides if override_key(o).startswith("hydra")]
+        check_hydra(root / CONF_DIR, [*HYDRA_DEFAULTS, *hydra_defaults, *settings])
+        if check is not None:
+            check(base, [o for o in overrides if o not in settings])
+    except PipelineError as exc:
         _fail(name, str(exc))
 
     @hydra.main(config_path=str(root / CONF_DIR), config_name=CONFIG_NAME, version_base=None)

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,7 +31,10 @@ class ConfigError(PipelineError, ValueError):
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong type is refused, not converted (lora.r=true would be 1,
+    # lora.use_dora=yes True, lora.r='8' 8); params arrive typed by YAML, and an int is still
+    # taken for a float (train.learning_rate=1).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Architecture(_Group):
@@ -51,6 +54,9 @@ class Architecture(_Group):
         return self
 
 
+# A random seed: numpy's (transformers.set_seed seeds it with train.seed) takes [0, 2**32).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 
 
@@ -67,7 +73,7 @@ class ModelCfg(_Group):
     strict_pin: bool
     snapshot: bool
     trust_remote_code: bool
-    seed: int
+    seed: Seed
     architecture: Architecture | None
 
     @model_validator(mode="after")
@@ -304,7 +310,7 @@ class LoraCfg(_Group):
     use_dora: bool
     use_rslora: bool
     init: bool | str
-    layers_to_transform: list[int] | None
+    layers_to_transform: list[Annotated[int, Field(ge=0)]] | None  # the range: training.py
 
     @model_validator(mode="after")
     def _peft_accepts(self) -> LoraCfg:
@@ -361,7 +367,7 @@ class TrainCfg(_Group):
     max_grad_norm: float = Field(gt=0)
     max_steps: int  # -1: train.epochs decides
     logging_steps: int = Field(gt=0)
-    seed: int
+    seed: Seed
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     # auto: on when the base is quantised (QLoRA's usual setting, as peft's
     # prepare_model_for_kbit_training defaults), off otherwise (faster); true / false force it.
@@ -404,7 +410,7 @@ class EvalCfg(_Group):
     do_sample: bool
     temperature: float = Field(gt=0)
     top_p: float = Field(gt=0, le=1)
-    seed: int
+    seed: Seed
     val_loss_examples: int | None = Field(ge=0)
     # More adapters to evaluate beside the pipeline's own, on the same base and prompts:
     # {name: adapter folder}. Each becomes a model in metrics.json, predictions and the report.

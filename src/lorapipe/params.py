@@ -6,7 +6,7 @@ composes without running anything and records the overrides under `composed_with
 
     python -m lorapipe.params                   # recompose from conf/
     python -m lorapipe.params lora.r=4 quant=nf4
-    python -m lorapipe.params --check           # what params.yaml sets that conf/ does not
+    python -m lorapipe.params --check           # bad values in params.yaml; what conf/ lacks
 
 `params.yaml` as it stands is always a valid state, also after `dvc exp run -S` or
 `dvc exp apply` changed it: a stage run without overrides reads it exactly. A stage run with
@@ -18,6 +18,7 @@ it selects anew, take the new value.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import sys
@@ -42,7 +43,7 @@ DVC_FILE = "dvc.yaml"
 # computing with them. tests/test_dvc_params.py runs every stage to keep this in step.
 CHECKED_THROUGH = {
     "${paths.base}": ("model",),
-    "${paths.formatted}/made_with.json": ("data", "format"),
+    "${paths.formatted}/made_with.json": ("data", "format", "train.max_length"),
     "${paths.adapter}": ("model", "data", "format", "lora", "quant", "train"),
 }
 
@@ -64,13 +65,31 @@ def compose(conf_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
         with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
             cfg = hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
         OmegaConf.resolve(cfg)
-    except (HydraException, OmegaConfBaseException) as exc:
+    except yaml.YAMLError as exc:  # a syntax error in a conf/ file: Hydra passes it on
+        raise ConfigError(yaml_problem(exc)) from None
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # group=null: ValueError
         reason = " ".join(str(exc).split())
         raise ConfigError(f"cannot compose {conf_dir}/ with {list(overrides)}: {reason}") from None
     container = OmegaConf.to_container(cfg)
     assert isinstance(container, dict)
     container[RECORD_KEY] = list(overrides)
     return container  # type: ignore[return-value]
+
+
+def yaml_problem(exc: yaml.YAMLError, path: Path | None = None) -> str:
+    """One line for a YAML syntax error: `file line N: the parser's problem`, with a hint."""
+    mark = getattr(exc, "problem_mark", None)
+    name = str(path) if path is not None else str(getattr(mark, "name", "a YAML file"))
+    with contextlib.suppress(ValueError):  # outside the working directory: the full path
+        name = str(Path(name).resolve().relative_to(Path.cwd().resolve()))
+    where = f"{name} line {mark.line + 1}" if mark is not None else name
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and mark is not None and start.line != mark.line:
+        problem += f" ({context} started on line {start.line + 1})"
+    elif context:
+        problem += f" ({context})"
+    return f"{where}: {problem}; fix the YAML syntax there"
 
 
 def dump(params: dict[str, Any]) -> str:
@@ -103,13 +122,20 @@ def load_params(root: Path) -> dict[str, Any]:
             f"{path} not found: run stages from the project root (where dvc.yaml is), after "
             "`make params` composed it from conf/"
         )
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    from omegaconf import OmegaConf
+
+    try:  # OmegaConf reads YAML 1.2 floats (1e-3) as DVC does; plain PyYAML reads a string
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except yaml.YAMLError as exc:
+        raise ParamsFileError(yaml_problem(exc, path)) from None
+    except OSError:  # a scalar, not a mapping ("Invalid loaded object type")
+        data = None
     if not isinstance(data, dict):
         raise ParamsFileError(f"{path}: expected a mapping of config groups")
     recorded = data.get(RECORD_KEY) or []
     if not isinstance(recorded, list):
         raise ParamsFileError(f"{path}: {RECORD_KEY} must be a list of overrides")
-    return data
+    return {str(key): value for key, value in data.items()}
 
 
 def hydra_value(value: Any) -> str:
@@ -208,7 +234,11 @@ def check_overrides(
 
     parser = OverridesParser.create()
     known = groups(conf_dir)
-    chosen = [o for o in _first_values(overrides) if override_key(o) in known]
+    chosen = [
+        o
+        for o in _first_values(overrides)
+        if override_key(o) in known and not o.endswith("=null")  # Hydra raises a bare ValueError
+    ]
     try:  # keys are looked up in the groups as the overrides choose them
         composed = compose(conf_dir, [*base, *chosen])
     except ConfigError:
@@ -238,7 +268,10 @@ def check_overrides(
         if key in known and not override.is_add():
             options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             problems += [
-                f"{key}={value}: conf/{key}/ has no {value}.yaml (options: {', '.join(options)})"
+                f"{key}={value}: to drop a group choice use ~{key}"
+                if value == "null"
+                else f"{key}={value}: conf/{key}/ has no {value}.yaml (options: "
+                f"{', '.join(options)})"
                 for value in values
                 if value not in options and not override.is_delete()
             ]
@@ -255,6 +288,25 @@ def check_overrides(
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError("\n  ".join([f"{len(problems)} invalid overrides:", *problems]))
+
+
+def check_hydra(conf_dir: Path, settings: Sequence[str]) -> None:
+    """Raise ConfigError, one line, when Hydra cannot compose its own config with the sweep's
+    hydra settings (`hydra/launcher=nope`), which Hydra reports in many lines once it runs."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(conf_dir.resolve()), version_base=None):
+            hydra_compose(CONFIG_NAME, overrides=list(settings), return_hydra_config=True)
+    except MissingConfigException as exc:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        options = ", ".join(exc.options or [])
+        raise ConfigError(f"{group}={option}: no such option (options: {options})") from None
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
 
 
 def _dvc_stages(root: Path) -> dict[str, Any]:
@@ -278,7 +330,9 @@ def stage_reads(root: Path, stage: str) -> tuple[list[str], list[str]] | None:
         parts = list(items) if isinstance(items, dict) else parts
     keys = [k for k in body.get("params", []) if isinstance(k, str)]
     listed = sorted({k.replace("${key}", part) for k in keys for part in parts})
-    checked = sorted({s for dep in body.get("deps", []) for s in CHECKED_THROUGH.get(dep, ())})
+    every = {s for dep in body.get("deps", []) for s in CHECKED_THROUGH.get(dep, ())}
+    # A key under a section listed or checked whole (train.max_length under train) is not named.
+    checked = sorted(c for c in every if not any(c.startswith(f"{k}.") for k in {*listed, *every}))
     return listed, checked
 
 
@@ -415,29 +469,53 @@ def _get(tree: Any, key: str) -> Any:
     return tree
 
 
+def exp_run_note(recorded: Sequence[str]) -> str:
+    """What `dvc exp run -S` does with the overrides params.yaml records (drops them)."""
+    return (
+        f"note: `dvc exp run -S` composes conf/ with its -S values only, so it drops "
+        f"{' '.join(recorded)}: keep lasting values in conf/, or pass them again with -S"
+    )
+
+
+def check(root: Path) -> int:
+    """`--check`: ConfigError for values a stage would refuse; 1 when params.yaml sets values
+    beyond conf/ (printed), else 0. Notes the recorded overrides an experiment would drop."""
+    recorded = [str(o) for o in validate(load_params(root)).composed_with]
+    drift = describe_drift(root)
+    if not drift:
+        print(f"{PARAMS_FILE} is what conf/ composes (with its recorded overrides)")
+    else:
+        print(
+            f"{PARAMS_FILE} sets values beyond conf/ (from dvc exp run -S, dvc exp apply or "
+            "a hand edit); stages use them as they stand:\n  " + "\n  ".join(drift) + "\n"
+            "To keep one in conf/, write it into the group's file under conf/; "
+            "`make params` recomposes params.yaml from conf/ and drops the others."
+        )
+    if recorded:
+        print(exp_run_note(recorded))
+    return 1 if drift else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
     try:
-        if args == ["--check"]:
-            drift = describe_drift(Path.cwd())
-            if not drift:
-                print(f"{PARAMS_FILE} is what conf/ composes (with its recorded overrides)")
-                return 0
-            print(
-                f"{PARAMS_FILE} sets values beyond conf/ (from dvc exp run -S, dvc exp apply or "
-                "a hand edit); stages use them as they stand:\n  " + "\n  ".join(drift) + "\n"
-                "To keep one in conf/, write it into the group's file under conf/; "
-                "`make params` recomposes params.yaml from conf/ and drops the others."
-            )
-            return 1
+        if "--check" in args:
+            if args != ["--check"]:
+                raise ConfigError(
+                    "--check takes no overrides: it checks params.yaml as it stands (run "
+                    "`python -m lorapipe.params --check` alone)"
+                )
+            return check(Path.cwd())
         params = write_params(Path.cwd(), args)
     except ConfigError as exc:
         print(f"params: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {PARAMS_FILE} (overrides: {params[RECORD_KEY] or 'none'})")
+    if params[RECORD_KEY]:
+        print(exp_run_note(params[RECORD_KEY]))
     return 0
 
 

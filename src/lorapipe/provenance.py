@@ -5,11 +5,11 @@ they changed. A stage run by hand (with an override of an earlier stage's key su
 `data.replay`, or after editing params.yaml without `dvc repro`) reads the outputs on disk as
 they are, so its lineage could name params that did not make its inputs. So `prepare` records
 its `data` params in `data/prepared/made_with.json`, `format` carries them into
-`data/formatted/made_with.json` with its own `format` params, and `base` records its `model`
-params in `pin.json`; `train` and every stage that reads the base stop, naming each key that
-differs, before they read or write anything. The adapter's `lineage.json` is checked the same way
-(`lineage.require_trained_with`), and so are the retain references' records
-(`retain.require_references`), with the comparison and message here.
+`data/formatted/made_with.json` with its own `format` params and `train.max_length`, and `base`
+records its `model` params in `pin.json`; `train` and every stage that reads the base stop,
+naming each key that differs, before they read or write anything. The adapter's `lineage.json`
+is checked the same way (`lineage.require_trained_with`), and so are the retain references'
+records (`retain.require_references`), with the comparison and message here.
 A record that lacks a section (an output made before records were kept) is not checked for it.
 
 Written here: DVC keeps this record in `dvc.lock` for its own runs only.
@@ -37,6 +37,18 @@ class ProvenanceError(PipelineError, ValueError):
 def sections(**groups: BaseModel) -> dict[str, Any]:
     """Params groups as a record: {name: the group's values}."""
     return {name: group.model_dump(mode="json") for name, group in groups.items()}
+
+
+def format_record(params: Any) -> dict[str, Any]:
+    """What `format` adds to the prepared data's record in the formatted data's made_with.json:
+    its `format` params and `train.max_length` (by which it drops or truncates examples)."""
+    return {**sections(format=params.format), "train": {"max_length": params.train.max_length}}
+
+
+def formatted_record(params: Any) -> dict[str, Any]:
+    """What the formatted data must have been made from for `params` (train and evaluate check
+    it): the `data` params, then format's record."""
+    return {**sections(data=params.data), **format_record(params)}
 
 
 def _flat(values: Mapping[str, Any], prefix: str) -> dict[str, Any]:

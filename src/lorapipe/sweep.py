@@ -67,6 +67,26 @@ def override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def own_overrides(base: Sequence[str], task: Sequence[str]) -> list[str]:
+    """The overrides of a member's `task` (Hydra's `hydra.overrides.task`) that are its own, not
+    the `base` ones params.yaml contributed. Hydra's sweeper rewrites each override in its own
+    compact form (`[a, b]` becomes `[a,b]`, `{k: v}` becomes `{k:v}`), so both are compared as
+    Hydra parses them: an override is the member's own unless `base` sets its key to the same
+    value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+
+    def parsed(text: str) -> tuple[str, str]:
+        (override,) = parser.parse_overrides([text])
+        if override.is_sweep_override():  # a list of values: never a base override
+            return override.get_key_element(), f"sweep {text}"
+        return override.get_key_element(), override.get_value_element_as_str()
+
+    given = dict(parsed(o) for o in base)
+    return [t for t in task if given.get(parsed(t)[0], object()) != parsed(t)[1]]
+
+
 def check_sweepable(overrides: Sequence[str]) -> None:
     """Raise SweepError if an override changes what the shared inputs were made from."""
     fixed = [

@@ -65,16 +65,43 @@ def check_target_modules(model: torch.nn.Module, target_modules: str | list[str]
     if isinstance(target_modules, str):  # PEFT treats a string as a full-match regex
         full_names = [n for n, m in model.named_modules() if n]
         if not any(re.fullmatch(target_modules, n) for n in full_names):
+            hint = f"adaptable layers are named: {', '.join(available)}"
+            if any(re.search(target_modules, n) for n in full_names):  # `q_proj`: a part only
+                hint = (
+                    "a string is a regex that must match a module's full name (such as "
+                    f"{next(n for n in full_names if re.search(target_modules, n))}); for "
+                    f"layer names give a list, lora.target_modules=[{target_modules}], or "
+                    f"match the end, '.*{target_modules}'"
+                )
             raise TrainingError(
-                f"lora.target_modules: regex {target_modules!r} matches no module; "
-                f"adaptable layers are named: {', '.join(available)}"
+                f"lora.target_modules: regex {target_modules!r} matches no module; {hint}"
             )
         return
     missing = [t for t in target_modules if t not in available]
     if missing:
+        verb = "matches" if len(missing) == 1 else "match"
         raise TrainingError(
-            f"lora.target_modules: {', '.join(missing)} match no layer of this model "
+            f"lora.target_modules: {', '.join(missing)} {verb} no layer of this model "
             f"(adaptable layers: {', '.join(available)})"
+        )
+
+
+def check_layers(base_dir: Path, layers: list[int] | None) -> None:
+    """Raise TrainingError when a `lora.layers_to_transform` index is not a layer of the base
+    (peft raises its own error after loading); read from the base's config, before it loads."""
+    if not layers:
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_dir).get_text_config()
+    count = getattr(config, "num_hidden_layers", None)
+    if count is None:
+        return  # a config without a layer count: peft says what it finds
+    outside = [i for i in layers if not 0 <= i < count]
+    if outside:
+        raise TrainingError(
+            f"lora.layers_to_transform: {', '.join(map(str, outside))} is not a layer of this "
+            f"model (its layers are 0-{count - 1})"
         )
 
 
@@ -358,6 +385,7 @@ def setup_model(params: Params, base_dir: Path, precision: str) -> tuple[Any, bo
     Raises TrainingError when a LoRA name matches nothing or no parameter would train."""
     from peft import get_peft_model
 
+    check_layers(base_dir, params.lora.layers_to_transform)
     model, recompute = load_for_training(base_dir, params, MODEL_DTYPES[precision])
     check_target_modules(model, params.lora.target_modules)
     check_modules_to_save(model, params.lora.modules_to_save)
