@@ -242,10 +242,10 @@ def base_source(pin: dict[str, Any]) -> str:
         return f"{name} at commit `{pin['revision']}` on the Hugging Face Hub"
     if pin.get("kind") == "local":
         return f"{name}, a local model folder (each file's md5 in `lineage.json`)"
-    if pin.get("kind") == "tiny":
+    if pin.get("kind") == "tiny":  # an older pin may lack the seed: the card still renders
+        seed = f", seed {pin['seed']}" if "seed" in pin else ""
         return (
-            f"{name}, a random Llama built by lorapipe (config hash `{pin['config_hash']}`, "
-            f"seed {pin['seed']})"
+            f"{name}, a random Llama built by lorapipe (config hash `{pin['config_hash']}`{seed})"
         )
     return name
 
