@@ -86,6 +86,20 @@ def test_prompts_are_formatted_as_in_training_and_tokens_stream(
     assert answer and stream.getvalue().strip() == answer
 
 
+def common_args(tiny_base: Path, adapters: dict[str, Path]) -> list[str]:
+    return [
+        "--base",
+        str(tiny_base),
+        *[f"--adapter={name}={path}" for name, path in adapters.items()],
+        "--max-new-tokens",
+        "6",
+    ]
+
+
+def out_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_generate_command_answers_files_and_stdin(
     tiny_base: Path,
     adapters: dict[str, Path],
@@ -95,21 +109,12 @@ def test_generate_command_answers_files_and_stdin(
 ) -> None:
     from stages.generate import main
 
-    common = [
-        "--base",
-        str(tiny_base),
-        "--adapter",
-        f"a={adapters['a']}",
-        "--adapter",
-        f"b={adapters['b']}",
-        "--max-new-tokens",
-        "6",
-    ]
+    common = common_args(tiny_base, adapters)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"instruction": q}) + "\n" for q in QUESTIONS[:2]))
     out = tmp_path / "answers.jsonl"
     assert main([*common, "--prompts", str(prompts), "--use", "b,a", "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = out_rows(out)
     assert [r["adapter"] for r in rows] == ["b", "a", "b", "a"]
     alone = Assistant(tiny_base, {"b": adapters["b"]}, dtype="float32")
     assert rows[0]["answer"] == alone.answer(
@@ -122,7 +127,7 @@ def test_generate_command_answers_files_and_stdin(
         sys, "stdin", io.StringIO(f"{QUESTIONS[0]}\n/use b\n{QUESTIONS[0]}\n/quit\n")
     )
     assert main([*common, "-i", "--out", str(out)]) == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = out_rows(out)
     # without --use every adapter answers, until /use b
     assert [r["adapter"] for r in rows] == ["a", "b", "b"] and rows[2]["answer"] == alone.answer(
         [{"role": "user", "content": QUESTIONS[0]}], "b", **GREEDY
@@ -161,20 +166,6 @@ def test_generate_command_answers_files_and_stdin(
             main([*common, option, value, "hi"])
         assert exited.value.code == 2
         assert f"argument {option}: {problem}" in capsys.readouterr().err
-
-
-def common_args(tiny_base: Path, adapters: dict[str, Path]) -> list[str]:
-    return [
-        "--base",
-        str(tiny_base),
-        *[f"--adapter={name}={path}" for name, path in adapters.items()],
-        "--max-new-tokens",
-        "6",
-    ]
-
-
-def out_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 class InterruptedStdin(io.StringIO):
