@@ -29,6 +29,11 @@ def run(params: Params) -> None:
     write_json(Path(params.paths.reports) / "data.json", report)
     near = report["near_duplicates_across_splits"]["groups"]
     print(f"prepare: {report['rows_read']} rows read, splits {report['splits']}")
+    if report["rows_rejected"]:  # data.on_error=skip: each one in rejects.jsonl
+        print(
+            f"prepare: {report['rows_rejected']} rows skipped {report['rejects_by_reason']}, "
+            f"each named in {Path(params.paths.prepared) / 'rejects.jsonl'}"
+        )
     for name, source in report["sources"].items():
         print(f"prepare: source {name}: {source['splits']}")
         if source["train_rows_repeated"]:

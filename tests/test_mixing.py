@@ -254,3 +254,26 @@ def test_the_prepare_stage_says_how_many_training_rows_repeat(
     prepare_stage.run(validate(compose(ROOT / "conf", overrides)))
     out = capsys.readouterr().out
     assert "prepare: source a: 24 of its 40 training rows repeat others" in out
+
+
+def test_the_prepare_stage_says_how_many_rows_it_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stages import prepare as prepare_stage
+
+    raw = write_rows(tmp_path / "raw" / "qa.jsonl", generate(20, seed=7))
+    with raw.open("a", encoding="utf-8") as f:
+        f.write('{"instruction": "no answer"}\nnot json\n')
+    overrides = [
+        f"data.path={raw}",
+        "data.split_counts=null",
+        "data.on_error=skip",
+        "data.max_reject_fraction=0.5",
+        f"paths.prepared={tmp_path / 'prepared'}",
+        f"paths.reports={tmp_path / 'reports'}",
+    ]
+    prepare_stage.run(validate(compose(ROOT / "conf", overrides)))
+    out = capsys.readouterr().out
+    assert "prepare: 2 rows skipped" in out
+    assert f"each named in {tmp_path / 'prepared' / 'rejects.jsonl'}" in out
+    assert len((tmp_path / "prepared" / "rejects.jsonl").read_text().splitlines()) == 2
