@@ -42,6 +42,11 @@ def run(params: Params) -> None:
                 f"{source['splits']['train']} training rows repeat others (too few rows left "
                 "for its share; lower its weight or rows, or data.split_counts.train)"
             )
+    if report.get("split_label_conflicts"):
+        print(
+            f"prepare: warning: {report['split_label_conflicts']} duplicate rows name another "
+            f"split than their first copy, which decides ({params.data.split_column} column)"
+        )
     if near:
         print(f"prepare: warning: {near} near-duplicate groups straddle splits (reports/data.json)")
 

@@ -420,8 +420,15 @@ def test_split_column_decides_and_accepts_validation(tmp_path: Path) -> None:
     report = run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, split_column="split")
     assert report["splits"] == {"train": 2, "val": 2, "test": 1}
     assert report["split_by"] == "column split"
+    assert report["split_label_conflicts"] == 0
     (test_row,) = read_jsonl(tmp_path / "out" / "test.jsonl")
     assert test_row["instruction"] == "q2"
+    # q0 again, labelled test: the first copy (train) decides, and the conflict is counted
+    with raw.open("ab") as f:
+        f.write(jsonl({"instruction": "q0", "response": "a", "split": "test"}))
+    report = run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, split_column="split")
+    assert report["splits"] == {"train": 2, "val": 2, "test": 1}
+    assert report["split_label_conflicts"] == 1 and report["duplicates_removed"] == 1
 
 
 def test_near_duplicates_across_splits_are_reported(tmp_path: Path) -> None:

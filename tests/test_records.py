@@ -259,6 +259,7 @@ def test_prepare_writes_splits_in_input_order_with_content_ids(tmp_path: Path) -
         "splits": report["splits"],
         "rows_unused": 0,
         "split_by": "content hash",
+        "split_label_conflicts": 0,
     }
     expected = split_records(dedupe(read_records(raw)[0])[0], FRACTIONS)
     for name in FRACTIONS:

@@ -538,7 +538,8 @@ def prepare(
 
     Returns the report `{"rows_read", "rows_rejected", "rejects_by_reason": {reason: n},
     "duplicates_removed", "near_duplicates_across_splits": {...}, "splits": {split: n},
-    "split_by"}` (see `near_duplicates`).
+    "split_by", "split_label_conflicts"}` (see `near_duplicates`); the last counts duplicate rows
+    whose split column names another split than the first copy's, which decides.
 
     Raises DataError if the data cannot be read (see `read_records`), if any row is bad and
     `on_error` is "fail", if the rejected share of rows exceeds `max_reject_fraction` with
@@ -554,8 +555,11 @@ def prepare(
     if not records:
         raise DataError(f"{raw}: no valid rows (read {rows_read})")
     unique, duplicates = dedupe(records)
+    conflicts = 0
     if split_column is not None:
         splits, split_by = split_by_column(unique), f"column {split_column}"
+        first = {r.key: r.split for r in unique}
+        conflicts = sum(r.split != first[r.key] for r in records)  # kept in the first's split
     elif split_counts is not None:
         splits, split_by = split_by_counts(unique, dict(split_counts.items())), "counts"
     else:
@@ -569,6 +573,7 @@ def prepare(
         "splits": {name: len(split) for name, split in splits.items()},
         "rows_unused": len(unique) - sum(len(split) for split in splits.values()),
         "split_by": split_by,
+        "split_label_conflicts": conflicts,
     }
     with atomic_dir(out_dir) as tmp:
         for name, split in splits.items():
