@@ -236,44 +236,47 @@ def test_source_settings_are_checked_by_key(conf_data: dict[str, Any]) -> None:
     assert "data.path data/raw/r/replay.jsonl: a file or folder named 'replay'" in message
 
 
+def run_prepare_stage(
+    tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str], *overrides: str
+) -> str:
+    """The prepare stage run on `raw` with its outputs under tmp_path; what it printed."""
+    from stages import prepare as prepare_stage
+
+    paths = [f"paths.prepared={tmp_path / 'prepared'}", f"paths.reports={tmp_path / 'reports'}"]
+    prepare_stage.run(validate(compose(ROOT / "conf", [f"data.path={raw}", *overrides, *paths])))
+    return capsys.readouterr().out
+
+
 def test_the_prepare_stage_says_how_many_training_rows_repeat(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stages import prepare as prepare_stage
-
     raw = tmp_path / "raw"
     write_rows(raw / "a.jsonl", generate(20, seed=7))
-    overrides = [
-        f"data.path={raw}",
+    out = run_prepare_stage(
+        tmp_path,
+        raw,
+        capsys,
         f"data.sources={{a: {{path: {raw / 'a.jsonl'}, format: auto, fields: null, weight: 1, "
         "rows: null}}",
         "data.split_counts={train: 40, val: 2, test: 2}",
-        f"paths.prepared={tmp_path / 'prepared'}",
-        f"paths.reports={tmp_path / 'reports'}",
-    ]
-    prepare_stage.run(validate(compose(ROOT / "conf", overrides)))
-    out = capsys.readouterr().out
+    )
     assert "prepare: source a: 24 of its 40 training rows repeat others" in out
 
 
 def test_the_prepare_stage_says_how_many_rows_it_skipped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from stages import prepare as prepare_stage
-
     raw = write_rows(tmp_path / "raw" / "qa.jsonl", generate(20, seed=7))
     with raw.open("a", encoding="utf-8") as f:
         f.write('{"instruction": "no answer"}\nnot json\n')
-    overrides = [
-        f"data.path={raw}",
+    out = run_prepare_stage(
+        tmp_path,
+        raw,
+        capsys,
         "data.split_counts=null",
         "data.on_error=skip",
         "data.max_reject_fraction=0.5",
-        f"paths.prepared={tmp_path / 'prepared'}",
-        f"paths.reports={tmp_path / 'reports'}",
-    ]
-    prepare_stage.run(validate(compose(ROOT / "conf", overrides)))
-    out = capsys.readouterr().out
+    )
     assert "prepare: 2 rows skipped" in out
     assert f"each named in {tmp_path / 'prepared' / 'rejects.jsonl'}" in out
     assert len((tmp_path / "prepared" / "rejects.jsonl").read_text().splitlines()) == 2
