@@ -84,7 +84,12 @@ def own_overrides(base: Sequence[str], task: Sequence[str]) -> list[str]:
         return override.get_key_element(), override.get_value_element_as_str()
 
     given = dict(parsed(o) for o in base)
-    return [t for t in task if given.get(parsed(t)[0], object()) != parsed(t)[1]]
+    own = []
+    for text in task:
+        key, value = parsed(text)  # each override parsed once
+        if key not in given or given[key] != value:
+            own.append(text)
+    return own
 
 
 def check_sweepable(overrides: Sequence[str]) -> None:
