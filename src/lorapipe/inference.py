@@ -131,12 +131,13 @@ class Assistant:
             for name, path in rest:
                 model.load_adapter(str(path), adapter_name=name)
         self.model = model.eval()
-        self.system_prompts = {name: system_prompt for name in [*adapters, BASE]}
+        self.system_prompt = system_prompt  # every model's, as evaluation gives them one
+        self._names = [*adapters, BASE]
 
     @property
     def names(self) -> list[str]:
         """The adapter names, in load order, then `base`."""
-        return list(self.system_prompts)
+        return list(self._names)
 
     @property
     def context(self) -> int | None:
@@ -150,11 +151,11 @@ class Assistant:
 
     def prompt_for(self, messages: list[dict[str, str]], name: str) -> str:
         """The prompt `name` answers: the conversation with its system prompt, chat-templated."""
-        if name not in self.system_prompts:
+        if name not in self._names:
             raise InferenceError(f"unknown adapter {name!r}; loaded: {', '.join(self.names)}")
         if len(messages) == 1 and messages[0]["role"] == "user":
-            return build_prompt(self.tokenizer, messages[0]["content"], self.system_prompts[name])
-        return render_prompt(self.tokenizer, with_system(messages, self.system_prompts[name]))
+            return build_prompt(self.tokenizer, messages[0]["content"], self.system_prompt)
+        return render_prompt(self.tokenizer, with_system(messages, self.system_prompt))
 
     def answer(
         self,
