@@ -147,6 +147,10 @@ CHECKS: dict[str, Check] = {
         read(p, "sweeps/x/summary.json")["metric"] == "adapter.rougeL"
     ),
     "python -m stages.train": lambda p, out: read(p, "reports/train.json")["steps"] == 12,
+    # check: names the sections of params.yaml it validated
+    "python -m stages.check": lambda p, out: (
+        "lora" in read(p, "reports/params_check.json")["checked"] and "is valid" in out
+    ),
     # base
     "python -m stages.base": lambda p, out: read(p, "models/base/pin.json")["kind"] == "tiny",
     "python -m stages.base model=tiny model.seed=1": lambda p, out: (

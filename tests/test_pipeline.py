@@ -30,7 +30,7 @@ SMALL = {
     "merge": {"probe_examples": 4},
     "retain": {"max_new_tokens": 8},
 }
-STAGES = {"base", "references@train", "references@eval", "prepare", "format", "train"}
+STAGES = {"check", "base", "references@train", "references@eval", "prepare", "format", "train"}
 STAGES |= {"evaluate", "merge"}
 
 
@@ -341,7 +341,7 @@ def test_dvc_plots_show_writes_a_page_that_needs_no_network(project: Path) -> No
 def test_only_changed_stages_rerun(project: Path) -> None:
     assert ran(sh(project, "dvc", "repro")) == set()
     sh(project, sys.executable, "-m", "lorapipe.params", "eval.max_new_tokens=6")
-    assert ran(sh(project, "dvc", "repro")) == {"evaluate"}
+    assert ran(sh(project, "dvc", "repro")) == {"check", "evaluate"}
     sh(
         project,
         sys.executable,
@@ -350,7 +350,29 @@ def test_only_changed_stages_rerun(project: Path) -> None:
         "eval.max_new_tokens=6",
         "lora.r=4",
     )
-    assert ran(sh(project, "dvc", "repro")) == {"train", "evaluate", "merge"}
+    assert ran(sh(project, "dvc", "repro")) == {"check", "train", "evaluate", "merge"}
+
+
+@pytest.mark.slow
+def test_a_value_a_stage_refuses_stops_dvc_before_any_output_is_removed(
+    repro_project: Path, tmp_path: Path
+) -> None:
+    """DVC removes a stage's outputs before running it: without the `check` stage,
+    `dvc exp run -S lora.r=0` deleted the adapter, the merged model and the train reports, then
+    train refused r=0. Now `check` refuses it first, and every output is as it was."""
+    project = tmp_path / "project"
+    shutil.copytree(repro_project, project, symlinks=True)
+
+    def outputs() -> dict[str, bytes]:
+        found = [p for d in ("models", "reports", "data") for p in (project / d).rglob("*")]
+        return {p.relative_to(project).as_posix(): p.read_bytes() for p in found if p.is_file()}
+
+    before = outputs()
+    out = sh(project, "dvc", "exp", "run", "-S", "lora.r=0", status=255)
+    assert ran(out) == {"check"}, out
+    assert "check: error: lora.r: Input should be greater than 0, got 0" in out
+    assert outputs() == before
+    assert "models/adapter/adapter_model.safetensors" in before
 
 
 @pytest.mark.slow
@@ -363,7 +385,7 @@ def test_keeping_the_winner_of_an_experiment_leaves_a_repository_that_runs(proje
     sh(project, *git, "add", "-A")
     sh(project, *git, "commit", "-qm", "baseline")
     out = sh(project, "dvc", "exp", "run", "-S", "lora.r=8")  # a value no earlier test trained
-    assert ran(out) == {"train", "evaluate", "merge"}, out
+    assert ran(out) == {"check", "train", "evaluate", "merge"}, out
     (name,) = sh(project, "dvc", "exp", "list", "--name-only").split()
     sh(project, "dvc", "exp", "apply", name)
     sh(project, *git, "commit", "-qam", "LoRA r=8")
