@@ -344,7 +344,7 @@ def test_a_gguf_change_reruns_only_merge() -> None:
     readers = [
         n for n, s in stages.items() if any(str(p).startswith("merge") for p in s.get("params", []))
     ]
-    assert readers == ["merge"]
+    assert readers == ["check", "merge"]  # check validates every section and computes nothing
 
 
 # The Modelfile's Go template, rendered by the subset of Go's text/template it uses.

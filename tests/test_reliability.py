@@ -28,11 +28,9 @@ import yaml
 from lorapipe.io import atomic_dir
 from lorapipe.params import write_params
 from tests.conftest import FAKE_TOKEN, Run, planted, tiny_model_overrides
-from tests.test_pipeline import copy_project, ran, sh, shrink
+from tests.test_pipeline import STAGES, copy_project, ran, sh, shrink
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("base", "references@train", "references@eval", "prepare", "format", "train", "evaluate")
-STAGES += ("merge",)
 
 
 @pytest.fixture(scope="module")

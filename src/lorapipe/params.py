@@ -357,7 +357,8 @@ def check_reads(root: Path, stage: str, composed: dict[str, Any]) -> None:
     if not unread:
         return
     also = f" and checks {', '.join(checked)} against its inputs" if checked else ""
-    listed_by = {s: set(_listed(root, s)) for s in _dvc_stages(root)}
+    # `check` lists every section to validate it (stages/check.py): it is no place to send one.
+    listed_by = {s: set(_listed(root, s)) for s in _dvc_stages(root) if s != "check"}
     problems = []
     for key in unread:
         users = [s for s, keys in listed_by.items() if _overlaps(key, keys)]
