@@ -5,7 +5,7 @@ python -m stages.train quant=nf4            # QLoRA: 4-bit NF4 base, fp32 comput
 python -m stages.train lora=llama_all train.gradient_checkpointing=true
 
 Interrupted? Run it again: it resumes from the last checkpoint in paths.checkpoints when the
-params, data and base are unchanged.
+params, data, base, code and library versions are unchanged.
 """
 
 import json

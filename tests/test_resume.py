@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from lorapipe.checkpoints import FINGERPRINT_FILE, CheckpointError, latest_checkpoint
+from lorapipe.checkpoints import FINGERPRINT_FILE, CheckpointError, fingerprint, latest_checkpoint
 from lorapipe.config import Params
+from lorapipe.lineage import code_version, library_versions
 from lorapipe.training import train_adapter
 
 STEPS = 8  # one epoch of 32 examples in batches of 4
@@ -126,6 +127,42 @@ def test_checkpoints_from_other_params_are_discarded(
     out = capsys.readouterr().out
     assert "discarding checkpoints" in out and "train.learning_rate" in out
     assert began.step == 0 and summary["resumed_from_step"] == 0
+
+
+def test_checkpoints_from_other_code_or_libraries_are_discarded(
+    tiny_base: Path,
+    formatted: Path,
+    tmp_path: Path,
+    train_params: Callable[..., Params],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Steps trained by other code or library versions would end in an adapter whose lineage
+    names only the new ones: a checkpoint whose fingerprint records another md5 for a train
+    stage file, or another peft version, is not resumed (before, only params, data and base
+    counted, and an edited training.py resumed)."""
+    params = train_params(*RESUMABLE)
+    with pytest.raises(KeyboardInterrupt):
+        run(params, tiny_base, formatted, tmp_path / "killed", callbacks=[KillAtStep(2)])
+    path = Path(params.paths.checkpoints) / FINGERPRINT_FILE
+    recorded = json.loads(path.read_text())
+    assert recorded["inputs"]["code"] == code_version("train") != {}
+    assert recorded["inputs"]["libraries"] == library_versions()
+    for part, key, was in [
+        ("code", "src/lorapipe/training.py", "0" * 32),
+        ("libraries", "peft", "0.1"),
+    ]:
+        # As the folder would be after `git pull` or `pip install -U` between the two runs.
+        made = json.loads(json.dumps(recorded))
+        made["inputs"][part][key] = was
+        made["sha256"] = fingerprint(made["inputs"])
+        path.write_text(json.dumps(made))
+        began = FirstStep()
+        capsys.readouterr()
+        with pytest.raises(KeyboardInterrupt):
+            run(params, tiny_base, formatted, tmp_path / part, callbacks=[began, KillAtStep(2)])
+        out = capsys.readouterr().out
+        assert f"discarding checkpoints in {path.parent}: made with different {part}.{key};" in out
+        assert began.step == 0
 
 
 def test_a_folder_training_did_not_write_is_left_alone(

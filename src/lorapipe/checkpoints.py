@@ -1,9 +1,11 @@
-"""Resumable training: checkpoints that are reused only for the same params, data and base.
+"""Resumable training: checkpoints reused only for the same params, data, base, code, libraries.
 
 The train stage checkpoints into `paths.checkpoints` (outside DVC's outputs, so an interrupted
 run leaves them behind). `checkpoints/train/fingerprint.json` holds a sha256 of everything that
 shapes the run: the md5 of the train and val files, the `lora`, `quant` and `train` params, the
-resolved precision and the base model's pin. A rerun resumes from the latest complete checkpoint
+resolved precision, the base model's pin, and the train stage's code md5s and library versions
+(what the adapter's lineage records: steps trained by other code would be in an adapter whose
+lineage names only the new code). A rerun resumes from the latest complete checkpoint
 when the fingerprint matches; otherwise the stale checkpoints are deleted, saying which inputs
 changed. Once the adapter is written the checkpoints are removed: DVC caches the adapter, and a
 checkpoint of a finished run has nothing left to resume.
@@ -20,7 +22,7 @@ from typing import Any
 
 from lorapipe.config import Params
 from lorapipe.errors import PipelineError
-from lorapipe.lineage import file_md5
+from lorapipe.lineage import code_version, file_md5, library_versions
 from lorapipe.models import read_pin
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -47,6 +49,8 @@ def run_inputs(
         "train": train,
         "precision": precision,
         "base_model": read_pin(base_dir),
+        "code": code_version("train"),
+        "libraries": library_versions(),
     }
 
 
@@ -119,7 +123,7 @@ def prepare_checkpoints(folder: Path, inputs: dict[str, Any], *, resume: bool) -
             )
         found = resumable(folder, inputs, resume=resume)
         if found is not None:
-            print(f"train: resuming from {found} (same params, data and base)")
+            print(f"train: resuming from {found} (same params, data, base, code and libraries)")
             return found
         previous = _read_fingerprint(folder / FINGERPRINT_FILE)
         latest = latest_checkpoint(folder)
