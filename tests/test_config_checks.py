@@ -100,6 +100,12 @@ BAD = {
         "quant",
         "double_quant is a 4-bit (nf4) option",
     ),
+    # peft raised a TypeError after the model had loaded (found by audit).
+    "PiSSA on a 4-bit base": (
+        lambda raw, _: (raw["lora"].update(init="pissa_niter_4"), raw["quant"].update(mode="nf4")),
+        "lora.init",
+        "'pissa_niter_4' needs the base's float weights (peft takes their SVD), but quant.mode",
+    ),
     "empty target list": (setter("lora.target_modules", []), "lora", "target_modules is empty"),
     "top_p > 1": (setter("eval.top_p", 1.5), "eval.top_p", "less than or equal to 1"),
     "splits not summing to 1": (

@@ -503,6 +503,19 @@ class Params(_Group):
     paths: Paths
     composed_with: list[str]
 
+    # Checks across groups name their keys themselves (`_describe`).
+    @model_validator(mode="after")
+    def _lora_init_fits_the_quantisation(self) -> Params:
+        init = self.lora.init
+        # peft starts PiSSA from an SVD of each float weight, and raises on 4- or 8-bit layers
+        # after the model has loaded (OLoRA dequantises them, and runs).
+        if isinstance(init, str) and init.startswith("pissa") and self.quant.mode != "none":
+            raise ValueError(
+                f"lora.init: {init!r} needs the base's float weights (peft takes their SVD), but "
+                f"quant.mode is {self.quant.mode!r}; use quant=none, or another lora.init"
+            )
+        return self
+
 
 # Keys people carry over from BitsAndBytesConfig, TrainingArguments, peft or older scripts, with
 # what this schema uses.
@@ -557,9 +570,12 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         group = f"conf/{err['loc'][0]}/" if len(err["loc"]) > 1 else "conf/config.yaml"
         return f"{key}: missing (every key has its value in conf/; see {group})"
+    message = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a check across groups (Params' validators): it names its keys
+        return message
     given = err.get("input")
     shown = "" if isinstance(given, dict) else f", got {given!r}"
-    return f"{key}: {err['msg'].removeprefix('Value error, ')}{shown}"
+    return f"{key}: {message}{shown}"
 
 
 # A Hugging Face access token: "hf_" and 30+ letters/digits (hub tokens are 37 characters).

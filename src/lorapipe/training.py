@@ -505,8 +505,8 @@ def train_adapter(
     """Train a LoRA adapter on `formatted_dir/{train,val}.jsonl` and save it to `out_dir`.
 
     Checkpoints in `params.paths.checkpoints` from an interrupted run with the same params, data,
-    base, code and libraries are resumed (`resume_point`) and removed once the adapter is saved. Under
-    `accelerate launch` every process calls this; only global rank 0 gets `out_dir` and
+    base, code and libraries are resumed (`resume_point`) and removed once the adapter is saved.
+    Under `accelerate launch` every process calls this; only global rank 0 gets `out_dir` and
     `curves_dir` and writes anything. `callbacks` are added to the trainer's. Batches are
     padding-free (`lorapipe.packing`) when `pack` and the model's attention allows it. Returns
     the run summary (`fit`); raises TrainingError as `setup_model`, `check_lengths` and `fit` do.
