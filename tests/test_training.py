@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from lorapipe.config import Params
 from lorapipe.merging import merge_adapter
 from lorapipe.models import load_tokenizer
-from lorapipe.training import TrainingError, resolve_precision, train_adapter
+from lorapipe.training import TrainingError, resolve_precision, setup_model, train_adapter
 
 
 def train(params: Params, base: Path, formatted: Path, out: Path, **kw: Any) -> dict[str, Any]:
@@ -87,6 +87,16 @@ def test_qlora_nf4_trains_on_cpu_and_merges_into_full_precision(
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in merged.values())  # not 4-bit
+
+
+def test_qlora_counts_the_parameters_lora_counts(
+    tiny_base: Path, train_params: Callable[..., Params]
+) -> None:
+    """The same model has the same parameters quantised or not (reports/train.json, lineage and
+    model card): a 4-bit weight's storage holds two values a byte."""
+    lora = setup_model(train_params(), tiny_base, "fp32")
+    qlora = setup_model(train_params("quant=nf4"), tiny_base, "fp32")
+    assert lora[2:] == qlora[2:] and lora[2] < lora[3]
 
 
 def test_a_diverging_run_stops_naming_the_step(

@@ -147,13 +147,6 @@ def lora_config(params: Params) -> Any:
     return LoraConfig(**options)
 
 
-def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
 def resolve_precision(requested: str) -> str:
     """fp32, bf16 or fp16 for `train.precision`; `auto` picks by device.
 
@@ -391,7 +384,9 @@ def setup_model(params: Params, base_dir: Path, precision: str) -> tuple[Any, bo
     check_modules_to_save(model, params.lora.modules_to_save)
     model = get_peft_model(model, lora_config(params))
     fuse_lora_updates(model)  # the plain-Linear layers only: quantised ones keep peft's classes
-    trainable, total = trainable_parameters(model)
+    # peft's count: a 4-bit weight holds two values a byte, and counts both (numel() would count
+    # bytes, so QLoRA's total was LoRA's less half of every quantised weight).
+    trainable, total = model.get_nb_trainable_parameters()
     print(f"train: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     if trainable == 0:
         raise TrainingError(
