@@ -214,6 +214,12 @@ def test_the_ranking_metric_is_chosen_by_the_documented_override(tmp_path: Path)
             "sweep: error: cannot sweep model.seed=1,2: members share the formatted data",
         ),
         (["-m", "train.max_length=128,256"], "sweep: error: cannot sweep train.max_length="),
+        # Every member trained into its own folder anyway: two identical members (audit).
+        (
+            ["-m", "paths.adapter=a,b"],
+            "sweep: error: cannot set paths.adapter=a,b: each member's adapter, reports and "
+            "checkpoints go in its own folder under hydra.sweep.dir",
+        ),
     ],
 )
 def test_sweep_usage_and_what_no_member_can_run_are_said_before_it_starts(

@@ -106,6 +106,13 @@ def check_sweepable(overrides: Sequence[str]) -> None:
             "sweep those keys with "
             "`dvc exp run --queue -S ...`, which re-runs the stages they feed"
         )
+    # The sweep sets these for every member (member_params): an override of one changed nothing.
+    placed = [o for o in overrides if override_key(o) in {f"paths.{k}" for k in MEMBER_PATHS}]
+    if placed:
+        raise SweepError(
+            f"cannot set {', '.join(placed)}: each member's adapter, reports and checkpoints go "
+            "in its own folder under hydra.sweep.dir (set that to choose where)"
+        )
 
 
 def higher_is_better(metric: str) -> bool:
