@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from lorapipe.config import Params
+from lorapipe.lineage import build_lineage
 from lorapipe.merging import merge_adapter
 from lorapipe.models import load_tokenizer
 from lorapipe.training import TrainingError, resolve_precision, setup_model, train_adapter
@@ -150,6 +151,12 @@ def test_early_stopping_stops_and_keeps_the_best_epoch(
     eval_losses = [float(line.split("\t")[1]) for line in rows.splitlines()[1:]]
     assert eval_losses[-1] > min(eval_losses)  # it stopped because the loss went up...
     assert summary["eval_loss"] == pytest.approx(min(eval_losses), rel=1e-6)  # ...and kept the best
+    # The kept epoch's step is reported beside how far it ran (the reports said only the latter).
+    steps = [int(line.split("\t")[0]) for line in rows.splitlines()[1:]]
+    kept = summary["kept_step"]
+    assert kept == steps[eval_losses.index(min(eval_losses))] < summary["steps"]
+    files = {split: formatted / f"{split}.jsonl" for split in ("train", "val")}
+    assert build_lineage(params, files, tiny_base, summary)["training"]["kept_step"] == kept
 
 
 @pytest.mark.gpu

@@ -32,6 +32,8 @@ TRAINING_FACTS = (
 # Only distributed runs report these (processes, the rank that wrote the adapter, and how the
 # model was split: ddp, fsdp2, deepspeed-zero3, ...), so a single-process lineage is unchanged.
 DISTRIBUTED_FACTS = ("world_size", "writer_rank", "sharding")
+# Only early-stopped runs report it: the step whose checkpoint became the adapter.
+EARLY_STOPPING_FACTS = ("kept_step",)
 LIBRARIES = (
     "torch",
     "transformers",
@@ -161,7 +163,8 @@ def build_lineage(
         "python": platform.python_version(),
     }
     if training is not None:
-        facts = [*TRAINING_FACTS, *(k for k in DISTRIBUTED_FACTS if k in training)]
+        optional = (*DISTRIBUTED_FACTS, *EARLY_STOPPING_FACTS)
+        facts = [*TRAINING_FACTS, *(k for k in optional if k in training)]
         record["training"] = {key: training[key] for key in facts}
     return record
 

@@ -566,8 +566,9 @@ def train_adapter(
 def fit(trainer: Any, resume_from: Path | None, has_val: bool) -> dict[str, Any]:
     """Train (from `resume_from` when given) and evaluate once more; the summary: train loss
     over the whole run, steps, epochs, resumed step, device, seconds, eval loss, and for a
-    distributed run the world size and this process's rank. Raises TrainingError when the loss
-    is not finite."""
+    distributed run the world size and this process's rank; after early stopping, the step of the
+    epoch it kept (`kept_step`: steps and epochs are how far it ran). Raises TrainingError when
+    the loss is not finite."""
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
@@ -583,6 +584,9 @@ def fit(trainer: Any, resume_from: Path | None, has_val: bool) -> dict[str, Any]
         "device": device_name(),
         "train_seconds": round(seconds, 1),
     }
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best:  # early stopping restored an earlier epoch
+        summary["kept_step"] = int(Path(best).name.split("-")[-1])
     if trainer.args.world_size > 1:  # recorded in lineage: who wrote the adapter, out of how many
         summary.update(world_size=trainer.args.world_size, writer_rank=trainer.args.process_index)
         summary["sharding"] = sharding(trainer)
