@@ -9,21 +9,30 @@ python -m stages.evaluate 'eval.adapters={r4: "sweeps/x/lora.r=4/adapter"}'   # 
 from pathlib import Path
 
 from lorapipe.cli import stage
-from lorapipe.config import Params
+from lorapipe.config import RETAIN, Params
 from lorapipe.evaluation import evaluate_models
 from lorapipe.io import read_jsonl, write_json, write_jsonl
-from lorapipe.lineage import require_trained_on, require_trained_with
-from lorapipe.models import require_base, require_safetensors
+from lorapipe.lineage import require_adapter, require_trained_on, require_trained_with
+from lorapipe.models import require_base
 from lorapipe.provenance import formatted_record, require_made_with
 from lorapipe.report import write_reports
 from lorapipe.retain import require_references
+
+HOLDS = "adapter_config.json and adapter_model.safetensors"
 
 
 def run(params: Params) -> None:
     pin = require_base(params.model, Path(params.paths.base))
     extra = {name: Path(folder) for name, folder in params.eval.adapters.items()}
+    # Every adapter's files, before any weights load: a bad extra one would otherwise stop the
+    # stage after the base and the pipeline's adapter had generated every answer.
+    require_adapter(Path(params.paths.adapter))
+    for name, folder in extra.items():
+        key = f"eval.adapters.{name}"
+        require_adapter(
+            folder, key, f"point {key} at an adapter folder as PEFT saves one ({HOLDS})"
+        )
     for folder in [Path(params.paths.adapter), *extra.values()]:
-        require_safetensors(folder)  # before any weights load
         require_trained_on(folder, Path(params.paths.base))
     # The adapter is the one these params describe (the others are compared as they are), and
     # the test and validation examples were formatted with them.
@@ -54,9 +63,9 @@ def run(params: Params) -> None:
     write_json(reports / "metrics.json", metrics)
     write_reports(reports, metrics, predictions, retain_rows)
     for model, scores in metrics.items():
-        if isinstance(scores, dict) and model != "retain":
+        if isinstance(scores, dict) and model != RETAIN:
             loss = f", val_loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""
-            kept = metrics["retain"][model]
+            kept = metrics[RETAIN][model]
             print(
                 f"evaluate: {model}: exact_match {scores['exact_match']:.3f}, "
                 f"rougeL {scores['rougeL']:.3f}{loss}, retain rougeL {kept['rougeL']:.3f} "

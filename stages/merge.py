@@ -26,11 +26,12 @@ from lorapipe.lineage import (
     CARD_FILE,
     LINEAGE_FILE,
     model_card,
+    require_adapter,
     require_trained_on,
     require_trained_with,
 )
 from lorapipe.merging import merge_adapter, merged_lineage
-from lorapipe.models import check_merge_dtype, require_base, require_safetensors
+from lorapipe.models import check_merge_dtype, require_base
 from lorapipe.runtime import peak_rss_mib, write_runtime
 
 
@@ -39,10 +40,11 @@ def run(params: Params) -> None:
     # A push without a token fails now, not after minutes of merging (the repo id is checked
     # with the config). The token stays in this variable: never in a file, report or message.
     token = push_token() if cfg.push_to_hub and not cfg.push_dry_run else None
-    # Both read only small files, so a bad merge.dtype or a pickled adapter stops before loading.
+    # These read only small files and the adapter weights' header, so a bad merge.dtype or a
+    # pickled, truncated or unreadable adapter stops before loading.
     require_base(params.model, Path(paths.base))
     check_merge_dtype(Path(paths.base), params.merge.dtype)
-    require_safetensors(Path(paths.adapter))
+    require_adapter(Path(paths.adapter))
     require_trained_on(Path(paths.adapter), Path(paths.base))
     require_trained_with(Path(paths.adapter), params)
     if cfg.gguf:

@@ -98,6 +98,48 @@ def local_model_cfg(folder: Path, **over: object) -> object:
     )
 
 
+def run_stage(module: str, *args: str) -> tuple[int, list[str]]:
+    """`python -m module args` run in this process from the checkout, as its stage shell runs
+    it (`lorapipe.cli.stage`: argv, exit status, errors on stderr): the exit status and the
+    lines written to stderr. The shell's signal handlers are undone afterwards."""
+    import importlib
+    import io
+    import signal
+    import sys
+    from contextlib import redirect_stderr
+
+    saved = (sys.argv, os.getcwd(), signal.getsignal(signal.SIGTERM))
+    saved_int = signal.getsignal(signal.SIGINT)
+    err = io.StringIO()
+    sys.argv = [module, *args]
+    try:
+        os.chdir(ROOT)
+        with redirect_stderr(err):
+            importlib.import_module(module).main()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        signal.signal(signal.SIGTERM, saved[2])
+        signal.signal(signal.SIGINT, saved_int)
+    return status, err.getvalue().strip().splitlines()
+
+
+def broken_adapter(good: Path, out: Path, how: str) -> Path:
+    """A copy of the adapter folder `good` at `out`, spoilt: `json`, its adapter_config.json
+    cut to `{`; `truncated`, its weights cut to their first 1000 bytes (`head -c 1000`);
+    `missing`, no folder at all."""
+    if how != "missing":
+        shutil.copytree(good, out)
+    if how == "json":
+        (out / "adapter_config.json").write_text("{")
+    elif how == "truncated":
+        os.truncate(out / "adapter_model.safetensors", 1000)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models/base-like folder: the small tiny Llama, its tokenizer and pin.json."""

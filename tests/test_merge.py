@@ -26,7 +26,7 @@ from lorapipe.merging import (
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.params import compose
 from lorapipe.provenance import ProvenanceError
-from tests.conftest import tiny_model_overrides
+from tests.conftest import broken_adapter, run_stage, tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_test_secret_do_not_leak_0123456789"
@@ -295,3 +295,33 @@ def test_hub_errors_name_the_repo_and_never_show_the_token(tmp_path: Path) -> No
 def test_merge_config_errors_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         validate(compose(ROOT / "conf", [override]))
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [
+        ("json", "adapter_config.json: not valid JSON (Expecting property name"),
+        ("truncated", "adapter_model.safetensors: unreadable: truncated or not safetensors"),
+    ],
+)
+def test_a_corrupt_adapter_stops_merge_in_one_line_before_loading(
+    tiny_base: Path, adapter: Path, tmp_path: Path, how: str, problem: str
+) -> None:
+    """A cut adapter_config.json or weights file: one line naming it, exit 2, nothing merged
+    (it was a traceback from peft's JSON parsing or safetensors' loader)."""
+    bad = broken_adapter(adapter, tmp_path / "adapter", how)
+    stage_params(tiny_base, bad, tmp_path)  # writes the probe prompts: a merge could start
+    args = [
+        *tiny_model_overrides(),
+        f"paths.base={tiny_base}",
+        f"paths.adapter={bad}",
+        f"paths.formatted={tmp_path / 'formatted'}",
+        f"paths.merged={tmp_path / 'merged'}",
+        f"paths.reports={tmp_path / 'reports'}",
+        "merge.probe_examples=2",
+    ]
+    status, err = run_stage("stages.merge", *args)
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"merge: error: {bad}/{problem}"), err
+    assert err[0].endswith("; rerun the train stage (`dvc repro train`)"), err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "reports").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -401,6 +402,30 @@ class TrainCfg(_Group):
         return self
 
 
+# What evaluation writes beside each model's name, so no adapter in eval.adapters may take one:
+# the base and the pipeline's own adapter; the keys of reports/metrics.json that are not models
+# (lorapipe.evaluation.evaluate_models builds them from these names; "examples" is in its
+# "retain" section too); the fields of each predictions.jsonl and retain.jsonl row.
+MODEL_KEYS = ("base", "adapter")
+EXAMPLES, VAL_EXAMPLES, RETAIN = "examples", "val_examples", "retain"
+ROW_KEYS = ("id", "prompt", "reference", "instruction", "scores")
+NOT_ADAPTER_NAMES = (*MODEL_KEYS, EXAMPLES, VAL_EXAMPLES, RETAIN, *ROW_KEYS)
+ADAPTER_NAME = re.compile(r"[A-Za-z][\w.-]*")
+
+
+def _adapter_name(name: str) -> str:
+    if not ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            "cannot name an adapter: use letters, digits, '_', '-', '.', starting with a letter"
+        )
+    if name in NOT_ADAPTER_NAMES:
+        raise ValueError(
+            "cannot name an adapter: the evaluation's metrics.json, predictions and retain rows "
+            f"already use the name (taken: {', '.join(NOT_ADAPTER_NAMES)}); pick another"
+        )
+    return name
+
+
 class EvalCfg(_Group):
     batch_size: int = Field(gt=0)
     max_new_tokens: int = Field(gt=0)
@@ -414,18 +439,8 @@ class EvalCfg(_Group):
     val_loss_examples: int | None = Field(ge=0)
     # More adapters to evaluate beside the pipeline's own, on the same base and prompts:
     # {name: adapter folder}. Each becomes a model in metrics.json, predictions and the report.
-    adapters: dict[str, str]
-
-    @field_validator("adapters")
-    @classmethod
-    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
-        for name in adapters:
-            if name in ("base", "adapter") or not re.fullmatch(r"[A-Za-z][\w.-]*", name):
-                raise ValueError(
-                    f"eval.adapters: {name!r} cannot name an adapter (use letters, digits, "
-                    "'_', '-', '.', starting with a letter; 'base' and 'adapter' are taken)"
-                )
-        return adapters
+    # Names are checked as keys (`_adapter_name`), so an error names eval.adapters.<name>.
+    adapters: dict[Annotated[str, AfterValidator(_adapter_name)], str]
 
 
 class MergeCfg(_Group):
@@ -555,7 +570,8 @@ def _group_fields(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "params"
+    # A dict key's own error ends its loc with "[key]": eval.adapters.<name>, not ...<name>.[key].
+    key = ".".join(str(p) for p in err["loc"] if p != "[key]") or "params"
     if err["type"] == "extra_forbidden":
         name = str(err["loc"][-1])
         if name in RENAMED:
@@ -574,7 +590,7 @@ def _describe(err: dict[str, Any]) -> str:
     if not err["loc"]:  # a check across groups (Params' validators): it names its keys
         return message
     given = err.get("input")
-    shown = "" if isinstance(given, dict) else f", got {given!r}"
+    shown = "" if isinstance(given, dict) or "[key]" in err["loc"] else f", got {given!r}"
     return f"{key}: {message}{shown}"
 
 

@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import EvalCfg
+from lorapipe.config import EXAMPLES, RETAIN, VAL_EXAMPLES, EvalCfg
 from lorapipe.errors import PipelineError
 from lorapipe.formatting import common_prefix_length
 from lorapipe.generation import PREFILL_TOKENS, generate_with_stops
@@ -174,7 +174,7 @@ def retain_scores(
     id, the last user turn, the base's answer and each model's answer and scores.
     """
     refs = [str(r["reference"]) for r in references]
-    metrics: dict[str, Any] = {"examples": len(refs), "base": {"rougeL": 1.0, "identical": 1.0}}
+    metrics: dict[str, Any] = {EXAMPLES: len(refs), "base": {"rougeL": 1.0, "identical": 1.0}}
     per_model: dict[str, list[dict[str, float]]] = {}
     for name, answers in outputs.items():
         _, scored = score(list(answers), refs, use_stemmer=use_stemmer)
@@ -312,9 +312,9 @@ def evaluate_models(
     retain_job = None if retain is None else ([r["prompt"] for r in retain[0]], retain[1])
     outputs, stops, losses, retained = run_models(cfg, base_dir, adapters, prompts, val, retain_job)
 
-    metrics: dict[str, Any] = {"examples": len(examples)}
+    metrics: dict[str, Any] = {EXAMPLES: len(examples)}
     if val:
-        metrics["val_examples"] = len(val)
+        metrics[VAL_EXAMPLES] = len(val)
     per_example: dict[str, list[dict[str, float]]] = {}
     for name, preds in outputs.items():
         aggregate, rows = score(
@@ -338,7 +338,7 @@ def evaluate_models(
     ]
     retain_rows: list[dict[str, Any]] = []
     if retain is not None:
-        metrics["retain"], retain_rows = retain_scores(
+        metrics[RETAIN], retain_rows = retain_scores(
             retain[0], retained, use_stemmer=cfg.use_stemmer
         )
     return metrics, predictions, retain_rows

@@ -17,19 +17,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import TextStreamer
 
 from lorapipe.chat import build_prompt, conversations_to_answer, render_prompt, with_system
 from lorapipe.errors import PipelineError
 from lorapipe.generation import generate
-from lorapipe.lineage import LINEAGE_FILE, require_trained_on
-from lorapipe.models import (
-    ADAPTER_WEIGHTS,
-    load_base_model,
-    load_tokenizer,
-    require_safetensors,
-)
+from lorapipe.lineage import LINEAGE_FILE, require_adapter, require_trained_on
+from lorapipe.models import load_base_model, load_tokenizer
 
 BASE = "base"  # the name that answers with the base model alone
 
@@ -60,30 +54,10 @@ def trained_system_prompt(adapter_dir: Path) -> str | None:
 
 
 def check_adapter(name: str, path: Path) -> None:
-    """Raise InferenceError, naming the file, unless `path` holds an adapter that loads: its
-    adapter_config.json (and lineage.json, if any) a JSON object, its weights safetensors (PEFT
-    would unpickle an adapter_model.bin) with a whole header (a truncated file fails here, before
-    any weights load, not in safetensors' loader)."""
-    config = path / "adapter_config.json"
-    if not config.is_file():
-        raise InferenceError(f"adapter {name!r}: {path} has no adapter_config.json")
-    for file in (config, path / LINEAGE_FILE):
-        if not file.is_file():
-            continue
-        try:
-            ok = isinstance(json.loads(file.read_text(encoding="utf-8")), dict)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InferenceError(f"adapter {name!r}: {file}: not valid JSON ({e})") from None
-        if not ok:
-            raise InferenceError(f"adapter {name!r}: {file}: expected a JSON object")
-    require_safetensors(path)
-    try:
-        with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt"):
-            pass
-    except SafetensorError as e:
-        raise InferenceError(
-            f"adapter {name!r}: {path / ADAPTER_WEIGHTS}: unreadable ({e})"
-        ) from None
+    """Raise ModelSourceError, one line naming adapter `name` and the file, unless `path` holds
+    an adapter that loads (`lorapipe.lineage.require_adapter`: JSON files, safetensors weights
+    with a whole header), before any weights load."""
+    require_adapter(path, label=f"adapter {name!r}", advice="")
 
 
 def read_prompts(path: Path) -> list[list[dict[str, str]]]:

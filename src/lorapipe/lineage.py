@@ -1,4 +1,6 @@
-"""Lineage: what an adapter or merged model was made from, written beside it.
+"""Lineage: what an adapter or merged model was made from, written beside it; and the checks
+of an adapter folder a stage makes before it loads any model (`require_adapter`,
+`require_trained_on`, `require_trained_with`).
 
 Data files are identified by md5 of their bytes, the same hash DVC 3 records in `dvc.lock`
 for a file dependency, so `lineage.json` and `dvc.lock` can be checked against each other.
@@ -14,8 +16,18 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
+
 from lorapipe.config import Params
-from lorapipe.models import PIN_FILE, ModelSourceError, read_pin
+from lorapipe.models import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PIN_FILE,
+    RETRAIN,
+    ModelSourceError,
+    missing_safetensors,
+    read_pin,
+)
 from lorapipe.provenance import ProvenanceError, differences, mismatch
 
 LINEAGE_FILE = "lineage.json"
@@ -55,6 +67,48 @@ BASE_IDENTITY = ("kind", "name", "sha256", "revision", "config_hash", "files_md5
 # Params groups that cannot shape the adapter (evaluation, merging, where files go): left out of
 # its lineage, so a later `merge.dtype=...` or `eval.*` run never contradicts what it records.
 NOT_TRAINING = {"eval", "merge", "paths", "retain"}
+
+
+def require_adapter(adapter_dir: Path, label: str = "", advice: str = RETRAIN) -> None:
+    """Raise ModelSourceError, one line naming the file, unless `adapter_dir` holds an adapter
+    PEFT loads: a folder whose adapter_config.json (and lineage.json, if any) is a JSON object,
+    with its weights as safetensors (`missing_safetensors`: never a pickle) whose header
+    safetensors reads (a truncated file fails here, not in PEFT after minutes of work).
+
+    Reads the small files and the weights' header only, so a stage checks every adapter it will
+    use before any model loads. `label` (the key that named the folder: `eval.adapters.r4`)
+    begins the message and `advice` (what to do) ends it."""
+    problem = _adapter_problem(adapter_dir)
+    if problem:
+        raise ModelSourceError(
+            (f"{label}: " if label else "") + problem + (f"; {advice}" if advice else "")
+        )
+
+
+def _adapter_problem(adapter_dir: Path) -> str | None:
+    if not adapter_dir.is_dir():
+        return f"{adapter_dir}: no such folder"
+    config = adapter_dir / ADAPTER_CONFIG
+    if not config.is_file():
+        return f"{adapter_dir}: no {ADAPTER_CONFIG}"
+    for file in (config, adapter_dir / LINEAGE_FILE):
+        if not file.is_file():
+            continue
+        try:
+            ok = isinstance(json.loads(file.read_text(encoding="utf-8")), dict)
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"{file}: not valid JSON ({e})"
+        if not ok:
+            return f"{file}: expected a JSON object"
+    missing = missing_safetensors(adapter_dir)
+    if missing:
+        return missing
+    try:
+        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
+            weights.keys()  # the header, read and checked against the file's length
+    except (SafetensorError, OSError) as e:
+        return f"{adapter_dir / ADAPTER_WEIGHTS}: unreadable: truncated or not safetensors ({e})"
+    return None
 
 
 def require_trained_on(adapter_dir: Path, base_dir: Path) -> None:

@@ -30,6 +30,8 @@ from lorapipe.provenance import differences, mismatch, sections
 PIN_FILE = "pin.json"
 MADE_WITH = "made_with"  # the pin's record of the `model` params the base stage ran with
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RETRAIN = "rerun the train stage (`dvc repro train`)"  # advice for the pipeline's own adapter
 
 
 class ModelSourceError(PipelineError, RuntimeError):
@@ -49,19 +51,24 @@ def hub_token() -> str | bool:
     return False
 
 
-def require_safetensors(adapter_dir: Path) -> None:
-    """Raise ModelSourceError unless `adapter_dir` holds its weights as safetensors.
+def missing_safetensors(adapter_dir: Path) -> str | None:
+    """Why `adapter_dir` has no weights this pipeline loads (None when its safetensors file is
+    there): PEFT falls back to unpickling `adapter_model.bin` when no safetensors file is there;
+    a pickle can run code, so this pipeline never lets it get that far."""
+    if (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        return None
+    pickled = sorted(p.name for p in adapter_dir.glob("*") if p.suffix in PICKLE_WEIGHTS)
+    return f"{adapter_dir}: no {ADAPTER_WEIGHTS}" + (
+        f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
+    )
 
-    PEFT falls back to unpickling `adapter_model.bin` when no safetensors file is there; a
-    pickle can run code, so this pipeline never lets it get that far.
-    """
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        pickled = sorted(p.name for p in adapter_dir.glob("*") if p.suffix in PICKLE_WEIGHTS)
-        raise ModelSourceError(
-            f"{adapter_dir}: no {ADAPTER_WEIGHTS}"
-            + (f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else "")
-            + "; rerun the train stage (`dvc repro train`)"
-        )
+
+def require_safetensors(adapter_dir: Path) -> None:
+    """Raise ModelSourceError unless `adapter_dir` holds its weights as safetensors
+    (`missing_safetensors`); `lorapipe.lineage.require_adapter` checks this and more."""
+    problem = missing_safetensors(adapter_dir)
+    if problem:
+        raise ModelSourceError(f"{problem}; {RETRAIN}")
 
 
 def check_merge_dtype(base_dir: Path, dtype: str) -> None:
