@@ -6,13 +6,19 @@ python -m stages.evaluate eval.max_examples=50 eval.batch_size=16
 python -m stages.evaluate 'eval.adapters={r4: "sweeps/x/lora.r=4/adapter"}'   # more adapters
 """
 
+import sys
 from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import RETAIN, Params
 from lorapipe.evaluation import evaluate_models
 from lorapipe.io import read_jsonl, write_json, write_jsonl
-from lorapipe.lineage import require_adapter, require_trained_on, require_trained_with
+from lorapipe.lineage import (
+    LINEAGE_FILE,
+    require_adapter,
+    require_trained_on,
+    require_trained_with,
+)
 from lorapipe.models import require_base
 from lorapipe.provenance import formatted_record, require_made_with
 from lorapipe.report import write_reports
@@ -34,6 +40,14 @@ def run(params: Params) -> None:
         )
     for folder in [Path(params.paths.adapter), *extra.values()]:
         require_trained_on(folder, Path(params.paths.base))
+    for name, folder in extra.items():
+        if not (folder / LINEAGE_FILE).is_file():  # made elsewhere: its base is not recorded
+            print(
+                f"evaluate: note: eval.adapters.{name}: {folder} has no {LINEAGE_FILE}, so it is "
+                f"not checked against {params.paths.base}; its scores assume it was trained on "
+                "this base",
+                file=sys.stderr,
+            )
     # The adapter is the one these params describe (the others are compared as they are), and
     # the test and validation examples were formatted with them.
     require_trained_with(Path(params.paths.adapter), params)

@@ -224,6 +224,9 @@ def test_evaluate_writes_nothing_beside_the_models_but_the_names_adapters_cannot
     extra = f'eval.adapters={{b: "{project / "adapter"}"}}'
     status, err = run_stage("stages.evaluate", *evaluate_args(tiny_base, project, reports, extra))
     assert status == 0, err
+    # Made outside the pipeline: nothing says which base it was trained on, and the user is told.
+    note = f"evaluate: note: eval.adapters.b: {project / 'adapter'} has no lineage.json, so it is "
+    assert [line for line in err if line.startswith(note)], err
     models = {"base", "adapter", "b"}
     metrics = json.loads((reports / "metrics.json").read_text())
     assert models < set(metrics) and models < set(metrics[RETAIN])
