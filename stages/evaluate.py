@@ -38,16 +38,14 @@ def run(params: Params) -> None:
         require_adapter(
             folder, key, f"point {key} at an adapter folder as PEFT saves one ({HOLDS})"
         )
-    for folder in [Path(params.paths.adapter), *extra.values()]:
-        require_trained_on(folder, Path(params.paths.base))
-    for name, folder in extra.items():
         if not (folder / LINEAGE_FILE).is_file():  # made elsewhere: its base is not recorded
             print(
-                f"evaluate: note: eval.adapters.{name}: {folder} has no {LINEAGE_FILE}, so it is "
-                f"not checked against {params.paths.base}; its scores assume it was trained on "
-                "this base",
+                f"evaluate: note: {key}: {folder} has no {LINEAGE_FILE}, so it is not checked "
+                f"against {params.paths.base}; its scores assume it was trained on this base",
                 file=sys.stderr,
             )
+    for folder in [Path(params.paths.adapter), *extra.values()]:
+        require_trained_on(folder, Path(params.paths.base))
     # The adapter is the one these params describe (the others are compared as they are), and
     # the test and validation examples were formatted with them.
     require_trained_with(Path(params.paths.adapter), params)
