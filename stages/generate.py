@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from lorapipe.config import ConfigError
-from lorapipe.errors import PipelineError
+from lorapipe.errors import PipelineError, exit_with
 from lorapipe.inference import (
     BASE,
     Assistant,
@@ -322,4 +322,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

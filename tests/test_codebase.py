@@ -33,3 +33,22 @@ def test_the_readme_is_a_short_guide() -> None:
     assert len(lines) < README_LINES
     for word in ("the article", "Acceptance", "the issue"):  # words only the team knows
         assert word.lower() not in "\n".join(lines).lower(), word
+
+
+def test_every_command_line_tool_ends_through_the_quiet_exit() -> None:
+    # `lorapipe.errors.exit_with` turns a reader that stops early (`| head`) into a quiet exit;
+    # a stage's `main` (made by `lorapipe.cli.stage`) runs through it, any other tool must call it
+    tools = sorted((ROOT / "src" / "lorapipe").glob("*.py")) + sorted(
+        (ROOT / "stages").glob("*.py")
+    )
+    mains = {}
+    for path in tools:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+                mains[path.name] = ast.unparse(node.body[0])
+        if "from lorapipe.cli import stage" in path.read_text(encoding="utf-8"):
+            mains[path.name] = "stage"
+    assert {"compare.py", "sweep.py", "params.py", "generate.py", "train.py"} <= set(mains)
+    loud = {name: call for name, call in mains.items() if call not in ("stage", "exit_with(main)")}
+    assert not loud, f"end these with lorapipe.errors.exit_with(main): {loud}"

@@ -210,3 +210,25 @@ def test_cli_prints_the_report_and_json(repo: dict[str, Any]) -> None:
     result = json.loads(done.stdout)
     assert [g["id"] for g in result["gained"]] == ["a"]
     assert result["labels"] == ["HEAD~1", "HEAD"]
+
+
+def test_a_reader_that_stops_early_ends_the_cli_quietly(repo: dict[str, Any]) -> None:
+    # `compare ... | head`: the report is larger than a pipe holds, and the reader closes its end
+    # after one line; the next write fails with EPIPE, which must end the tool without a traceback
+    root = repo["root"]
+    _write(root, "out", [_row("b", "True", "x" * 300_000, 0.0), *REV2[:3]])
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "lorapipe.compare", repo["second"], "workspace"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert proc.wait(timeout=120) == 1
+    assert stderr == ""

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import ConfigError, validate
-from lorapipe.errors import PipelineError
+from lorapipe.errors import PipelineError, exit_with
 from lorapipe.params import (
     CONF_DIR,
     CONFIG_NAME,
@@ -71,6 +71,9 @@ def stage(
     name = module.rsplit(".", 1)[-1]
 
     def main() -> None:
+        exit_with(body)
+
+    def body() -> int:
         # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so temporary folders are cleaned up;
         # either way the stage ends with one short line, no traceback.
         interrupt = Interrupt()
@@ -90,7 +93,8 @@ def stage(
             # bar are freed now; collected, the bar prints its last line before ours, not after.
             gc.collect()
             print(f"\n{name}: interrupted; no output was replaced", file=sys.stderr)
-            sys.exit(130)
+            return 130
+        return 0
 
     return main
 

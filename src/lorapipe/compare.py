@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lorapipe.errors import PipelineError
+from lorapipe.errors import PipelineError, exit_with
 from lorapipe.io import parse_jsonl
 
 WORKSPACE = "workspace"
@@ -306,4 +306,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

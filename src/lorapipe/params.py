@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from lorapipe.config import RENAMED, ConfigError, validate
+from lorapipe.errors import exit_with
 
 PARAMS_FILE = "params.yaml"
 CONF_DIR = "conf"
@@ -521,4 +522,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -29,7 +29,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from lorapipe.errors import PipelineError
+from lorapipe.errors import PipelineError, exit_with
 from lorapipe.io import write_json
 
 SWEEP_ROOT = "sweeps"
@@ -350,4 +350,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)
