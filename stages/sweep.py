@@ -22,7 +22,6 @@ from typing import Any
 from lorapipe.cli import stage
 from lorapipe.config import Params, validate
 from lorapipe.io import write_json
-from lorapipe.lineage import LINEAGE_FILE
 from lorapipe.params import assignable, load_params
 from lorapipe.sweep import (
     DEFAULT_METRIC,
@@ -33,7 +32,6 @@ from lorapipe.sweep import (
     check_sweepable,
     own_overrides,
 )
-from stages import evaluate, train
 
 # The sweep's folders and summary; `hydra.sweep.dir=...` on the command line still wins.
 # Members are named by their own overrides, not by those params.yaml contributes.
@@ -80,6 +78,11 @@ def _read(path: Path) -> Any:
 def run(composed: dict[str, Any]) -> dict[str, Any]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    # Imported here, not at the top: they load torch and transformers (~7 s on 2 cores), and a
+    # sweep's usage errors (`check_members`, no -m) are said before any of that.
+    from lorapipe.lineage import LINEAGE_FILE
+    from stages import evaluate, train
 
     hydra = HydraConfig.get()
     if hydra.mode != RunMode.MULTIRUN:

@@ -162,8 +162,18 @@ def test_permute_is_what_transformers_gguf_loader_undoes() -> None:
 
 
 def test_every_type_reads_back_within_its_bound_with_tokenizer_and_template(
-    chatml_base: Path, tmp_path: Path
+    chatml_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import gguf
+
+    parsed: list[str] = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, path: str, mode: str = "r") -> None:
+            parsed.append(Path(path).name)
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
     merged = merged_copy(chatml_base, tmp_path / "merged")
     report, seconds = export_checked(
         merged,
@@ -173,6 +183,9 @@ def test_every_type_reads_back_within_its_bound_with_tokenizer_and_template(
         system_prompt="Answer with the value only.",
     )
     assert list(report) == ["f32", "f16", "q8_0"] and seconds > 0
+    # Each file's check parses it once for the config, the weights and the tokenizer
+    # (transformers' loader alone would parse it three times: its vocabulary is most of the cost).
+    assert parsed == [f"chatml-tiny-lora-{t}.gguf" for t in report]
     # f32 copies every weight exactly (the permutation moves numbers, changes none); f16 and
     # q8_0 round, q8_0 more, both within their bounds.
     assert report["f32"]["max_abs_logit_diff"] == 0.0

@@ -47,12 +47,12 @@ def test_the_gguf_becomes_a_pinned_dense_model_with_one_tied_embedding(smol_base
 
 def test_a_conversion_parses_the_gguf_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' loader opens the file for the config, the tokenizer and the weights, and our
-    header check once more: within `_read_once` all four share one parse, and gguf's own reader
+    header check once more: within `read_once` all four share one parse, and gguf's own reader
     and name map are back in place after it."""
     import gguf
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from lorapipe.gguf_source import _read_once, inspect
+    from lorapipe.gguf_source import inspect, read_once
 
     parsed: list[str] = []
 
@@ -63,7 +63,7 @@ def test_a_conversion_parses_the_gguf_once(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(gguf, "GGUFReader", Counted)
     name_map = gguf.get_tensor_name_map
-    with _read_once():
+    with read_once():
         assert inspect(gguf_file())["architecture"] == "llama"
         first = load_gguf_checkpoint(str(gguf_file()))  # as transformers calls it
         again = load_gguf_checkpoint(str(gguf_file()))

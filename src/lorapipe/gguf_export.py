@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from lorapipe.errors import PipelineError
-from lorapipe.gguf_source import sha256_of
+from lorapipe.gguf_source import read_once, sha256_of
 from lorapipe.lineage import LINEAGE_FILE
 from lorapipe.merging import max_abs_diff
 
@@ -309,26 +309,26 @@ def alone(path: Path) -> Iterator[Path]:
         yield link
 
 
-def read_back(path: Path) -> Any:
-    """The GGUF at `path` as a float32 transformers model, through transformers' GGUF loader."""
+def read_back(link: Path) -> Any:
+    """The GGUF at `link` (alone in its folder: `alone`) as a float32 transformers model, through
+    transformers' GGUF loader."""
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    with alone(path) as link:
-        return AutoModelForCausalLM.from_pretrained(
-            str(link.parent),
-            gguf_file=link.name,
-            quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
+    return AutoModelForCausalLM.from_pretrained(
+        str(link.parent),
+        gguf_file=link.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
+    )
 
 
-def tokenizer_problems(path: Path, tokenizer: Any, prompts: list[str]) -> list[str]:
-    """How the tokenizer transformers builds from the GGUF at `path` differs from `tokenizer`
-    (token ids of each prompt, chat template, EOS and padding token); [] when it does not."""
+def tokenizer_problems(link: Path, tokenizer: Any, prompts: list[str]) -> list[str]:
+    """How the tokenizer transformers builds from the GGUF at `link` (alone in its folder:
+    `alone`) differs from `tokenizer` (token ids of each prompt, chat template, EOS and padding
+    token); [] when it does not."""
     from transformers import AutoTokenizer
 
-    with alone(path) as link:
-        restored = AutoTokenizer.from_pretrained(str(link.parent), gguf_file=link.name)
+    restored = AutoTokenizer.from_pretrained(str(link.parent), gguf_file=link.name)
     problems = [
         f"{attr} {getattr(restored, attr)!r} instead of {getattr(tokenizer, attr)!r}"
         for attr in ("eos_token", "pad_token", "chat_template")
@@ -349,10 +349,13 @@ def check_gguf(
     scale = max(float(x.abs().max()) for x in reference)
     allowed = allowed_diff(gguf_type, scale)
     try:
-        model = read_back(path)
-        diff = max_abs_diff(reference, float32_logits(model, tokenizer, prompts))
-        del model
-        problems = tokenizer_problems(path, tokenizer, prompts)
+        # One parse of the file for the config, the weights and the tokenizer (read_once):
+        # transformers' loader would parse its header, the whole vocabulary, three times.
+        with read_once(), alone(path) as link:
+            model = read_back(link)
+            diff = max_abs_diff(reference, float32_logits(model, tokenizer, prompts))
+            del model
+            problems = tokenizer_problems(link, tokenizer, prompts)
     except Exception as exc:  # an unreadable file fails its check like a wrong one
         diff, problems = float("nan"), [f"unreadable ({type(exc).__name__}: {exc})"]
     if not diff <= allowed:  # NaN fails too

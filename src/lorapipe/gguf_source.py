@@ -103,7 +103,7 @@ def inspect(path: Path) -> dict[str, Any]:
 
 
 @contextmanager
-def _read_once() -> Iterator[None]:
+def read_once() -> Iterator[None]:
     """Within it, gguf's reader parses each file once and its tensor-name map is built once per
     architecture and depth.
 
@@ -142,7 +142,7 @@ def convert(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
             "a different file; pin the new hash in conf/model/ only if you meant to change models"
         )
     folder, name = str(path.parent), path.name
-    with _read_once():
+    with read_once():
         header = inspect(path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
