@@ -189,14 +189,20 @@ def train_params(tmp_path: Path) -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def smol_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """models/base as the base stage writes it for the real default, SmolLM2-135M-Instruct from
-    its GGUF file (about 10 s on 2 cores, once per session)."""
+    its GGUF file (10-20 s on 2 cores), built once for all workers. Read only."""
     import yaml
+    from filelock import FileLock
 
     from lorapipe.base_model import build_base
     from lorapipe.config import ModelCfg
 
-    out = tmp_path_factory.mktemp("smol") / "base"
-    build_base(ModelCfg(**yaml.safe_load((ROOT / "conf/model/smollm2.yaml").read_text())), out)
+    shared = across_workers(tmp_path_factory)
+    out = shared / "smol-base"
+    with FileLock(shared / "smol-base.lock"):
+        if not out.is_dir():
+            cfg = ModelCfg(**yaml.safe_load((ROOT / "conf/model/smollm2.yaml").read_text()))
+            build_base(cfg, shared / "smol-base.tmp")
+            (shared / "smol-base.tmp").rename(out)
     return out
 
 
