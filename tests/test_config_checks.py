@@ -18,7 +18,7 @@ from lorapipe.config import ConfigError, validate
 from lorapipe.models import ModelSourceError, check_merge_dtype
 from lorapipe.params import write_params
 from tests.conftest import conf_group
-from tests.test_params import run_stage
+from tests.test_params import stage_process
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_" + "FakeTokenForTests0123456789abcdefgh"
@@ -242,7 +242,7 @@ def test_train_stage_reports_every_problem_before_loading_anything(
     }
     started = time.perf_counter()
     # -X importtime lists every module the process imported (on stderr).
-    done = run_stage(
+    done = stage_process(
         tmp_path, "stages.train", *(f"{k}={v}" for k, v in bad.items()), python=("-X", "importtime")
     )
     elapsed = time.perf_counter() - started

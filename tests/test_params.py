@@ -86,7 +86,7 @@ def test_missing_params_yaml_says_what_to_do(project: Path) -> None:
         load_params(project)
 
 
-def run_stage(
+def stage_process(
     project: Path, *args: str, python: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """A stage run as DVC runs it: `python -m stages.<name>` from the project root (`python`:
@@ -117,7 +117,7 @@ def test_a_misspelt_override_is_one_line_with_a_hint(project: Path, override: st
 
     write_params(project, [])
     started = time.perf_counter()
-    done = run_stage(project, "stages.train", override)
+    done = stage_process(project, "stages.train", override)
     assert time.perf_counter() - started < 3
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"train: error: {MISSPELT[override]}"), done.stderr
@@ -134,14 +134,14 @@ def test_an_override_the_stage_does_not_read_is_refused(project: Path) -> None:
 
     shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     write_params(project, [])
-    done = run_stage(project, "stages.train", "eval.max_examples=5", "lora.r=8")
+    done = stage_process(project, "stages.train", "eval.max_examples=5", "lora.r=8")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (
         "train: error: eval.max_examples: stage train does not read it, so the override changes "
         "nothing (train reads lora, quant, train and checks data, format, model against its "
         "inputs; dvc.yaml); give it to evaluate"
     )
-    done = run_stage(project, "stages.prepare", "lora=llama_all", "merge.dtype=float16")
+    done = stage_process(project, "stages.prepare", "lora=llama_all", "merge.dtype=float16")
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         "prepare: error: 2 overrides change nothing here:",
@@ -164,7 +164,7 @@ def test_an_override_the_stage_does_not_read_is_refused(project: Path) -> None:
 
 def test_a_bad_override_value_is_reported_by_key(project: Path) -> None:
     write_params(project, [])
-    done = run_stage(project, "stages.base", "model=tiny", "model.architecture.num_layers=0")
+    done = stage_process(project, "stages.base", "model=tiny", "model.architecture.num_layers=0")
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "base: error: model.architecture.num_layers: Input should be greater than 0, got 0"
@@ -233,7 +233,7 @@ def test_a_yaml_syntax_error_names_the_file_and_line(
     assert capsys.readouterr().err == f"params: error: {expected}"
     assert generate(["hi"]) == 2
     assert capsys.readouterr().err == f"generate: error: {expected}"
-    done = run_stage(project, "stages.train", "lora.r=2")
+    done = stage_process(project, "stages.train", "lora.r=2")
     assert done.returncode == 2 and done.stderr == f"train: error: {expected}"
 
     (project / "params.yaml").write_text(good.replace("paths:", "elsewhere:"))

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from lorapipe.lineage import file_md5
-from tests.test_params import run_stage
+from tests.test_params import stage_process
 
 ROOT = Path(__file__).resolve().parents[1]
 # The shrunken default the copies run: the tiny model, smaller still, and a few steps. Written
@@ -172,14 +172,14 @@ def test_an_adapter_is_never_used_on_a_base_it_was_not_trained_on(
         p: (work / p).read_bytes() for p in ("reports/metrics.json", "models/merged/lineage.json")
     }
     trained_on = json.loads((work / "models/adapter/lineage.json").read_text())["base_model"]
-    assert run_stage(work, "stages.base", "model.seed=1").returncode == 0
+    assert stage_process(work, "stages.base", "model.seed=1").returncode == 0
     now = json.loads((work / "models/base/pin.json").read_text())["config_hash"]
     for command in (
         ("stages.evaluate", "model.seed=1"),
         ("stages.merge", "model.seed=1"),
         ("stages.generate", "What does `len('ab')` return?"),
     ):
-        done = run_stage(work, *command)
+        done = stage_process(work, *command)
         assert done.returncode == 2, (command, done.stderr[-2000:])
         assert done.stderr.strip().splitlines()[-1] == (
             f"{command[0].split('.')[1]}: error: models/adapter was trained on another base than "
@@ -203,7 +203,7 @@ def test_an_adapter_is_used_only_under_the_params_it_was_trained_with(
     trained = json.loads((work / "models/adapter/lineage.json").read_text())["params"]["lora"]
     assert trained["r"] != 4
     for command in ("stages.evaluate", "stages.merge"):
-        done = run_stage(work, command, "lora.r=4")
+        done = stage_process(work, command, "lora.r=4")
         assert done.returncode == 2, (command, done.stderr[-2000:])
         assert done.stderr.strip().splitlines()[-1] == (
             f"{command.split('.')[1]}: error: models/adapter was made from other params "
@@ -223,14 +223,14 @@ def test_evaluate_refuses_retain_references_made_under_other_params(
     work = tmp_path / "project"
     shutil.copytree(repro_project, work, symlinks=True)
     budget = yaml.safe_load((work / "params.yaml").read_text())["retain"]["max_new_tokens"]
-    done = run_stage(work, "stages.references", "eval", f"retain.max_new_tokens={budget - 1}")
+    done = stage_process(work, "stages.references", "eval", f"retain.max_new_tokens={budget - 1}")
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads((work / "data/references/eval.made_with.json").read_text())
     pin = json.loads((work / "models/base/pin.json").read_text())
     assert record["base"]["config_hash"] == pin["config_hash"]
     assert record["retain"] == {"max_new_tokens": budget - 1}
     before = (work / "reports/metrics.json").read_bytes()
-    done = run_stage(work, "stages.evaluate")
+    done = stage_process(work, "stages.evaluate")
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1] == (
         "evaluate: error: data/references/eval.jsonl was made from other params "
