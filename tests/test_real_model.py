@@ -304,15 +304,15 @@ def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
     project = copy_project(tmp_path / "project")
     # The first few questions of each retain part: the base answers all of them (references)
     # and evaluate scores the adapter on the eval part, at the real model's cost per prompt.
-    for part, rows in (("train", 8), ("eval", 6)):
+    for part, rows in (("train", 4), ("eval", 4)):
         path = project / "data" / "retain" / f"{part}.jsonl"
         path.write_text("".join(path.read_text().splitlines(keepends=True)[:rows]))
     small = [
-        "data.split_counts={train: 24, val: 4, test: 6}",
-        "train.max_steps=3",
+        "data.split_counts={train: 16, val: 4, test: 4}",
+        "train.max_steps=2",
         "train.batch_size=8",
-        "eval.max_examples=6",
-        "eval.max_new_tokens=16",
+        "eval.max_examples=4",
+        "eval.max_new_tokens=12",
         "merge.probe_examples=2",
         "retain.max_new_tokens=4",
     ]
@@ -322,8 +322,8 @@ def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
     base = project / "models" / "base"
     assert json.loads((base / "pin.json").read_text())["sha256"] == SMOLLM2["sha256"]
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
-    assert metrics["examples"] == 6 and set(metrics) >= {"base", "adapter", "retain"}
-    assert metrics["retain"]["examples"] == 6
+    assert metrics["examples"] == 4 and set(metrics) >= {"base", "adapter", "retain"}
+    assert metrics["retain"]["examples"] == 4
     assert metrics["base"]["exact_match"] == 0.0  # it explains instead of answering
     merge = json.loads((project / "reports" / "merge.json").read_text())
     assert merge["passed"] and merge["adapter_max_abs_logit_effect"] > 0
@@ -344,6 +344,6 @@ def test_every_stage_runs_on_the_real_model(tmp_path: Path) -> None:
 
     rows = [json.loads(line) for line in (project / "reports/predictions.jsonl").open()]
     tok = AutoTokenizer.from_pretrained(merged)
-    answers = generate(model, tok, [r["prompt"] for r in rows], batch_size=8, max_new_tokens=16)
+    answers = generate(model, tok, [r["prompt"] for r in rows], batch_size=8, max_new_tokens=12)
     assert answers == [r["adapter"] for r in rows]
     shutil.rmtree(project / "models")
