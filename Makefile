@@ -25,10 +25,11 @@ repro: setup           ## run the pipeline: only stages whose inputs changed re-
 	dvc repro
 
 # Two pytest workers, each taking whole files (a file's tests share its fixtures and run in
-# order), slowest files first (tests/conftest.py): about 10 minutes on 2 cores (9-11 in the
-# CI runs of 2026-12-01/02). `make test JOBS=4` for more.
+# order), slowest files first (tests/conftest.py): 10-15 minutes on 2 cores, by machine (9-11 on
+# the Intel Xeon VMs of 2026-12-01/02; 14:06 and 14:44 on an AMD EPYC VM, 2026-12-02, where a
+# stage process's imports alone take ~10 s). `make test JOBS=4` for more.
 JOBS   ?= 2
-test: setup            ## the whole test suite (about 10 minutes on 2 cores)
+test: setup            ## the whole test suite (10-15 minutes on 2 cores)
 	$(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
 
 bench: setup           ## all benchmarks on the default model (<= 20 min on 2 cores): reports/bench.{json,md}
