@@ -24,11 +24,14 @@ params: setup          ## recompose params.yaml from conf/ (ARGS='lora.r=4 ...' 
 repro: setup           ## run the pipeline: only stages whose inputs changed re-run
 	dvc repro
 
-# Two pytest workers, each taking whole files (a file's tests share its fixtures and run in
-# order), slowest files first (tests/conftest.py): 10-15 minutes on 2 cores, by machine (9-11 on
-# the Intel Xeon VMs of 2026-12-01/02; 14:06 and 14:44 on an AMD EPYC VM, 2026-12-02, where a
-# stage process's imports alone take ~10 s). `make test JOBS=4` for more.
-JOBS   ?= 2
+# Three pytest workers, each taking whole files (a file's tests share its fixtures and run in
+# order), slowest files first (tests/conftest.py), each with its share of the cores' threads:
+# 10-15 minutes on 2 cores, by machine. A third worker on 2 cores uses the time the other two
+# spend waiting (on a subprocess, a file lock, the disk): on an AMD EPYC VM (2026-12-02, fresh
+# clones of the same code) 806.8 s of tests with 3 workers against 884.9 s with 2 (846.2 s with
+# 2 on the commit before). 9-11 minutes with 2 on the Intel Xeon VMs of 2026-12-01/02.
+# `make test JOBS=N` for another count.
+JOBS   ?= 3
 test: setup            ## the whole test suite (10-15 minutes on 2 cores)
 	$(PY) -m pytest -n $(JOBS) --dist loadfile --no-loadscope-reorder
 

@@ -31,7 +31,7 @@ SMALL_ARCH = {
 }
 
 
-# The slowest files first. `make test` runs two workers that each take whole files in this
+# The slowest files first. `make test` runs three workers that each take whole files in this
 # order (`--no-loadscope-reorder`; xdist's own order is by test count), so the long files start
 # at once and the short ones fill in at the end instead of one long file running alone. A
 # stable sort: each file's tests keep their order.
