@@ -28,7 +28,7 @@ repro: setup           ## run the pipeline: only stages whose inputs changed re-
 # order), slowest files first (tests/conftest.py), each with its share of the cores' threads:
 # 10-15 minutes on 2 cores, by machine. A third worker on 2 cores uses the time the other two
 # spend waiting (on a subprocess, a file lock, the disk): on an AMD EPYC VM (2026-12-02, fresh
-# clones of the same code) 806.8 s of tests with 3 workers against 884.9 s with 2 (846.2 s with
+# clones) 806.8 and 836.7 s of tests with 3 workers against 884.9 s with 2 (846.2 s with
 # 2 on the commit before). 9-11 minutes with 2 on the Intel Xeon VMs of 2026-12-01/02.
 # `make test JOBS=N` for another count.
 JOBS   ?= 3
