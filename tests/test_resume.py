@@ -55,9 +55,9 @@ def run(params: Params, base: Path, formatted: Path, out: Path, **kw: Any) -> di
     return train_adapter(params, base, formatted, out, out.parent / f"{out.name}-curves", **kw)
 
 
-def loss_curve(out: Path) -> list[tuple[int, float]]:
-    with (out.parent / f"{out.name}-curves" / "plots" / "metrics" / "loss.tsv").open() as f:
-        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f, delimiter="\t")]
+def curve(out: Path, name: str = "loss") -> list[tuple[int, float]]:
+    with (out.parent / f"{out.name}-curves" / "plots" / "metrics" / f"{name}.tsv").open() as f:
+        return [(int(r["step"]), float(r[name])) for r in csv.DictReader(f, delimiter="\t")]
 
 
 def test_interrupted_run_resumes_and_matches_a_straight_run(
@@ -86,8 +86,8 @@ def test_interrupted_run_resumes_and_matches_a_straight_run(
 
     assert resumed["steps"] == straight["steps"] == STEPS
     straight_curve, resumed_curve = (
-        loss_curve(tmp_path / "straight"),
-        loss_curve(tmp_path / "resumed"),
+        curve(tmp_path / "straight"),
+        curve(tmp_path / "resumed"),
     )
     assert [s for s, _ in resumed_curve] == list(
         range(1, STEPS + 1)
@@ -96,6 +96,11 @@ def test_interrupted_run_resumes_and_matches_a_straight_run(
     for (_, a), (_, b) in zip(straight_curve, resumed_curve, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-5)
+    # The tokens seen count on from the checkpoint's (TRL's own count starts again at 0).
+    tokens = curve(tmp_path / "straight", "num_tokens")
+    assert tokens == curve(tmp_path / "resumed", "num_tokens")
+    counts = [n for _, n in tokens]
+    assert len(counts) == STEPS and counts[0] > 0 and all(map(float.__lt__, counts, counts[1:]))
     a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

@@ -290,6 +290,31 @@ class TrainingCurves(TrainerCallback):
         self.live.sync()
 
 
+def token_count(trainer: Any) -> TrainerCallback:
+    """Keeps TRL's running count of training tokens (`num_tokens` in the logs, the curves and
+    metrics.json) in the checkpoints, so that a resumed run counts on from the checkpoint's count
+    as a straight run does. SFTTrainer keeps the count on itself (`_total_train_tokens`) and
+    starts it at 0 in every process; neither it nor transformers saves it (written by hand).
+
+    transformers saves an `ExportableState` callback's `state()` with each checkpoint and, on
+    resume (`restore_callback_states_from_checkpoint`), replaces the callback with a new one made
+    from its class and saved args, before `on_train_begin`; so the class is made per trainer and
+    holds it."""
+    from transformers.trainer_callback import ExportableState
+
+    class TokenCount(TrainerCallback, ExportableState):
+        def __init__(self, num_tokens: int = 0) -> None:
+            self.num_tokens = num_tokens
+
+        def state(self) -> dict[str, Any]:
+            return {"args": {"num_tokens": int(trainer._total_train_tokens)}, "attributes": {}}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            trainer._total_train_tokens = self.num_tokens
+
+    return TokenCount()
+
+
 def _mean_train_loss(log_history: list[dict[str, Any]], result: Any, resumed_step: int) -> float:
     """The mean training loss over the whole run, also when this call resumed at `resumed_step`.
 
@@ -540,6 +565,7 @@ def train_adapter(
             processing_class=tokenizer,
             callbacks=[*trainer_callbacks(params.train, live), *callbacks],
         )
+        trainer.add_callback(token_count(trainer))
         check_sharding(trainer)
         check_lengths(trainer, params.train.max_length, data_files)
         # TRL casts QLoRA adapters to bf16 (the QLoRA paper's recipe); keep that only under bf16.
