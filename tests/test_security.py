@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 from lorapipe.base_model import build_base
 from lorapipe.config import validate
-from lorapipe.lineage import model_card
-from lorapipe.models import ModelSourceError, hub_token, require_safetensors
+from lorapipe.lineage import model_card, require_adapter
+from lorapipe.models import ModelSourceError, hub_token
 from tests.conftest import local_model_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +35,9 @@ def test_adapter_without_safetensors_is_refused(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(ModelSourceError, match=r"adapter_model\.bin: pickle files are never"):
-        require_safetensors(tmp_path)
-    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
-    require_safetensors(tmp_path)
+        require_adapter(tmp_path)
+    save_file({"w": torch.zeros(2)}, tmp_path / "adapter_model.safetensors")
+    require_adapter(tmp_path)
 
 
 def test_trust_remote_code_is_warned_and_recorded(

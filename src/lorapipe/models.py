@@ -63,14 +63,6 @@ def missing_safetensors(adapter_dir: Path) -> str | None:
     )
 
 
-def require_safetensors(adapter_dir: Path) -> None:
-    """Raise ModelSourceError unless `adapter_dir` holds its weights as safetensors
-    (`missing_safetensors`); `lorapipe.lineage.require_adapter` checks this and more."""
-    problem = missing_safetensors(adapter_dir)
-    if problem:
-        raise ModelSourceError(f"{problem}; {RETRAIN}")
-
-
 def check_merge_dtype(base_dir: Path, dtype: str) -> None:
     """Raise ModelSourceError when the base cannot be loaded in `dtype` for merging.
 
