@@ -7,13 +7,16 @@ dvc exp run -S model=tinyllama                  # pin a hub model to its commit 
 
 from pathlib import Path
 
-from lorapipe.base_model import build_base
 from lorapipe.cli import stage
 from lorapipe.config import Params
 from lorapipe.io import atomic_dir
 
 
 def run(params: Params) -> None:
+    # Imported here, after the config is validated: torch takes seconds to import on 2 busy
+    # cores, and a typo in params should be reported before that.
+    from lorapipe.base_model import build_base
+
     with atomic_dir(Path(params.paths.base)) as out:
         pin = build_base(params.model, out)
     print(f"base: {pin['kind']} model {pin['name']} -> {params.paths.base}")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import RETAIN, Params
-from lorapipe.evaluation import evaluate_models
 from lorapipe.io import read_jsonl, write_json, write_jsonl
 from lorapipe.lineage import (
     LINEAGE_FILE,
@@ -28,6 +27,10 @@ HOLDS = "adapter_config.json and adapter_model.safetensors"
 
 
 def run(params: Params) -> None:
+    # Imported here, after the config is validated: torch takes seconds to import on 2 busy
+    # cores, and a typo in params should be reported before that.
+    from lorapipe.evaluation import evaluate_models
+
     pin = require_base(params.model, Path(params.paths.base))
     extra = {name: Path(folder) for name, folder in params.eval.adapters.items()}
     # Every adapter's files, before any weights load: a bad extra one would otherwise stop the

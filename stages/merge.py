@@ -13,13 +13,6 @@ from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import Params
-from lorapipe.gguf_export import (
-    check_before_merge,
-    export_checked,
-    gguf_lineage,
-    model_name,
-    trained_system_prompt,
-)
 from lorapipe.hub import describe_plan, push_folder, push_token
 from lorapipe.io import atomic_dir, read_jsonl, write_json
 from lorapipe.lineage import (
@@ -30,12 +23,22 @@ from lorapipe.lineage import (
     require_trained_on,
     require_trained_with,
 )
-from lorapipe.merging import merge_adapter, merged_lineage
 from lorapipe.models import check_merge_dtype, require_base
 from lorapipe.runtime import peak_rss_mib, write_runtime
 
 
 def run(params: Params) -> None:
+    # Imported here, after the config is validated: torch takes seconds to import on 2 busy
+    # cores, and a typo in params should be reported before that.
+    from lorapipe.gguf_export import (
+        check_before_merge,
+        export_checked,
+        gguf_lineage,
+        model_name,
+        trained_system_prompt,
+    )
+    from lorapipe.merging import merge_adapter, merged_lineage
+
     paths, cfg = params.paths, params.merge
     # A push without a token fails now, not after minutes of merging (the repo id is checked
     # with the config). The token stays in this variable: never in a file, report or message.

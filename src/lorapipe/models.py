@@ -14,9 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lorapipe.config import (
     PICKLE_WEIGHTS,
@@ -26,6 +24,11 @@ from lorapipe.config import (
 )
 from lorapipe.errors import PipelineError
 from lorapipe.provenance import differences, mismatch, sections
+
+# torch is imported where it is used: every stage imports this module, and a typo in params
+# should be reported before the seconds torch takes to import.
+if TYPE_CHECKING:
+    import torch
 
 PIN_FILE = "pin.json"
 MADE_WITH = "made_with"  # the pin's record of the `model` params the base stage ran with
@@ -195,6 +198,8 @@ def load_tokenizer(base_dir: Path) -> Any:
 
 def resolve_dtype(name: str) -> torch.dtype:
     """A torch dtype from its config name; `auto` is bfloat16 on a bf16-capable GPU else float32."""
+    import torch
+
     if name == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
@@ -210,6 +215,7 @@ def load_base_model(
     A local checkpoint that the load converts (quantises, or casts to another dtype) is read one
     tensor at a time (`read_by_tensor`); one loaded as it is stored stays memory-mapped.
     """
+    import torch
     from transformers import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         AutoConfig,
