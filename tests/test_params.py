@@ -125,6 +125,22 @@ def test_a_misspelt_override_is_one_line_with_a_hint(project: Path, override: st
     assert not (project / "models").exists()
 
 
+@pytest.mark.parametrize(
+    "name", ["base", "references", "prepare", "format", "train", "evaluate", "merge"]
+)
+def test_every_stage_reports_a_typo_before_importing_torch(project: Path, name: str) -> None:
+    """Each stage run by hand says a misspelt key within a second or so: nothing that imports
+    torch (seconds on 2 busy cores) is imported before the config is validated."""
+    write_params(project, [])
+    done = stage_process(project, f"stages.{name}", "train.epoch=3", python=("-X", "importtime"))
+    assert done.returncode == 2, done.stderr
+    said = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert said == [f"{name}: error: {MISSPELT['train.epoch=3']}"]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert {"stages", "lorapipe.config", "lorapipe.cli"} <= imported
+    assert not {"torch", "transformers", "peft"} & imported
+
+
 def test_an_override_the_stage_does_not_read_is_refused(project: Path) -> None:
     """An override of a key the stage neither reads nor checks (dvc.yaml's params and
     CHECKED_THROUGH) would change nothing: one line per key, naming the stages that read it,
