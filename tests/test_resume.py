@@ -111,6 +111,36 @@ def test_interrupted_run_resumes_and_matches_a_straight_run(
     assert any(not torch.equal(halfway[n], b[n]) for n in b)
 
 
+def test_a_resumed_run_stops_early_where_a_straight_run_stops(
+    tiny_base: Path, formatted: Path, tmp_path: Path, train_params: Callable[..., Params]
+) -> None:
+    """Early stopping's count of epochs without a better eval loss comes back with the
+    checkpoint: a run killed after an epoch that did not improve stops, once resumed, at the
+    same epoch as a straight run and keeps the same one (with the count back at 0 it would run
+    an epoch longer)."""
+    params = train_params(
+        "train.max_steps=-1",
+        "train.epochs=8",
+        "train.learning_rate=0.3",  # too high: eval loss turns up after the first epochs
+        "train.early_stopping_patience=2",
+        "train.save_strategy=epoch",
+    )
+    straight = run(params, tiny_base, formatted, tmp_path / "straight")
+    per_epoch = STEPS  # 32 examples in batches of 4
+    assert straight["steps"] < 8 * per_epoch and straight["kept_step"] < straight["steps"]
+    # The epoch before the last did not improve either (patience 2): its count was 1.
+    kill = straight["steps"] - per_epoch
+    assert kill > straight["kept_step"]
+    with pytest.raises(KeyboardInterrupt):
+        run(params, tiny_base, formatted, tmp_path / "killed", callbacks=[KillAtStep(kill)])
+    began = FirstStep()
+    resumed = run(params, tiny_base, formatted, tmp_path / "resumed", callbacks=[began])
+    assert began.step == kill
+    for key in ("steps", "kept_step", "epochs"):
+        assert resumed[key] == straight[key], key
+    assert resumed["eval_loss"] == pytest.approx(straight["eval_loss"], rel=1e-6)
+
+
 def test_checkpoints_from_other_params_are_discarded(
     tiny_base: Path,
     formatted: Path,
