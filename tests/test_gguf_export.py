@@ -325,10 +325,11 @@ def test_a_corrupted_export_fails_the_stage_and_nothing_is_written(
 def test_a_model_gguf_cannot_hold_stops_the_stage_before_merging(
     tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lorapipe import merging
     from stages import merge
 
     params = stage_params(tiny_base, tmp_path, "merge.gguf=[f16]")
-    monkeypatch.setattr(merge, "merge_adapter", lambda *a, **k: pytest.fail("merged anyway"))
+    monkeypatch.setattr(merging, "merge_adapter", lambda *a, **k: pytest.fail("merged anyway"))
     with pytest.raises(GgufExportError, match="without merges"):
         merge.run(params)
 
@@ -336,6 +337,7 @@ def test_a_model_gguf_cannot_hold_stops_the_stage_before_merging(
 def test_an_adapter_without_its_trained_system_prompt_stops_the_stage_before_merging(
     chatml_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from lorapipe import merging
     from stages import merge
 
     params = stage_params(chatml_base, tmp_path, "merge.gguf=[f16]")
@@ -343,7 +345,7 @@ def test_an_adapter_without_its_trained_system_prompt_stops_the_stage_before_mer
     record = json.loads(lineage.read_text())
     del record["params"]["format"]  # an older or hand-made record: not checked, not guessed
     lineage.write_text(json.dumps(record))
-    monkeypatch.setattr(merge, "merge_adapter", lambda *a, **k: pytest.fail("merged anyway"))
+    monkeypatch.setattr(merging, "merge_adapter", lambda *a, **k: pytest.fail("merged anyway"))
     with pytest.raises(GgufExportError, match=r"has no params\.format\.system_prompt"):
         merge.run(params)
     assert not (tmp_path / "merged").exists()
