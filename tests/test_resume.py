@@ -146,7 +146,8 @@ def test_a_resumed_run_stops_early_where_a_straight_run_stops(
     assert (straight["kept_step"], straight["steps"]) == (2 * per_epoch, 4 * per_epoch)
     # Killed after epoch 3, which did not improve: early stopping's count was 1.
     with pytest.raises(KeyboardInterrupt):
-        run(params, tiny_base, formatted, tmp_path / "killed", callbacks=[KillAtStep(3 * per_epoch)])
+        kill = KillAtStep(3 * per_epoch)
+        run(params, tiny_base, formatted, tmp_path / "killed", callbacks=[kill])
     began = FirstStep()
     resumed = run(params, tiny_base, formatted, tmp_path / "resumed", callbacks=[began])
     assert began.step == 3 * per_epoch
