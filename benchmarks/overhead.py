@@ -6,7 +6,8 @@ Runs in a throwaway clone of HEAD (this working tree and its outputs are never t
 borrows this repository's DVC cache: `dvc checkout` restores the committed outputs, then
 (1) `dvc repro` with nothing changed: DVC hashes every dependency and runs no stage;
 (2) `eval.max_examples` recomposed into params.yaml (`python -m lorapipe.params`), then
-`dvc repro`: only `evaluate` may run. Each records wall seconds and the stages DVC ran.
+`dvc repro`: only `check` (which validates params.yaml after any change, before a stage's
+outputs are removed) and `evaluate` may run. Each records wall seconds and the stages DVC ran.
 Needs HEAD's outputs in the cache and HEAD's dvc.lock up to date (`make repro`, then commit).
 """
 

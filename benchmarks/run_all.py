@@ -64,6 +64,11 @@ def _eval_targets(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+# What an eval-only params change may re-run: `check` validates params.yaml after any change
+# (dvc.yaml), then `evaluate`; the check stage came after the first overhead benchmark.
+EVAL_CHANGE_RUNS = ["check", "evaluate"]
+
+
 def _overhead_targets(r: dict[str, Any]) -> list[Row]:
     noop, ev = r["noop_repro"], r["eval_only_change"]
     return [
@@ -76,8 +81,8 @@ def _overhead_targets(r: dict[str, Any]) -> list[Row]:
         (
             f"`dvc repro` after `{ev['change']}`",
             f"{ev['seconds']:.1f} s, stages run: {', '.join(ev['stages_ran']) or 'none'}",
-            "evaluate only",
-            ev["stages_ran"] == ["evaluate"],
+            "evaluate only (after `check`)",
+            sorted(ev["stages_ran"]) == EVAL_CHANGE_RUNS,
         ),
     ]
 

@@ -316,3 +316,17 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
         "matmul_peak_fraction": steps["matmul_peak_fraction"] >= 0.6,
         "plain_loop": tr["plain_loop_ratio"] >= 1.2,
     }
+
+
+def test_the_overhead_target_allows_the_check_stage_and_evaluate_only(benchmarks: None) -> None:
+    """An eval-only params change re-runs `check` (it validates every params change) and
+    `evaluate`; anything more, or `evaluate` without `check`, does not hold."""
+    from run_all import _overhead_targets
+
+    def verdict(stages: list[str]) -> bool:
+        noop = {"seconds": 1.0, "stages_ran": []}
+        change = {"change": "eval.max_examples=64", "seconds": 40.0, "stages_ran": stages}
+        return bool(_overhead_targets({"noop_repro": noop, "eval_only_change": change})[1][3])
+
+    assert verdict(["check", "evaluate"]) and verdict(["evaluate", "check"])
+    assert not verdict(["evaluate"]) and not verdict(["check", "train", "evaluate"])
