@@ -60,6 +60,16 @@ def curve(out: Path, name: str = "loss") -> list[tuple[int, float]]:
         return [(int(r["step"]), float(r[name])) for r in csv.DictReader(f, delimiter="\t")]
 
 
+def same_adapter(one: Path, other: Path) -> dict[str, torch.Tensor]:
+    """Assert the two runs' adapters hold the same weights, to float rounding; the second's."""
+    a = load_file(one / "adapter_model.safetensors")
+    b = load_file(other / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    return b
+
+
 def test_interrupted_run_resumes_and_matches_a_straight_run(
     tiny_base: Path,
     formatted: Path,
@@ -101,11 +111,7 @@ def test_interrupted_run_resumes_and_matches_a_straight_run(
     assert tokens == curve(tmp_path / "resumed", "num_tokens")
     counts = [n for _, n in tokens]
     assert len(counts) == STEPS and counts[0] > 0 and all(map(float.__lt__, counts, counts[1:]))
-    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    b = same_adapter(tmp_path / "straight", tmp_path / "resumed")
     # ...and the resumed run trained on from where the interrupted one stopped.
     assert halfway.keys() == b.keys()
     assert any(not torch.equal(halfway[n], b[n]) for n in b)
@@ -145,18 +151,15 @@ def test_a_resumed_run_stops_early_where_a_straight_run_stops(
     per_epoch = STEPS  # 32 examples in batches of 4
     assert (straight["kept_step"], straight["steps"]) == (2 * per_epoch, 4 * per_epoch)
     # Killed after epoch 3, which did not improve: early stopping's count was 1.
+    kill = KillAtStep(3 * per_epoch)
     with pytest.raises(KeyboardInterrupt):
-        kill = KillAtStep(3 * per_epoch)
         run(params, tiny_base, formatted, tmp_path / "killed", callbacks=[kill])
     began = FirstStep()
     resumed = run(params, tiny_base, formatted, tmp_path / "resumed", callbacks=[began])
     assert began.step == 3 * per_epoch
     for key in ("steps", "kept_step", "epochs", "eval_loss"):
         assert resumed[key] == straight[key], key
-    a = load_file(tmp_path / "straight" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
-    for name in a:  # the kept epoch's adapter, both times
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    same_adapter(tmp_path / "straight", tmp_path / "resumed")  # the kept epoch's, both times
 
 
 def test_checkpoints_from_other_params_are_discarded(
