@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lorapipe.cli import stage
 from lorapipe.config import RETAIN, Params
-from lorapipe.io import read_jsonl, write_json, write_jsonl
+from lorapipe.io import json_text, jsonl_text, read_jsonl, write_texts
 from lorapipe.lineage import (
     LINEAGE_FILE,
     require_adapter,
@@ -20,7 +20,7 @@ from lorapipe.lineage import (
 )
 from lorapipe.models import require_base
 from lorapipe.provenance import formatted_record, require_made_with
-from lorapipe.report import write_reports
+from lorapipe.report import report_texts
 from lorapipe.retain import require_references
 
 HOLDS = "adapter_config.json and adapter_model.safetensors"
@@ -73,10 +73,16 @@ def run(params: Params) -> None:
         retain=(retain, params.retain.max_new_tokens),
     )
     reports = Path(params.paths.reports)
-    write_jsonl(reports / "predictions.jsonl", predictions)
-    write_jsonl(reports / "retain.jsonl", retain_rows)
-    write_json(reports / "metrics.json", metrics)
-    write_reports(reports, metrics, predictions, retain_rows)
+    # Everything is rendered before anything is written, then written as one set: a run killed
+    # while the HTML renders leaves the last run's files, not new answers beside an old report.
+    write_texts(
+        {
+            reports / "predictions.jsonl": jsonl_text(predictions),
+            reports / "retain.jsonl": jsonl_text(retain_rows),
+            reports / "metrics.json": json_text(metrics),
+            **report_texts(reports, metrics, predictions, retain_rows),
+        }
+    )
     for model, scores in metrics.items():
         if isinstance(scores, dict) and model != RETAIN:
             loss = f", val_loss {scores['val_loss']:.4f}" if "val_loss" in scores else ""

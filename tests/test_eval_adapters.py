@@ -235,3 +235,32 @@ def test_evaluate_writes_nothing_beside_the_models_but_the_names_adapters_cannot
     rows += read_jsonl(reports / "retain.jsonl")
     for row in rows:
         assert set(row) - models <= set(NOT_ADAPTER_NAMES), sorted(row)
+
+
+def test_evaluate_interrupted_while_its_report_renders_keeps_the_last_runs_files(
+    tiny_base: Path, project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the HTML report renders: each of the stage's five files is the last
+    complete run's, byte for byte, and no hidden sibling is left. The stage used to write the
+    answers and metrics before rendering, so a run by hand stopped there left new answers (here
+    2 instead of every test example) beside the old report."""
+    reports = tmp_path / "reports"
+    status, err = run_stage("stages.evaluate", *evaluate_args(tiny_base, project, reports))
+    assert status == 0, err
+    before = {p.name: p.read_bytes() for p in reports.iterdir()}
+    assert sorted(before) == [
+        "metrics.json",
+        "predictions.jsonl",
+        "report.html",
+        "report.md",
+        "retain.jsonl",
+    ]
+
+    def interrupted(*args: object) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lorapipe.report.render_html", interrupted)
+    args = evaluate_args(tiny_base, project, reports, "eval.max_examples=2")
+    status, err = run_stage("stages.evaluate", *args)
+    assert status == 130, err
+    assert {p.name: p.read_bytes() for p in reports.iterdir()} == before

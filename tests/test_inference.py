@@ -286,6 +286,21 @@ def test_write_text_leaves_no_temporary_file_when_it_fails(tmp_path: Path) -> No
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
 
 
+def test_write_texts_replaces_no_file_unless_every_text_was_written(tmp_path: Path) -> None:
+    """The second text cannot be encoded (a lone surrogate): the first file, whose text was
+    written first, keeps its old content, and no hidden sibling is left."""
+    from lorapipe.io import write_texts
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text("old a")
+    with pytest.raises(UnicodeEncodeError):
+        write_texts({first: "new a", second: "new b \ud800"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert first.read_text() == "old a"
+    write_texts({first: "new a", second: "new b"})
+    assert (first.read_text(), second.read_text()) == ("new a", "new b")
+
+
 def test_generate_with_the_base_alone_needs_no_trained_adapter(
     tiny_base: Path,
     tmp_path: Path,

@@ -90,24 +90,49 @@ def write_text(path: Path, text: str) -> None:
     after a crash) sees the old file or the new one, never half of one. Parent folders are
     created.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    write_texts({path: text})
+
+
+def write_texts(files: Mapping[Path, str]) -> None:
+    """Write several files as one set: each text as `write_text` writes it, but every text goes
+    to its hidden sibling before any is renamed over its path.
+
+    A failure while writing (a full disk, a folder in the way) replaces none of them, and a
+    process killed before the renames leaves every old file as it was: the window in which old
+    and new files can stand side by side is the renames', not the writing's.
+    """
+    staged: list[tuple[Path, Path]] = []
     try:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
+        for path, text in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            staged.append((tmp, path))
+            tmp.write_text(text, encoding="utf-8", newline="\n")
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)  # no stray half-written sibling (a full disk, a folder)
+        for tmp, _ in staged:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)  # no stray half-written sibling
         raise
 
 
-def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write `rows` to `path` (atomically) as JSON Lines: UTF-8, non-ASCII kept as is, one
-    object per line.
+def jsonl_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    """`rows` as JSON Lines: non-ASCII kept as is, one object per line (TypeError if a row is
+    not JSON-serialisable)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
-    Parent folders are created. Raises TypeError if a row is not JSON-serialisable.
-    """
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+def json_text(obj: Any) -> str:
+    """`obj` as indented JSON with sorted keys and a trailing newline (TypeError if it is not
+    JSON-serialisable)."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write `rows` to `path` (atomically) as JSON Lines (`jsonl_text`). Parent folders are
+    created."""
+    write_text(path, jsonl_text(rows))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -142,8 +167,6 @@ def numbered_jsonl(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write `obj` to `path` (atomically) as indented JSON with sorted keys and a trailing newline.
-
-    Parent folders are created. Raises TypeError if `obj` is not JSON-serialisable.
-    """
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    """Write `obj` to `path` (atomically) as `json_text` renders it. Parent folders are
+    created."""
+    write_text(path, json_text(obj))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.config import EXAMPLES, RETAIN, VAL_EXAMPLES
-from lorapipe.io import write_text
+from lorapipe.io import write_texts
 
 SCORE_KEYS = ("exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum")
 LOSS_KEYS = ("val_loss", "val_perplexity")
@@ -443,22 +443,28 @@ def render_html(
     return "\n".join(out) + "\n"
 
 
+def report_texts(
+    reports_dir: Path,
+    metrics: Mapping[str, Any],
+    predictions: Sequence[Mapping[str, Any]],
+    retain_rows: Sequence[Mapping[str, Any]] = (),
+) -> dict[Path, str]:
+    """`report.md` and `report.html` in `reports_dir`, by path, rendered but not written.
+    `retain_rows`: the per-example rows of `lorapipe.evaluation.retain_scores`."""
+    return {
+        reports_dir / "report.md": render_markdown(metrics, predictions, retain_rows),
+        reports_dir / "report.html": render_html(metrics, predictions, retain_rows),
+    }
+
+
 def write_reports(
     reports_dir: Path,
     metrics: Mapping[str, Any],
     predictions: Sequence[Mapping[str, Any]],
     retain_rows: Sequence[Mapping[str, Any]] = (),
 ) -> list[Path]:
-    """Write `report.md` and `report.html` into `reports_dir` (UTF-8, "\\n" line ends) and
-    return their paths. `retain_rows`: the per-example rows of
-    `lorapipe.evaluation.retain_scores`."""
-    reports_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in (
-        ("report.md", render_markdown(metrics, predictions, retain_rows)),
-        ("report.html", render_html(metrics, predictions, retain_rows)),
-    ):
-        path = reports_dir / name
-        write_text(path, text)  # atomic: a killed run never leaves half a report
-        written.append(path)
-    return written
+    """Write `report_texts` (UTF-8, "\\n" line ends; both rendered before either is written,
+    each atomically) and return their paths."""
+    texts = report_texts(reports_dir, metrics, predictions, retain_rows)
+    write_texts(texts)
+    return list(texts)
