@@ -369,53 +369,6 @@ def test_a_value_a_stage_refuses_stops_dvc_before_any_output_is_removed(
     assert "models/adapter/adapter_model.safetensors" in before
 
 
-@pytest.mark.slow
-def test_keeping_the_winner_of_an_experiment_leaves_a_repository_that_runs(
-    repro_project: Path, tmp_path: Path
-) -> None:
-    """`dvc exp run -S`, `dvc exp apply`, commit: params.yaml now holds a value conf/ does not,
-    and every way of running accepts it as it stands and keeps it. A LoRA change re-runs only
-    the stages after the data (`check` aside), never `prepare` or `format`."""
-    project = tmp_path / "project"
-    shutil.copytree(repro_project, project, symlinks=True)  # the baseline, as `dvc repro` left it
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
-    sh(project, *git, "add", "-A")
-    sh(project, *git, "commit", "-qm", "baseline")
-    out = sh(project, "dvc", "exp", "run", "-S", "lora.r=8")  # a value no earlier test trained
-    assert ran(out) == {"check", "train", "evaluate", "merge"}, out
-    (name,) = sh(project, "dvc", "exp", "list", "--name-only").split()
-    sh(project, "dvc", "exp", "apply", name)
-    sh(project, *git, "commit", "-qam", "LoRA r=8")
-    params = lambda: yaml.safe_load((project / "params.yaml").read_text())  # noqa: E731
-    assert params()["lora"]["r"] == 8
-    # by hand, its reports elsewhere: `dvc repro` below then finds everything it made unchanged
-    sh(
-        project,
-        sys.executable,
-        "-m",
-        "stages.evaluate",
-        "eval.max_examples=4",
-        "paths.reports=adhoc",
-    )
-    sh(
-        project,
-        sys.executable,
-        "-m",
-        "stages.sweep",
-        "-m",
-        "hydra.sweep.dir=sweeps/w",
-        "train.max_steps=2",
-    )
-    (member,) = [p for p in (project / "sweeps" / "w").iterdir() if p.is_dir()]
-    lineage = json.loads((member / "adapter" / "lineage.json").read_text())
-    assert lineage["params"]["lora"]["r"] == 8 and lineage["params"]["train"]["max_steps"] == 2
-    assert json.loads((project / "adhoc" / "metrics.json").read_text())["examples"] == 4
-    assert ran(sh(project, "dvc", "repro")) == set()
-    assert params()["lora"]["r"] == 8
-    out = sh(project, sys.executable, "-m", "lorapipe.params", "--check", status=1)
-    assert "lora.r: params.yaml has 8, conf/ composes 16" in out
-
-
 def write_chat_parquet(project: Path) -> dict[str, object]:
     """Multi-turn conversations with a system turn, in Parquet, under a non-standard column:
     the `data.sources` entry that reads them."""

@@ -1,13 +1,15 @@
 """The README's `dvc` and `make` commands: each `dvc` one runs here, in the order a reader meets
 them, on a copy of the shrunken pipeline that `dvc repro` made, and does what the README says
-it does; the rest (`make`, replay on the real model) are named with what runs them. (The
-`python -m` commands are tests/test_documented_commands.py's.)"""
+it does, and then the winner is kept as the README says; the rest (`make`, replay on the real
+model) are named with what runs them. (The `python -m` commands are
+tests/test_documented_commands.py's.)"""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,13 +102,36 @@ def test_every_readme_command_is_run_or_placed() -> None:
 
 
 @pytest.mark.slow
-def test_the_readmes_dvc_commands_run_in_order(repro_project: Path, tmp_path: Path) -> None:
+def test_the_readmes_dvc_commands_run_in_order_and_its_winner_is_kept(
+    repro_project: Path, tmp_path: Path
+) -> None:
+    """The commands, in order; then the README's next step, keeping the winner (`dvc exp apply
+    <name> && git commit`, here the lora.r=4 experiment): params.yaml now holds a value conf/
+    does not, and every way of running accepts it as it stands and keeps it."""
     project = tmp_path / "project"
     shutil.copytree(repro_project, project, symlinks=True)  # as `dvc repro` left it
     git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
     sh(project, *git, "add", "-A")
     sh(project, *git, "commit", "-qm", "results")  # what `dvc metrics diff HEAD~1` compares with
     sh(project, *git, "commit", "-q", "--allow-empty", "-m", "again")
+    winner = ""
     for command in [c for c in readme_commands() if c in DVC]:
         out = sh(project, *command.split(" "))
         assert DVC[command](project, out), f"{command}: not what the README says\n{out}"
+        if command == "dvc exp run -S lora.r=4":  # the only experiment yet: the one kept
+            winner = experiments(project)[0]
+    sh(project, "dvc", "exp", "apply", winner)
+    sh(project, *git, "commit", "-qam", "LoRA r=4")
+    assert params(project)["lora"]["r"] == 4
+    # by hand, its reports elsewhere: `dvc repro` below then finds everything it made unchanged
+    py = (sys.executable, "-m")
+    sh(project, *py, "stages.evaluate", "eval.max_examples=4", "paths.reports=adhoc")
+    sh(project, *py, "stages.sweep", "-m", "hydra.sweep.dir=sweeps/w", "train.max_steps=2")
+    (member,) = [p for p in (project / "sweeps" / "w").iterdir() if p.is_dir()]
+    lineage = json.loads((member / "adapter" / "lineage.json").read_text())
+    assert lineage["params"]["lora"]["r"] == 4 and lineage["params"]["train"]["max_steps"] == 2
+    assert json.loads((project / "adhoc" / "metrics.json").read_text())["examples"] == 4
+    assert ran(sh(project, "dvc", "repro")) == set()
+    assert params(project)["lora"]["r"] == 4
+    out = sh(project, *py, "lorapipe.params", "--check", status=1)
+    assert "lora.r: params.yaml has 4, conf/ composes 16" in out
