@@ -16,9 +16,13 @@ So one sequence of l tokens costs l * (4F + 6R) + 12 * layers * d * l^2. The fir
 input gradient is not needed yet counted (< 1/layers of 2F), so this slightly overstates.
 
 `performed_train_flops` counts what a step actually computes: the output layer (H weights,
-part of F) only at the positions where it runs. With the pipeline's loss it runs at the s
-supervised positions only, so a sequence costs l * (4(F - H) + 6R) + 4H * s + 12 * layers *
-d * l^2; a model's own loss (the recipe, a plain loop) runs it at all l positions.
+part of F) only at the positions where it runs, and as often as it runs there. A model's own
+loss (a plain loop) projects all l positions once forward and once back: 4H * l. TRL's fused
+LM head (SFTTrainer's loss: the recipe and the pipeline) keeps no logits and projects each
+scored position again in its backward before the input gradient: 6H per position, at the l - 1
+positions that have a next token by TRL's CPU default (the recipe, padded), at the s supervised
+ones with the pipeline's `score_only_supervised_positions`. So a pipeline sequence costs
+l * (4(F - H) + 6R) + 6H * s + 12 * layers * d * l^2.
 """
 
 from __future__ import annotations
@@ -93,20 +97,29 @@ def lm_head_weights(model: Any) -> int:
     return int(head.in_features * head.out_features)
 
 
+HEADS = ("model", "trl", "trl-supervised")
+
+
 def performed_train_flops(
-    model: Any, lengths: Iterable[int], supervised: Iterable[int], *, head_everywhere: bool
+    model: Any, lengths: Iterable[int], supervised: Iterable[int], *, head: str
 ) -> float:
     """FLOPs a training pass over sequences of `lengths` real tokens actually performs: as
-    `train_flops`, but the output layer counted only where it is computed: at every position
-    (`head_everywhere`, what a model's own loss does) or only at the `supervised` positions of
-    each sequence (the pipeline's TRL loss on CPU, `score_only_supervised_positions`). Padding
-    positions are not counted (so this understates the work of a padded batch)."""
-    head = lm_head_weights(model)
-    total = train_flops(model, lengths)
-    if not head_everywhere:
-        total -= 4 * head * sum(lengths)
-        total += 4 * head * sum(supervised)
-    return total
+    `train_flops`, but the output layer counted where it is computed and as often as it is, by
+    the loss that runs it (`head`): "model", a model's own loss (4H at all l positions of each
+    sequence); "trl", TRL's fused LM head as TRL runs it on CPU, at the l - 1 positions of a
+    padded sequence that have a next token; "trl-supervised", that head at the `supervised`
+    positions only (the pipeline's `score_only_supervised_positions`). TRL's head keeps no
+    logits and projects again in its backward: 6H a position. Padding positions are not
+    counted (so this understates the work of a padded batch)."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+    weights = lm_head_weights(model)
+    lengths, supervised = list(lengths), list(supervised)
+    total = train_flops(model, lengths) - 4 * weights * sum(lengths)
+    if head == "model":
+        return total + 4 * weights * sum(lengths)
+    scored = sum(supervised) if head == "trl-supervised" else sum(n - 1 for n in lengths)
+    return total + 6 * weights * scored
 
 
 def generation_flops(

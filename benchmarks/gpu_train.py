@@ -38,7 +38,7 @@ attention cannot take that), labels on the completions, with the train stage's l
 fused LM head, as SFTTrainer adds it: the output layer projects only the supervised positions,
 `train_memory.pipeline_loss`). Tokens/s counts the real tokens; the
 model FLOPs (benchmarks/flops.py `performed_train_flops`) count the real tokens and the output
-layer only where it runs.
+layer only where it runs, as often as it runs there.
 """
 
 from __future__ import annotations
@@ -226,7 +226,10 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
         )
         seconds = run["seconds"]
         flops = args.steps * performed_train_flops(
-            model, batch["lengths"], batch["supervised"], head_everywhere=not compact
+            model,
+            batch["lengths"],
+            batch["supervised"],
+            head="trl-supervised" if compact else "trl",
         )
         results[variant] = {  # 4 significant digits: on a CPU these are small numbers
             "seconds_per_step": float(f"{seconds / args.steps:.4g}"),

@@ -4,10 +4,11 @@ runs the step's own products, at their own shapes, with nothing else in between.
 A step's fraction of the matmul peak (benchmarks/flops.py) cannot exceed what its matrix products
 reach by themselves: the norms, rotary embeddings, activations, attention, loss and optimizer only
 add time. `ProductRecorder` (a `TorchDispatchMode`, the hook torch's own `FlopCounterMode` uses)
-notes every `mm`, `addmm`, `addmm_`, `bmm` and `baddbmm` a step dispatches, forward and backward,
-with each operand's shape, strides and dtype; `replay_seconds` runs the same products again, in
-order, on random operands of those shapes and strides (one set per distinct operand, so they stay
-in cache: an upper bound), best of `repeats`. Attention's products run inside the fused SDPA
+notes every `mm` (also into an `out=` buffer, as TRL's fused LM head runs them), `addmm`,
+`addmm_`, `bmm` and `baddbmm` a step dispatches, forward and backward, with each operand's
+shape, strides and dtype; `replay_seconds` runs the same products again, in order, on random
+operands of those shapes and strides (one set per distinct operand, so they stay in cache: an
+upper bound), best of `repeats`. Attention's products run inside the fused SDPA
 kernel and are neither recorded nor replayed (about 2% of the default step's FLOPs).
 
 Written by hand: `torch.utils.flop_counter` counts FLOPs but keeps no shapes to run again.
@@ -25,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 PRODUCTS = {
     aten.mm.default: 0,  # the operand index of the first factor: (a, b)
+    aten.mm.out: 0,  # (a, b, out=): TRL's fused LM head writes each tile into one buffer
     aten.addmm.default: 1,  # (input, a, b)
     aten.addmm_.default: 1,
     aten.bmm.default: 0,
@@ -73,7 +75,8 @@ class ProductRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in PRODUCTS:
             spec = tuple(_spec(a) for a in args)
-            self.products.append(Product(func, spec, tuple(sorted(kwargs.items()))))
+            named = tuple(sorted((k, _spec(v)) for k, v in kwargs.items()))
+            self.products.append(Product(func, spec, named))
         return func(*args, **kwargs)
 
 
@@ -89,7 +92,10 @@ def replay_seconds(products: list[Product], *, repeats: int = 3) -> float:
             operands[spec] = tensor.normal_(std=0.05)
         return operands[spec]
 
-    calls = [(p.op, tuple(operand(a) for a in p.args), dict(p.kwargs)) for p in products]
+    calls = [
+        (p.op, tuple(operand(a) for a in p.args), {k: operand(v) for k, v in p.kwargs})
+        for p in products
+    ]
     best = float("inf")
     for i in range(repeats + 1):
         started = time.perf_counter()

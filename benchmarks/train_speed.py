@@ -35,12 +35,14 @@ process has it, the pipeline's steps with the train stage's own setting of it
 and FLOPs are counted from the batches each step was given. The ratios use the means.
 
 Efficiency: FLOPs each side actually performs (benchmarks/flops.py `performed_train_flops`: per
-sequence l * (4(F - H) + 6R) + 12 * layers * d * l^2 plus the output layer's 4H at each position
-where it runs: every position for the recipe and the plain loop, the supervised ones for the
-pipeline), over real tokens only, per second of training, as a fraction of the fp32
-`torch.matmul` peak measured in the same run (the better of before and after). Beside it, the
-most such a step could reach: the pipeline's second step recorded, its matrix products run again
-alone at their shapes (benchmarks/products.py), their FLOPs per second against the same peak.
+sequence l * (4(F - H) + 6R) + 12 * layers * d * l^2 plus the output layer at each position
+where it runs: 6H for TRL's fused LM head, which projects again in its backward, at every
+position with a next token for the recipe and at the supervised ones for the pipeline; 4H at
+every position for the plain loop's own loss), over real tokens only, per second of training,
+as a fraction of the fp32 `torch.matmul` peak measured in the same run (the better of before
+and after). Beside it, the most such a step could reach: the pipeline's second step recorded,
+its matrix products run again alone at their shapes (benchmarks/products.py), their FLOPs per
+second against the same peak.
 """
 
 from __future__ import annotations
@@ -125,12 +127,14 @@ def output_layer_everywhere() -> Iterator[None]:
 
 
 def _trl_choice() -> Any:
-    import trl.trainer.utils as trl_utils
+    """TRL's own choice where it is defined (the pipeline replaces the name TRL's trainer
+    calls, `trl.trainer.utils._use_triton`, not this one), whatever ran in this process before."""
+    from trl.kernels.chunked_logprob import _use_triton
 
-    return trl_utils._use_triton
+    return _use_triton
 
 
-TRL_CHOICE = _trl_choice()  # before the pipeline replaces it
+TRL_CHOICE = _trl_choice()
 
 
 class ValidationClock(TrainerCallback):
@@ -361,7 +365,7 @@ def plain_loop(
         "tokens": tokens,
         "padding_share": round(1 - tokens / padded, 4),
         "tokens_per_s": round(tokens / seconds, 1),
-        "flops": performed_train_flops(model, lengths, supervised, head_everywhere=True),
+        "flops": performed_train_flops(model, lengths, supervised, head="model"),
     }
 
 
@@ -492,15 +496,13 @@ def measure(
             side: get_peft_model(load_base_model(base), lora_config(p))
             for side, p in (("recipe", recipe_params), ("pipeline", pipeline_params))
         }
-        recipe_flops = performed_train_flops(
-            models["recipe"], lengths, supervised, head_everywhere=True
-        )
+        recipe_flops = performed_train_flops(models["recipe"], lengths, supervised, head="trl")
         pipeline_flops_per_example = performed_train_flops(
-            models["pipeline"], lengths, supervised, head_everywhere=False
+            models["pipeline"], lengths, supervised, head="trl-supervised"
         ) / len(train)
         for steady in runs["pipeline steps"]:  # the sequences its timed steps were given
             seen = steady.pop("lengths"), steady.pop("supervised")
-            flops = performed_train_flops(models["pipeline"], *seen, head_everywhere=False)
+            flops = performed_train_flops(models["pipeline"], *seen, head="trl-supervised")
             steady["flops"] = flops
     peak = max(peak, matmul_peak())  # the reference for every fraction below
     return summarise(
