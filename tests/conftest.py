@@ -41,6 +41,7 @@ SLOWEST_FIRST = (
     "test_pipeline.py",
     "test_documented_commands.py",
     "test_readme_dvc.py",
+    "test_docs_dvc.py",
     "test_gguf_export.py",
     "test_bench_real_model.py",
     "test_distributed.py",
