@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorapipe.lineage import file_md5
 from tests.test_params import stage_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,29 +278,6 @@ def test_submitit_local_sweep_records_each_member_and_a_failure(project: Path) -
     assert lineage["data"]["train"]["md5"] == outs["data/formatted/train.jsonl"]
     assert not (sweep / good["member"] / "checkpoints").exists()  # its own, removed when done
     assert ran(sh(project, "dvc", "repro", "--dry", "format")) == set()
-
-
-@pytest.mark.slow
-def test_dvc_remote_round_trip_restores_the_adapter(project: Path, tmp_path: Path) -> None:
-    remote = tmp_path / "remote"
-    sh(project, "dvc", "remote", "add", "-d", "store", str(remote))
-    sh(project, "dvc", "push")
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
-    # The metrics and plots DVC keeps in git (cache: false) go with the lock file, as in a repo.
-    sh(project, *git, "add", "dvc.lock", "params.yaml", ".dvc/config", "reports")
-    sh(project, *git, "commit", "-qm", "pipeline run")
-    clone = tmp_path / "clone"
-    sh(tmp_path, "git", "clone", "-q", str(project), str(clone))
-    sh(clone, "dvc", "pull")
-    adapter = Path("models") / "adapter"
-    files = sorted(p.relative_to(project / adapter) for p in (project / adapter).rglob("*"))
-    assert "adapter_model.safetensors" in {str(f) for f in files}
-    for rel in files:
-        if (project / adapter / rel).is_file():
-            assert file_md5(clone / adapter / rel) == file_md5(project / adapter / rel), rel
-    assert sorted(p.relative_to(clone / adapter) for p in (clone / adapter).rglob("*")) == files
-    assert ran(sh(clone, "dvc", "repro", "--dry", "train")) == set()  # nothing to recompute
-    shutil.rmtree(clone)
 
 
 @pytest.mark.slow
