@@ -113,13 +113,12 @@ def performed_train_flops(
     counted (so this understates the work of a padded batch)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, not {head!r}")
-    weights = lm_head_weights(model)
-    lengths, supervised = list(lengths), list(supervised)
-    total = train_flops(model, lengths) - 4 * weights * sum(lengths)
-    if head == "model":
-        return total + 4 * weights * sum(lengths)
+    lengths = list(lengths)
+    if head == "model":  # `train_flops` counts the output layer as a model's own loss runs it
+        return train_flops(model, lengths)
     scored = sum(supervised) if head == "trl-supervised" else sum(n - 1 for n in lengths)
-    return total + 6 * weights * scored
+    weights = lm_head_weights(model)
+    return train_flops(model, lengths) + weights * (6 * scored - 4 * sum(lengths))
 
 
 def generation_flops(

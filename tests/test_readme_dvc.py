@@ -36,6 +36,18 @@ def readme_commands() -> list[str]:
     return found
 
 
+GIT = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+
+
+def committed_copy(repro_project: Path, dest: Path) -> Path:
+    """`repro_project` copied as `dvc repro` left it, its results committed (what DVC's
+    experiments start from)."""
+    shutil.copytree(repro_project, dest, symlinks=True)
+    sh(dest, *GIT, "add", "-A")
+    sh(dest, *GIT, "commit", "-qm", "results")
+    return dest
+
+
 def params(project: Path) -> dict:
     return dict(yaml.safe_load((project / "params.yaml").read_text()))
 
@@ -108,12 +120,9 @@ def test_the_readmes_dvc_commands_run_in_order_and_its_winner_is_kept(
     """The commands, in order; then the README's next step, keeping the winner (`dvc exp apply
     <name> && git commit`, here the lora.r=4 experiment): params.yaml now holds a value conf/
     does not, and every way of running accepts it as it stands and keeps it."""
-    project = tmp_path / "project"
-    shutil.copytree(repro_project, project, symlinks=True)  # as `dvc repro` left it
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
-    sh(project, *git, "add", "-A")
-    sh(project, *git, "commit", "-qm", "results")  # what `dvc metrics diff HEAD~1` compares with
-    sh(project, *git, "commit", "-q", "--allow-empty", "-m", "again")
+    project = committed_copy(repro_project, tmp_path / "project")
+    # the results are what `dvc metrics diff HEAD~1` compares with
+    sh(project, *GIT, "commit", "-q", "--allow-empty", "-m", "again")
     winner = ""
     for command in [c for c in readme_commands() if c in DVC]:
         out = sh(project, *command.split(" "))
@@ -121,7 +130,7 @@ def test_the_readmes_dvc_commands_run_in_order_and_its_winner_is_kept(
         if command == "dvc exp run -S lora.r=4":  # the only experiment yet: the one kept
             winner = experiments(project)[0]
     sh(project, "dvc", "exp", "apply", winner)
-    sh(project, *git, "commit", "-qam", "LoRA r=4")
+    sh(project, *GIT, "commit", "-qam", "LoRA r=4")
     assert params(project)["lora"]["r"] == 4
     # by hand, its reports elsewhere: `dvc repro` below then finds everything it made unchanged
     py = (sys.executable, "-m")
