@@ -215,11 +215,15 @@ def test_cli_prints_the_report_and_json(repo: dict[str, Any]) -> None:
 def test_a_reader_that_stops_early_ends_the_cli_quietly(repo: dict[str, Any]) -> None:
     # `compare ... | head`: the report is larger than a pipe holds, and the reader closes its end
     # after one line; the next write fails with EPIPE, which must end the tool without a traceback
+    # (outputs are shortened in the report, so it is made large by its number of changes: 3,000
+    # examples whose ROUGE-L moves, all shown)
     root = repo["root"]
-    _write(root, "out", [_row("b", "True", "x" * 300_000, 0.0), *REV2[:3]])
+    _write(root, "out", [_row(f"n{i}", "True", f"o{i}", 0.0) for i in range(3000)])
+    before = _commit(root, "many")
+    _write(root, "out", [_row(f"n{i}", "True", f"o{i}", 0.5) for i in range(3000)])
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     with subprocess.Popen(
-        [sys.executable, "-m", "lorapipe.compare", repo["second"], "workspace"],
+        [sys.executable, "-m", "lorapipe.compare", before, "workspace", "--top", "3000"],
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
