@@ -21,8 +21,9 @@ loss (a plain loop) projects all l positions once forward and once back: 4H * l.
 LM head (SFTTrainer's loss: the recipe and the pipeline) keeps no logits and projects each
 scored position again in its backward before the input gradient: 6H per position, at the l - 1
 positions that have a next token by TRL's CPU default (the recipe, padded), at the s supervised
-ones with the pipeline's `score_only_supervised_positions`. So a pipeline sequence costs
-l * (4(F - H) + 6R) + 6H * s + 12 * layers * d * l^2.
+ones with the pipeline's `score_only_supervised_positions` on a GPU. On CPU the pipeline keeps
+those few positions' logits instead (`lorapipe.whole_head`): 4H per supervised position. So a
+pipeline sequence costs l * (4(F - H) + 6R) + 4H * s + 12 * layers * d * l^2 on CPU.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def lm_head_weights(model: Any) -> int:
     return int(head.in_features * head.out_features)
 
 
-HEADS = ("model", "trl", "trl-supervised")
+HEADS = ("model", "trl", "trl-supervised", "supervised")
 
 
 def performed_train_flops(
@@ -108,17 +109,29 @@ def performed_train_flops(
     the loss that runs it (`head`): "model", a model's own loss (4H at all l positions of each
     sequence); "trl", TRL's fused LM head as TRL runs it on CPU, at the l - 1 positions of a
     padded sequence that have a next token; "trl-supervised", that head at the `supervised`
-    positions only (the pipeline's `score_only_supervised_positions`). TRL's head keeps no
-    logits and projects again in its backward: 6H a position. Padding positions are not
-    counted (so this understates the work of a padded batch)."""
+    positions only (the pipeline's `score_only_supervised_positions` on a GPU). TRL's head
+    keeps no logits and projects again in its backward: 6H a position. "supervised": the
+    supervised positions' logits kept (the pipeline on CPU, `lorapipe.whole_head`), 4H a
+    position. Padding positions are not counted (so this understates the work of a padded
+    batch)."""
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, not {head!r}")
     lengths = list(lengths)
     if head == "model":  # `train_flops` counts the output layer as a model's own loss runs it
         return train_flops(model, lengths)
-    scored = sum(supervised) if head == "trl-supervised" else sum(n - 1 for n in lengths)
+    scored = sum(n - 1 for n in lengths) if head == "trl" else sum(supervised)
+    per_position = 4 if head == "supervised" else 6
     weights = lm_head_weights(model)
-    return train_flops(model, lengths) + weights * (6 * scored - 4 * sum(lengths))
+    return train_flops(model, lengths) + weights * (per_position * scored - 4 * sum(lengths))
+
+
+def pipeline_head(compact: bool, device: str) -> str:
+    """`performed_train_flops`' `head` for the pipeline's loss on `device` ("cpu", "cuda"):
+    whether TRL's head projects only the supervised positions (`compact`), and whether their
+    logits are kept (on CPU, where `lorapipe.whole_head` takes a batch's few positions)."""
+    if not compact:
+        return "trl"
+    return "supervised" if device == "cpu" else "trl-supervised"
 
 
 def generation_flops(

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from flops import matmul_peak, performed_train_flops, train_flops
+from flops import matmul_peak, performed_train_flops, pipeline_head, train_flops
 from output import publish
 from shapes import build_random_base
 
@@ -229,7 +229,7 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
             model,
             batch["lengths"],
             batch["supervised"],
-            head="trl-supervised" if compact else "trl",
+            head=pipeline_head(compact, args.device),
         )
         results[variant] = {  # 4 significant digits: on a CPU these are small numbers
             "seconds_per_step": float(f"{seconds / args.steps:.4g}"),

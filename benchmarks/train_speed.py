@@ -107,23 +107,24 @@ def bench_params(raw: dict[str, Any], work: Path, *, lora: Any = None, **train: 
 
 @contextmanager
 def output_layer_everywhere() -> Iterator[None]:
-    """Run the trainer with TRL's CPU default, the output layer at every position (what a user of
-    the recipe gets), by holding TRL's own choice in place of the pipeline's
-    `score_only_supervised_positions` for the duration."""
+    """Run the trainer with TRL's CPU default, the output layer at every position through TRL's
+    kernel (what a user of the recipe gets), by holding TRL's own choice and kernel in place of
+    the pipeline's `score_only_supervised_positions` for the duration."""
     import trl.trainer.utils as trl_utils
+    from trl.kernels import ChunkedLogProbFunction
 
-    saved = trl_utils._use_triton
+    saved = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
     original = TRL_CHOICE
 
     def keep(device: Any) -> bool:
         return bool(original(device))
 
     keep.lorapipe_compact = True  # type: ignore[attr-defined]  # the lever sees itself applied
-    trl_utils._use_triton = keep
+    trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = keep, ChunkedLogProbFunction
     try:
         yield
     finally:
-        trl_utils._use_triton = saved
+        trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = saved
 
 
 def _trl_choice() -> Any:
@@ -498,11 +499,11 @@ def measure(
         }
         recipe_flops = performed_train_flops(models["recipe"], lengths, supervised, head="trl")
         pipeline_flops_per_example = performed_train_flops(
-            models["pipeline"], lengths, supervised, head="trl-supervised"
+            models["pipeline"], lengths, supervised, head="supervised"
         ) / len(train)
         for steady in runs["pipeline steps"]:  # the sequences its timed steps were given
             seen = steady.pop("lengths"), steady.pop("supervised")
-            flops = performed_train_flops(models["pipeline"], *seen, head="trl-supervised")
+            flops = performed_train_flops(models["pipeline"], *seen, head="supervised")
             steady["flops"] = flops
     peak = max(peak, matmul_peak())  # the reference for every fraction below
     return summarise(

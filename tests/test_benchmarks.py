@@ -82,12 +82,12 @@ def test_counted_flops_are_what_the_trl_loss_performs(
     benchmarks: None, tiny_base: Path, supervised_only: bool
 ) -> None:
     """The train stage's loss (TRL's fused LM head: the output layer at the supervised positions
-    only, `score_only_supervised_positions`, or at every one as TRL does on CPU by default, which
-    the recipe side runs): the products a training pass dispatches, forward and backward, are
-    exactly `performed_train_flops` less its attention term, with the head computed a third time
-    in the backward. Fails if the recorder misses the head's `mm(out=)` or the count its
-    recomputation."""
-    from flops import attention_width, performed_train_flops
+    only, `score_only_supervised_positions`, their logits kept on CPU, or at every one through
+    TRL's kernel as TRL does on CPU by default, which the recipe side runs): the products a
+    training pass dispatches, forward and backward, are exactly `performed_train_flops` less its
+    attention term, with TRL's head computed a third time in its backward. Fails if the recorder
+    misses the head's `mm(out=)` or the count TRL's recomputation."""
+    from flops import attention_width, performed_train_flops, pipeline_head
     from products import ProductRecorder
     from train_memory import pipeline_loss
     from train_speed import output_layer_everywhere
@@ -103,7 +103,7 @@ def test_counted_flops_are_what_the_trl_loss_performs(
         model(input_ids=ids, labels=labels, fused_lm_head=True).loss.backward()
     # positions that predict a supervised token: the label shifted by one
     supervised = [int((row[1:] != -100).sum()) for row in labels]
-    loss = "trl-supervised" if supervised_only else "trl"
+    loss = pipeline_head(supervised_only, "cpu")  # "supervised" (logits kept) or "trl"
     count = performed_train_flops(model, [9, 9], supervised, head=loss)
     layers, width = attention_width(model.config)
     assert sum(p.flops for p in recorder.products) == count - 2 * 12 * layers * width * 9**2
@@ -193,6 +193,8 @@ def test_performed_flops_count_the_output_layer_where_it_runs(
     assert trl - everywhere == 6 * head * 12 - 4 * head * 14
     compact = performed_train_flops(model, lengths, supervised, head="trl-supervised")
     assert everywhere - compact == 4 * head * 14 - 6 * head * 5
+    kept = performed_train_flops(model, lengths, supervised, head="supervised")  # logits kept
+    assert everywhere - kept == 4 * head * 14 - 4 * head * 5
     with pytest.raises(ValueError, match="head must be one of"):
         performed_train_flops(model, lengths, supervised, head="trl_supervised")
 

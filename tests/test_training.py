@@ -212,16 +212,18 @@ def test_a_corrupted_adapter_fails_the_merge_check(tiny_base: Path, tmp_path: Pa
 def test_scoring_only_supervised_positions_gives_the_full_loss_and_gradients(
     tiny_base: Path, formatted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The output layer over supervised positions only (what training runs on CPU) gives the
-    loss and LoRA gradients of TRL's all-position computation on the same batch."""
+    """The output layer over supervised positions only, their logits kept (what training runs
+    on CPU), gives the loss and LoRA gradients of TRL's all-position kernel on the same batch."""
     import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from trl import SFTConfig, SFTTrainer
+    from trl.kernels import ChunkedLogProbFunction
 
     from lorapipe.io import read_jsonl
     from lorapipe.models import load_base_model
     from lorapipe.training import score_only_supervised_positions
+    from lorapipe.whole_head import WholeOrChunked
 
     torch.manual_seed(0)
     lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian")
@@ -243,10 +245,13 @@ def test_scoring_only_supervised_positions_gives_the_full_loss_and_gradients(
         loss.backward()
         return float(loss.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # TRL's CPU default
+    # TRL's CPU default: every position, through TRL's kernel
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", ChunkedLogProbFunction)
     full_loss, full_grads = loss_and_grads()
     score_only_supervised_positions()
     assert trl_utils._use_triton(torch.device("cpu"))
+    assert trl_utils._ChunkedLogProbFunction is WholeOrChunked  # the logits kept on CPU
     loss, grads = loss_and_grads()
     assert loss == pytest.approx(full_loss, rel=1e-6)
     for got, want in zip(grads, full_grads, strict=True):

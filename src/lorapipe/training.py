@@ -343,8 +343,12 @@ def score_only_supervised_positions() -> None:
     compact path is TRL's own, computes the same sum over the same supervised positions (the
     loss is equal, tests/test_training.py), and here makes a step 1.6x faster. TRL has no
     switch for it, so its choice is replaced here; an upgrade that renames it fails loudly.
+    On CPU the few scored positions' logits are then kept rather than projected again in the
+    backward (`lorapipe.whole_head`, in place of TRL's kernel where TRL's trainer calls it).
     """
     import trl.trainer.utils as trl_utils
+
+    from lorapipe.whole_head import WholeOrChunked
 
     choose = trl_utils._use_triton
     if getattr(choose, "lorapipe_compact", False):
@@ -355,6 +359,8 @@ def score_only_supervised_positions() -> None:
 
     compact.lorapipe_compact = True  # type: ignore[attr-defined]
     trl_utils._use_triton = compact
+    if trl_utils._ChunkedLogProbFunction is not WholeOrChunked:  # fails loudly if renamed
+        setattr(trl_utils, "_ChunkedLogProbFunction", WholeOrChunked)  # noqa: B010  # not its type
 
 
 CHECKPOINTING = {"use_reentrant": False}  # non-reentrant: works with frozen inputs under PEFT
