@@ -35,7 +35,8 @@ batch: the first `train.batch_size` examples of `paths.formatted`/train.jsonl, t
 train stage's padding-free batches are (`packed_tensors`, `lorapipe.packing`; padded to the
 longest for a model whose attention cannot take them), with the train stage's loss (TRL's
 fused LM head, which SFTTrainer adds, projecting only the supervised positions:
-`lorapipe.training.score_only_supervised_positions`). Step seconds are the last step's (the
+`lorapipe.training.score_only_supervised_positions`; on CPU their logits kept,
+`lorapipe.whole_head`). Step seconds are the last step's (the
 first pays one-time costs). No target: reported.
 """
 

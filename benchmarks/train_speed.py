@@ -37,8 +37,9 @@ and FLOPs are counted from the batches each step was given. The ratios use the m
 Efficiency: FLOPs each side actually performs (benchmarks/flops.py `performed_train_flops`: per
 sequence l * (4(F - H) + 6R) + 12 * layers * d * l^2 plus the output layer at each position
 where it runs: 6H for TRL's fused LM head, which projects again in its backward, at every
-position with a next token for the recipe and at the supervised ones for the pipeline; 4H at
-every position for the plain loop's own loss), over real tokens only, per second of training,
+position with a next token for the recipe; 4H at the supervised ones for the pipeline, which
+keeps their logits on CPU (`lorapipe.whole_head`); 4H at every position for the plain loop's
+own loss), over real tokens only, per second of training,
 as a fraction of the fp32 `torch.matmul` peak measured in the same run (the better of before
 and after). Beside it, the most such a step could reach: the pipeline's second step recorded,
 its matrix products run again alone at their shapes (benchmarks/products.py), their FLOPs per
