@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from lorapipe import merging
 from lorapipe.config import ConfigError, Params, validate
 from lorapipe.hub import HubPushError, push_folder
 from lorapipe.io import write_json, write_jsonl
@@ -21,6 +22,7 @@ from lorapipe.merging import (
     MergeCheckError,
     float64_forward,
     merge_adapter,
+    probe_batches,
     probe_logits,
 )
 from lorapipe.models import load_base_model, load_tokenizer
@@ -69,13 +71,46 @@ def test_float64_forward_matches_a_whole_model_cast_and_leaves_weights_alone(
         torch.equal(before[n], after[n]) and before[n].dtype == after[n].dtype for n in before
     )
     model.to(torch.float64)  # the memory-hungry reference: every weight in float64 at once
-    tok = load_tokenizer(tiny_base)
-    with torch.no_grad():
-        whole = [model(**tok(p, return_tensors="pt")).logits[0] for p in probes]
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    whole = probe_logits(model, load_tokenizer(tiny_base), probes)  # the same batch, upcasts no-ops
     assert all(torch.equal(a, b) for a, b in zip(blockwise, whole, strict=True))
     with float64_forward(model):
         pass  # hooks come off again
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_probe_batches_hold_each_pass_within_its_logits_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(merging, "PROBE_LOGITS_BYTES", 30 * 100 * 8)  # rows x longest <= 30
+    # shortest first: 4, 9 and 10 tokens fit (3 x 10), 12 starts another, 30 runs alone
+    assert probe_batches([10, 4, 12, 9, 30], vocab=100) == [[1, 3, 0], [2], [4]]
+    assert probe_batches([31], vocab=100) == [[0]]  # over the budget alone: still runs
+
+
+def test_probe_prompts_run_in_batches_with_the_logits_each_has_alone(
+    tiny_base: Path, adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right padding plays no part in a prompt's logits, and every block is upcast once a batch."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base_model(tiny_base), str(adapter))
+    tok = load_tokenizer(tiny_base)
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": "x " * n}], tokenize=False)
+        for n in (1, 7, 3, 12, 5)
+    ]
+    alone = [probe_logits(model, tok, [p])[0] for p in prompts]
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(merging, "PROBE_LOGITS_BYTES", 3 * max(lengths) * vocab * 8)
+    passes: list[int] = []
+    hook = model.get_base_model().register_forward_pre_hook(lambda m, a: passes.append(1))
+    batched = probe_logits(model, tok, prompts)
+    hook.remove()
+    assert len(passes) == len(probe_batches(lengths, vocab)) == 2  # 5 prompts, at most 3 a pass
+    for a, b in zip(alone, batched, strict=True):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-10)
 
 
 def test_bf16_merge_passes_its_stated_tolerance_which_float32s_would_fail(

@@ -42,6 +42,7 @@ from lorapipe.models import load_base_model, load_tokenizer
 # models may need `merge.max_logit_diff` set explicitly.
 ABSOLUTE_MAX_LOGIT_DIFF = {"float32": 1e-4}
 RELATIVE_MAX_LOGIT_DIFF = {"bfloat16": 0.05, "float16": 0.008}
+PROBE_LOGITS_BYTES = 64 * 2**20  # a probe batch's float64 logits (SmolLM2's 16 probes: 6 batches)
 
 
 class MergeCheckError(PipelineError, RuntimeError):
@@ -113,20 +114,66 @@ def float64_forward(model: torch.nn.Module) -> Iterator[None]:
         originals.clear()
 
 
+def probe_batches(lengths: list[int], vocab: int) -> list[list[int]]:
+    """The probe prompts (indices, shortest first) in batches whose padded float64 logits, rows
+    x longest x `vocab` x 8 bytes, stay within `PROBE_LOGITS_BYTES`; a prompt alone always runs."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if batches and (len(batches[-1]) + 1) * lengths[i] * vocab * 8 <= PROBE_LOGITS_BYTES:
+            batches[-1].append(i)  # sorted: prompt i is the batch's longest
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
-def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[torch.Tensor]:
-    """float64 logits of each prompt, one at a time so padding plays no part."""
+def iter_probe_logits(
+    model: Any, tokenizer: Any, prompts: list[str]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, float64 logits at the prompt's own positions) for every prompt, a batch at a
+    time. The prompts run together, right-padded with an attention mask (`probe_batches`): under
+    causal attention a prompt's positions never see the padding after them, so it plays no part,
+    and each pass upcasts every block once for the whole batch instead of once per prompt
+    (measured in docs/merge-and-ship.md)."""
     model.eval()
-    out = []
+    ids = [tokenizer(prompt, return_tensors="pt")["input_ids"][0] for prompt in prompts]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with float64_forward(model):
-        for prompt in prompts:
-            enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-            out.append(model(**enc).logits[0].to(torch.float64).cpu())
+        for batch in probe_batches([len(x) for x in ids], vocab):
+            longest = max(len(ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for row, i in enumerate(batch):
+                input_ids[row, : len(ids[i])], mask[row, : len(ids[i])] = ids[i], 1
+            logits = model(
+                input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)
+            ).logits
+            for row, i in enumerate(batch):
+                yield i, logits[row, : len(ids[i])].to(torch.float64).cpu()
+
+
+def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[torch.Tensor]:
+    """float64 logits of each prompt at its own positions (`iter_probe_logits`)."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for i, logits in iter_probe_logits(model, tokenizer, prompts):
+        out[i] = logits.clone()  # not a view that keeps the whole padded batch
     return out
 
 
+def max_diff_to(reference: list[torch.Tensor], probes: Iterator[tuple[int, torch.Tensor]]) -> float:
+    """Largest absolute difference of `iter_probe_logits`' logits from `reference`'s, compared as
+    they come (only the reference is kept)."""
+    return _nan_max([(reference[i] - logits).abs().max() for i, logits in probes])
+
+
+def _nan_max(values: list[torch.Tensor]) -> float:
+    """The largest value, NaN if any is (Python's `max` keeps or drops a NaN by its position)."""
+    return float(torch.stack(values).max())
+
+
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+    return _nan_max([(x - y).abs().max() for x, y in zip(a, b, strict=True)])
 
 
 def merge_adapter(
@@ -153,14 +200,11 @@ def merge_adapter(
         raise ValueError("merge needs at least one probe prompt")
     tokenizer = load_tokenizer(base_dir)
     model = PeftModel.from_pretrained(load_base_model(base_dir, dtype=dtype), str(adapter_dir))
-    with model.disable_adapter():
-        base = probe_logits(model, tokenizer, probe_prompts)
     with_adapter = probe_logits(model, tokenizer, probe_prompts)
-    effect = max_abs_diff(base, with_adapter)
-    del base
+    with model.disable_adapter():
+        effect = max_diff_to(with_adapter, iter_probe_logits(model, tokenizer, probe_prompts))
     merged = model.merge_and_unload()
-    after = probe_logits(merged, tokenizer, probe_prompts)
-    diff = max_abs_diff(with_adapter, after)
+    diff = max_diff_to(with_adapter, iter_probe_logits(merged, tokenizer, probe_prompts))
     scale = max(float(x.abs().max()) for x in with_adapter)
     allowed = allowed_logit_diff(dtype, max_logit_diff, scale)
     report = {
