@@ -9,7 +9,7 @@ the base model (`<paths.base>`), then with the trained adapter on it (`<paths.ad
 and reported apart. At most `eval.max_new_tokens` new tokens for both ways (the tutorial's own
 default is 200):
 (a) the tutorial's way, one prompt at a time with `do_sample=True, temperature=0.7`, on every
-    `--tutorial-every`-th prompt of them (default 4: a quarter; each prompt's cost is its own, so
+    `--tutorial-every`-th prompt of them (default 6: a sixth; each prompt's cost is its own, so
     the seconds per prompt are compared, their spread reported beside);
 (b) the pipeline's way, `lorapipe.generation.generate_with_stops` (the evaluate stage's), greedy
     in batches of `eval.batch_size`, the adapter folded into the weights as the stage does
@@ -151,7 +151,7 @@ def _sample(result: dict[str, Any]) -> str:
     every, n = result["tutorial_every"], result["models"]["base"]["tutorial"]["examples"]
     if every == 1:
         return "one at a time on all of them"
-    nth = {2: "second", 3: "third", 4: "fourth"}.get(every, f"{every}th")
+    nth = {2: "second", 3: "third", 4: "fourth", 6: "sixth"}.get(every, f"{every}th")
     return f"one at a time on every {nth} of them ({n})"
 
 
@@ -180,7 +180,7 @@ def run(
     limit: int | None = None,
     temperature: float = 0.7,
     seed: int = 0,
-    tutorial_every: int = 4,
+    tutorial_every: int = 6,
 ) -> dict[str, Any]:
     """Time both ways on the test split for the base model, then for base + adapter.
 
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tutorial-every",
         type=int,
-        default=4,
-        help="one at a time on every Nth of the prompts (4: a quarter of them; 1: all)",
+        default=6,
+        help="one at a time on every Nth of the prompts (6: a sixth of them; 1: all)",
     )
     args = parser.parse_args(argv)
     if args.tutorial_every < 1:
