@@ -17,7 +17,7 @@ place, and safetensors writes shards straight from the tensors' memory.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -161,7 +161,7 @@ def probe_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[torch.T
     return out
 
 
-def max_diff_to(reference: list[torch.Tensor], probes: Iterator[tuple[int, torch.Tensor]]) -> float:
+def max_diff_to(reference: list[torch.Tensor], probes: Iterable[tuple[int, torch.Tensor]]) -> float:
     """Largest absolute difference of `iter_probe_logits`' logits from `reference`'s, compared as
     they come (only the reference is kept)."""
     return _nan_max([(reference[i] - logits).abs().max() for i, logits in probes])
@@ -173,7 +173,9 @@ def _nan_max(values: list[torch.Tensor]) -> float:
 
 
 def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return _nan_max([(x - y).abs().max() for x, y in zip(a, b, strict=True)])
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} logits against {len(b)}")
+    return max_diff_to(a, enumerate(b))
 
 
 def merge_adapter(
