@@ -78,6 +78,7 @@ def stage(
         # either way the stage ends with one short line, no traceback.
         interrupt = Interrupt()
         signal.signal(signal.SIGTERM, interrupt)
+        sys.unraisablehook = interrupt.unraisable
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored (nohup)
             signal.signal(signal.SIGINT, interrupt)
         interrupted = False
@@ -102,24 +103,43 @@ def stage(
 class Interrupt:
     """The stage's SIGINT / SIGTERM handler: raises KeyboardInterrupt, and again every `every`
     seconds until the stage has caught one (`caught`). Python loses a KeyboardInterrupt raised
-    while a `__del__` or a weakref callback runs (it prints "Exception ignored" and goes on: a
-    progress bar being collected mid-training is enough), and the stage would then run on; no
-    library re-raises it, so this does."""
+    while a `__del__` or a weakref callback runs (a progress bar being collected mid-training, an
+    import's module lock released) and goes on, printing "Exception ignored" and a traceback
+    through `sys.unraisablehook`; the stage would then run on. No library re-raises it, so this
+    does: `unraisable`, installed as that hook, prints nothing and has it raised again at once;
+    the timer alone would, should something replace the hook."""
 
     def __init__(self, every: float = 5.0) -> None:
         self.every = every
         self.caught = False
         self.raised = False
+        self.lost = threading.Event()
+        self.previous_hook = sys.unraisablehook
 
     def __call__(self, signum: int, frame: Any) -> None:
+        self._insisting()
+        raise KeyboardInterrupt
+
+    def unraisable(self, report: Any) -> None:
+        """`sys.unraisablehook`: a lost KeyboardInterrupt wakes `_insist`, which raises it again
+        from its own thread (raised in here, it would be lost again); any other report goes to
+        the hook there was before."""
+        if isinstance(report.exc_value, KeyboardInterrupt):
+            self._insisting()
+            self.lost.set()
+        else:
+            self.previous_hook(report)
+
+    def _insisting(self) -> None:
         if not self.raised:
             self.raised = True
             threading.Thread(target=self._insist, daemon=True).start()
-        raise KeyboardInterrupt
 
     def _insist(self) -> None:
         while True:
-            time.sleep(self.every)
+            if self.lost.wait(self.every):
+                self.lost.clear()
+                time.sleep(0.05)  # the main thread leaves the hook first
             if self.caught:
                 return
             _thread.interrupt_main(signal.SIGTERM)  # runs __call__ in the main thread
