@@ -103,7 +103,8 @@ def local_model_cfg(folder: Path, **over: object) -> object:
 def run_stage(module: str, *args: str) -> tuple[int, list[str]]:
     """`python -m module args` run in this process from the checkout, as its stage shell runs
     it (`lorapipe.cli.stage`: argv, exit status, errors on stderr): the exit status and the
-    lines written to stderr. The shell's signal handlers are undone afterwards."""
+    lines written to stderr. The shell's signal handlers and unraisable hook are undone
+    afterwards."""
     import importlib
     import io
     import signal
@@ -111,7 +112,7 @@ def run_stage(module: str, *args: str) -> tuple[int, list[str]]:
     from contextlib import redirect_stderr
 
     saved = (sys.argv, os.getcwd(), signal.getsignal(signal.SIGTERM))
-    saved_int = signal.getsignal(signal.SIGINT)
+    saved_int, saved_hook = signal.getsignal(signal.SIGINT), sys.unraisablehook
     err = io.StringIO()
     sys.argv = [module, *args]
     try:
@@ -126,6 +127,7 @@ def run_stage(module: str, *args: str) -> tuple[int, list[str]]:
         os.chdir(saved[1])
         signal.signal(signal.SIGTERM, saved[2])
         signal.signal(signal.SIGINT, saved_int)
+        sys.unraisablehook = saved_hook
     return status, err.getvalue().strip().splitlines()
 
 
