@@ -5,11 +5,13 @@ python benchmarks/merge_memory.py --dtype float32 --out /tmp/bench_merge.json
 
 Builds a Llama with TinyLlama-1.1B's published shape (hidden 2048, intermediate 5632, 22 layers,
 32 heads, 4 key/value heads, vocab 32000; benchmarks/shapes.py) and random weights, saves it in
-the merge dtype to a temporary folder with a random LoRA adapter (r=16 on all linear layers, B
-non-zero so the merge changes every targeted weight), then runs `lorapipe.merging.merge_adapter`
-(the merge stage's code, float64 equivalence check included) in a fresh process and reports its
-wall time and peak RSS (the whole process: Python, torch and all, nothing subtracted) against
-the model's size in the merge dtype. The acceptance bound is a peak of at most 2.5x that size.
+the merge dtype to a temporary folder (or to `--base-dir`, and there only if it holds none yet:
+`make bench` builds one for this and benchmarks/train_memory.py) with a random LoRA adapter
+(r=16 on all linear layers, B non-zero so the merge changes every targeted weight), then runs
+`lorapipe.merging.merge_adapter` (the merge stage's code, float64 equivalence check included) in
+a fresh process and reports its wall time and peak RSS (the whole process: Python, torch and
+all, nothing subtracted) against the model's size in the merge dtype. The acceptance bound is a
+peak of at most 2.5x that size.
 Measured: README, "Merge, try, ship".
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from output import publish  # light: no torch, this process stays small
-from shapes import TINYLLAMA
+from shapes import TINYLLAMA, random_base_at
 
 BOUND = 2.5  # acceptance: peak RSS <= 2.5x the model's size in the merge dtype
 PROBES = 2  # probe prompts for the equivalence check (each runs three float64 passes)
@@ -34,8 +36,9 @@ PROBES = 2  # probe prompts for the equivalence check (each runs three float64 p
 QUESTIONS = ["What does `sorted([3, 1, 2])` return?", "What is `len('merge')`?"]
 
 
-def merge(work: Path, dtype: str) -> dict[str, Any]:
-    """The merge alone, as the stage runs it: timed, and this process's peak RSS read after."""
+def merge(work: Path, base: Path, dtype: str) -> dict[str, Any]:
+    """The merge alone, as the stage runs it, of `base` and `work`/adapter into `work`/merged:
+    timed, and this process's peak RSS read after."""
     import time
 
     import torch
@@ -45,12 +48,12 @@ def merge(work: Path, dtype: str) -> dict[str, Any]:
     from lorapipe.models import load_tokenizer
     from lorapipe.runtime import peak_rss_mib
 
-    tokenizer = load_tokenizer(work / "base")
+    tokenizer = load_tokenizer(base)
     probes = [build_prompt(tokenizer, q) for q in QUESTIONS[:PROBES]]
     start_rss = peak_rss_mib()
     t0 = time.perf_counter()
     report = merge_adapter(
-        work / "base", work / "adapter", work / "merged", dtype=dtype, probe_prompts=probes
+        base, work / "adapter", work / "merged", dtype=dtype, probe_prompts=probes
     )
     return {
         "seconds": time.perf_counter() - t0,
@@ -63,14 +66,21 @@ def merge(work: Path, dtype: str) -> dict[str, Any]:
     }
 
 
-def build(work: Path, dtype: str, layers: int) -> dict[str, Any]:
-    """Save the random TinyLlama-shaped base (benchmarks/shapes.py) and a random r=16
-    all-linear adapter under `work`; returns the base's parameter count and size in `dtype`."""
+def build(work: Path, base: Path, dtype: str, layers: int) -> dict[str, Any]:
+    """The random TinyLlama-shaped base at `base` (benchmarks/shapes.py; built unless there) and
+    a random r=16 all-linear adapter saved to `work`/adapter; returns the base's parameter count
+    and size in `dtype`."""
+    import torch
     from peft import LoraConfig, get_peft_model
-    from shapes import build_random_base
+    from shapes import random_base_in
 
-    model, info = build_random_base(work / "base", dtype=dtype, num_hidden_layers=layers)
+    from lorapipe.models import load_base_model
+
+    model, info = random_base_in(base, dtype=dtype, layers=layers)
+    if model is None:  # built before (make bench: by train_memory.py)
+        model = load_base_model(base, dtype=dtype)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(1)  # the same adapter whether the base was built here or before
     get_peft_model(model, lora).save_pretrained(str(work / "adapter"))
     return info
 
@@ -119,11 +129,11 @@ def run_child(*args: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and sys.argv[1:2] == ["--child"]:
-        step, work, dtype, *rest = sys.argv[2:]
+        step, work, base, dtype, *rest = sys.argv[2:]
         if step == "build":
-            print(json.dumps(build(Path(work), dtype, int(rest[0]))))
+            print(json.dumps(build(Path(work), Path(base), dtype, int(rest[0]))))
         else:
-            print(json.dumps(merge(Path(work), dtype)))
+            print(json.dumps(merge(Path(work), Path(base), dtype)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -131,11 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layers", type=int, default=TINYLLAMA["num_hidden_layers"], help="fewer for a dry run"
     )
+    parser.add_argument(
+        "--base-dir",
+        help="the random base in this folder, built there if it has none (make bench shares one "
+        "with train_memory.py)",
+    )
     args = parser.parse_args(argv)
+    if args.base_dir:
+        try:
+            random_base_at(Path(args.base_dir), dtype=args.dtype, layers=args.layers)
+        except FileExistsError as exc:
+            parser.error(f"--base-dir: {exc}")
 
     with tempfile.TemporaryDirectory(prefix="bench-merge-") as tmp:
-        built = run_child("build", tmp, args.dtype, str(args.layers))
-        child = run_child("merge", tmp, args.dtype)
+        base = args.base_dir or str(Path(tmp) / "base")
+        built = run_child("build", tmp, base, args.dtype, str(args.layers))
+        child = run_child("merge", tmp, base, args.dtype)
     model_mib = built["model_bytes"] / 2**20
     result: dict[str, Any] = {
         "shape": {**TINYLLAMA, "num_hidden_layers": args.layers},

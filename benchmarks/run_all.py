@@ -188,8 +188,10 @@ BENCHES = [
     Bench("train", "train_speed.py", (), _train_targets),
     Bench("eval", "eval_speed.py", (), _eval_targets),
     Bench("overhead", "overhead.py", (), _overhead_targets),
-    Bench("memory", "train_memory.py", (), _memory_targets),
-    Bench("merge", "merge_memory.py", (), _merge_targets),
+    # One random TinyLlama-shaped base for both (built by the first, ~20 s; {tmp}: this run's
+    # temporary folder).
+    Bench("memory", "train_memory.py", ("--base-dir", "{tmp}/tinyllama"), _memory_targets),
+    Bench("merge", "merge_memory.py", ("--base-dir", "{tmp}/tinyllama"), _merge_targets),
     Bench("gpu", "gpu_train.py", (), _gpu_targets),
 ]
 
@@ -244,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {bench.name} ...", flush=True)
             t0 = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, str(HERE / bench.script), *bench.args, "--out", str(out)],
+                [
+                    sys.executable,
+                    str(HERE / bench.script),
+                    *(a.replace("{tmp}", tmp) for a in bench.args),
+                    "--out",
+                    str(out),
+                ],
                 capture_output=True,
                 text=True,
             )

@@ -85,6 +85,40 @@ def build_random_base(
     return model, info
 
 
+RANDOM_BASE_INFO = "random-base.json"  # `random_base_in`'s record of what the folder holds
+
+
+def random_base_at(folder: Path, *, dtype: str, layers: int) -> dict[str, Any] | None:
+    """The record of the TinyLlama-shaped random base of `layers` layers in `dtype` that
+    `random_base_in` built at `folder`, or None where nothing is there yet. Raises
+    FileExistsError for a folder holding anything else (another dtype or depth, other files)."""
+    record = folder / RANDOM_BASE_INFO
+    wanted = {"dtype": dtype, "layers": layers}
+    if record.is_file():
+        info: dict[str, Any] = json.loads(record.read_text())
+        if {k: info.get(k) for k in wanted} != wanted:
+            held = {k: info.get(k) for k in wanted}
+            raise FileExistsError(f"{folder} holds a random base of {held}, not {wanted}")
+        return info
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} is not an empty folder and holds no {RANDOM_BASE_INFO}")
+    return None
+
+
+def random_base_in(folder: Path, *, dtype: str, layers: int) -> tuple[Any, dict[str, Any]]:
+    """The TinyLlama-shaped random base of `layers` layers in `dtype` at `folder`: built there
+    (`build_random_base`; the model comes back too) unless `random_base_at` finds it there (then
+    the model is None). The weights are seeded, so a base built once is the base built again:
+    `make bench` builds one for the memory and merge benchmarks both (`--base-dir`)."""
+    info = random_base_at(folder, dtype=dtype, layers=layers)
+    if info is not None:
+        return None, info
+    model, built = build_random_base(folder, dtype=dtype, num_hidden_layers=layers)
+    info = {**built, "dtype": dtype, "layers": layers}
+    (folder / RANDOM_BASE_INFO).write_text(json.dumps(info, indent=2) + "\n")  # last: it is whole
+    return model, info
+
+
 # What a model folder holds besides its weights (and the pin, which names the weights).
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
 

@@ -7,8 +7,10 @@ python benchmarks/train_memory.py --real-only --out /tmp/m.json            # the
 
 Builds a Llama with TinyLlama-1.1B's shape (hidden 2048, intermediate 5632, 22 layers, 32 heads,
 4 key/value heads, vocab 32000; benchmarks/shapes.py) and random weights, saves it once as bf16
-safetensors (the dtype TinyLlama is published in) to a temporary folder, then, each variant in
-a fresh subprocess so that each peak is its own:
+safetensors (the dtype TinyLlama is published in) to a temporary folder (or to `--base-dir`,
+and there only if it holds none yet: `make bench` builds one for this and
+benchmarks/merge_memory.py), then, each variant in a fresh subprocess so that each peak is its
+own:
 
 - fp32: the base loaded in float32, as `train.precision: auto` loads it on CPU;
 - nf4:  `quant=nf4` (bitsandbytes 4-bit NormalFloat, double quantisation, float32 compute:
@@ -54,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from output import publish
-from shapes import TINYLLAMA, build_random_base
+from shapes import TINYLLAMA, random_base_at, random_base_in
 
 ROOT = Path(__file__).resolve().parents[1]
 BOUND = 0.35  # acceptance: NF4 peak RSS <= 35% of the fp32 peak
@@ -437,11 +439,17 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def measure_tinyllama(
-    *, layers: int, seq_len: int, params_file: Path, checkpoint_dtype: str = "bfloat16"
+    *,
+    layers: int,
+    seq_len: int,
+    params_file: Path,
+    checkpoint_dtype: str = "bfloat16",
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Build the random base once, run each variant in its own process; the result dict."""
+    """Build the random base once (at `base_dir` unless one is there already; else in a
+    temporary folder), run each variant in its own process; the result dict."""
     with tempfile.TemporaryDirectory(prefix="bench-train-memory-") as tmp:
-        base = Path(tmp) / "base"
+        base = base_dir or Path(tmp) / "base"
         info = _subprocess(
             "--build", str(base), "--layers", str(layers), "--dtype", checkpoint_dtype
         )
@@ -528,6 +536,7 @@ def measure(
     real: bool = True,
     real_batch_size: int | None = None,
     real_steps: int = REAL_STEPS,
+    base_dir: Path | None = None,
 ) -> dict[str, Any]:
     """TinyLlama's shape (the top-level keys) and the real model (`real_model`), as asked."""
     result: dict[str, Any] = {}
@@ -538,6 +547,7 @@ def measure(
                 seq_len=seq_len,
                 params_file=params_file,
                 checkpoint_dtype=checkpoint_dtype,
+                base_dir=base_dir,
             )
         )
     if real:
@@ -570,6 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--real-steps", type=int, default=REAL_STEPS, help="real model: training steps"
     )
+    parser.add_argument(
+        "--base-dir",
+        help="TinyLlama's shape: the random base in this folder, built there if it has none "
+        "(make bench shares one with merge_memory.py)",
+    )
     parser.add_argument("--child", choices=(*VARIANTS, *REAL_VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--batch-file", help=argparse.SUPPRESS)
@@ -578,11 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.real_steps < 1 or (args.real_batch is not None and args.real_batch < 1):
         parser.error("--real-steps and --real-batch must be positive")
+    if args.base_dir and not args.real_only:
+        try:
+            random_base_at(Path(args.base_dir), dtype=args.dtype, layers=args.layers)
+        except FileExistsError as exc:
+            parser.error(f"--base-dir: {exc}")
 
     if args.build:
-        _, info = build_random_base(
-            Path(args.build), dtype=args.dtype, num_hidden_layers=args.layers
-        )
+        _, info = random_base_in(Path(args.build), dtype=args.dtype, layers=args.layers)
         print(json.dumps(info))
         return 0
     if args.child:
@@ -603,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             real=not args.no_real,
             real_batch_size=args.real_batch,
             real_steps=args.real_steps,
+            base_dir=Path(args.base_dir) if args.base_dir else None,
         )
     except (RuntimeError, FileNotFoundError) as exc:  # a subprocess failed, or a missing input
         print(f"bench: error: {exc}", file=sys.stderr)

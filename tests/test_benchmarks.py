@@ -372,3 +372,36 @@ def test_the_overhead_target_allows_the_check_stage_and_evaluate_only(benchmarks
 
     assert verdict(["check", "evaluate"]) and verdict(["evaluate", "check"])
     assert not verdict(["evaluate"]) and not verdict(["check", "train", "evaluate"])
+
+
+def test_a_shared_random_base_is_built_once_and_refused_when_it_differs(
+    benchmarks: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make bench` hands the memory and merge benchmarks one folder (`--base-dir`): the first
+    builds TinyLlama's shape there (made small here), the second finds it (no model built) with
+    the same record; a base of another depth or a folder of other files is refused, not used or
+    overwritten."""
+    import shapes
+    from shapes import RANDOM_BASE_INFO, random_base_at, random_base_in
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    for key, value in {**small, "num_key_value_heads": 2, "vocab_size": 512}.items():
+        monkeypatch.setitem(shapes.TINYLLAMA, key, value)
+
+    folder = tmp_path / "shared"
+    assert random_base_at(folder, dtype="bfloat16", layers=1) is None
+    model, built = random_base_in(folder, dtype="bfloat16", layers=1)
+    assert model is not None and model.config.num_hidden_layers == 1
+    assert built["parameters"] == sum(p.numel() for p in model.parameters())
+    again, found = random_base_in(folder, dtype="bfloat16", layers=1)
+    assert again is None and found == built
+    with pytest.raises(FileExistsError, match="layers': 1"):
+        random_base_in(folder, dtype="bfloat16", layers=2)
+    with pytest.raises(FileExistsError, match="'float32'"):
+        random_base_at(folder, dtype="float32", layers=1)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a base\n")
+    with pytest.raises(FileExistsError, match=f"holds no {RANDOM_BASE_INFO}"):
+        random_base_in(other, dtype="bfloat16", layers=1)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
