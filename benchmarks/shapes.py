@@ -96,8 +96,8 @@ def random_base_at(folder: Path, *, dtype: str, layers: int) -> dict[str, Any] |
     wanted = {"dtype": dtype, "layers": layers}
     if record.is_file():
         info: dict[str, Any] = json.loads(record.read_text())
-        if {k: info.get(k) for k in wanted} != wanted:
-            held = {k: info.get(k) for k in wanted}
+        held = {k: info.get(k) for k in wanted}
+        if held != wanted:
             raise FileExistsError(f"{folder} holds a random base of {held}, not {wanted}")
         return info
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
