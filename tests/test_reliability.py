@@ -10,6 +10,7 @@ default in temporary copies, as test_pipeline does).
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import re
@@ -26,6 +27,7 @@ import psutil  # a DVC dependency
 import pytest
 import yaml
 
+from lorapipe.cli import Interrupt
 from lorapipe.io import atomic_dir
 from lorapipe.params import write_params
 from tests.conftest import FAKE_TOKEN, Run, planted, tiny_model_overrides
@@ -291,6 +293,27 @@ def test_an_interrupt_python_drops_is_raised_again(hook: bool) -> None:
     else:
         assert "Exception ignored" in done.stderr and "KeyboardInterrupt" in done.stderr
     assert time.time() - started < 20
+
+
+def test_a_signal_after_the_stage_caught_its_interrupt_is_ignored() -> None:
+    """The re-raising thread can look at `caught` just before the stage sets it and raise after:
+    CI once saw that KeyboardInterrupt land after the stage's last line and end it as a SIGINT
+    death (-2, not 130). Once caught, the handler raises nothing."""
+    interrupt = Interrupt(every=1000)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            interrupt(signal.SIGTERM, None)
+        interrupt.caught = True
+        try:
+            _thread.interrupt_main(signal.SIGTERM)  # the thread's late re-raise
+            for _ in range(1000):
+                sum(range(10))  # the pending handler runs between these calls
+        except KeyboardInterrupt:
+            pytest.fail("a KeyboardInterrupt was raised after the stage had caught one")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        interrupt.lost.set()  # the thread wakes, sees `caught` and ends
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
