@@ -121,11 +121,12 @@ def output_layer_everywhere() -> Iterator[None]:
         return bool(original(device))
 
     keep.lorapipe_compact = True  # type: ignore[attr-defined]  # the lever sees itself applied
-    trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = keep, ChunkedLogProbFunction
+    held: Any = trl_utils  # its kernel is a class, which mypy will not let be assigned to
+    held._use_triton, held._ChunkedLogProbFunction = keep, ChunkedLogProbFunction
     try:
         yield
     finally:
-        trl_utils._use_triton, trl_utils._ChunkedLogProbFunction = saved
+        held._use_triton, held._ChunkedLogProbFunction = saved
 
 
 def _trl_choice() -> Any:
@@ -200,6 +201,7 @@ class StepWork(TrainerCallback):
         step, labels = self.steps[-1], kwargs["labels"]
         mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
         if mask is None:  # padding-free: one row of sequences laid end to end
+            assert positions is not None  # the collator hands every row's positions then
             starts = [*(positions[0] == 0).nonzero().flatten().tolist(), positions.shape[1]]
             for a, b in itertools.pairwise(starts):
                 step["lengths"].append(b - a)

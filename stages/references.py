@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from lorapipe.cli import stage
-from lorapipe.config import Params
+from lorapipe.config import Params, RetainPart
 from lorapipe.io import write_json, write_jsonl
 from lorapipe.models import load_base_model, load_tokenizer, require_base
 from lorapipe.retain import PARTS, base_references, made_with, made_with_file, read_retain
 
 
-def run(params: Params, parts: tuple[str, ...] = PARTS) -> None:
+def run(params: Params, parts: tuple[RetainPart, ...] = PARTS) -> None:
     base, cfg = Path(params.paths.base), params.retain
     pin = require_base(params.model, base)
     rows = {part: read_retain(Path(cfg.sets[part])) for part in parts}  # all checked first

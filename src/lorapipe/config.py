@@ -480,9 +480,12 @@ class MergeCfg(_Group):
         return self
 
 
+RetainPart = Literal["train", "eval"]  # train may be replayed, eval is only measured
+
+
 class RetainCfg(_Group):
-    # The retain set's parts (lorapipe.retain): train may be replayed, eval is only measured.
-    sets: dict[Literal["train", "eval"], str]
+    # The retain set's parts (lorapipe.retain)
+    sets: dict[RetainPart, str]
     batch_size: int = Field(gt=0)
     max_new_tokens: int = Field(gt=0)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,7 +375,7 @@ def check_gguf(
 
 def export_checked(
     merged_dir: Path,
-    types: list[str],
+    types: Sequence[str],
     *,
     name: str,
     probe_prompts: list[str],

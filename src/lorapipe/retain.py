@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.chat import conversations_to_answer, render_prompt, with_system
-from lorapipe.config import Params
+from lorapipe.config import Params, RetainPart
 from lorapipe.errors import PipelineError
 from lorapipe.lineage import BASE_IDENTITY
 from lorapipe.provenance import differences, mismatch
 
-PARTS = ("train", "eval")  # replayable in training; measurement only
+PARTS: tuple[RetainPart, ...] = ("train", "eval")  # replayable in training; measurement only
 
 
 class RetainError(PipelineError, ValueError):
