@@ -113,12 +113,10 @@ MISSPELT = {
 
 @pytest.mark.parametrize("override", list(MISSPELT))
 def test_a_misspelt_override_is_one_line_with_a_hint(project: Path, override: str) -> None:
-    import time
-
+    """(That it comes before anything heavy is imported: the next test, by the import list, not
+    by a clock, which a busy machine slows.)"""
     write_params(project, [])
-    started = time.perf_counter()
     done = stage_process(project, "stages.train", override)
-    assert time.perf_counter() - started < 3
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith(f"train: error: {MISSPELT[override]}"), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
