@@ -113,8 +113,8 @@ MISSPELT = {
 
 @pytest.mark.parametrize("override", list(MISSPELT))
 def test_a_misspelt_override_is_one_line_with_a_hint(project: Path, override: str) -> None:
-    """(That it comes before anything heavy is imported: the next test, by the import list, not
-    by a clock, which a busy machine slows.)"""
+    """A misspelt key: one line naming it, with a hint, and nothing written. That the line comes
+    before anything heavy is imported is the next test's, by the import list (not a clock)."""
     write_params(project, [])
     done = stage_process(project, "stages.train", override)
     assert done.returncode == 2, done.stderr
