@@ -22,7 +22,8 @@ def run(params: Params) -> None:
     print(f"base: {pin['kind']} model {pin['name']} -> {params.paths.base}")
 
 
-main = stage(run)
+# A source model saved quantised loads with bitsandbytes, and there is no pinned base yet to say so.
+main = stage(run, bitsandbytes=True)
 
 if __name__ == "__main__":
     main()

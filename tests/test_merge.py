@@ -4,6 +4,7 @@ and lineage, and the hub push's checks and dry run."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,9 +27,11 @@ from lorapipe.merging import (
     probe_logits,
 )
 from lorapipe.models import load_base_model, load_tokenizer
-from lorapipe.params import compose
+from lorapipe.params import compose, write_params
 from lorapipe.provenance import ProvenanceError
+from lorapipe.runtime import needs_bitsandbytes
 from tests.conftest import broken_adapter, run_stage, tiny_model_overrides
+from tests.test_params import stage_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_test_secret_do_not_leak_0123456789"
@@ -182,7 +185,9 @@ def test_sharded_merge_loads_back_to_the_same_model_with_tokenizer_and_generatio
     assert all(torch.equal(one[k], reloaded[k]) for k in one)
 
 
-def stage_params(tiny_base: Path, adapter: Path, tmp_path: Path, *overrides: str) -> Params:
+def stage_overrides(tiny_base: Path, adapter: Path, tmp_path: Path, *overrides: str) -> list[str]:
+    """The merge stage's overrides for `adapter` on `tiny_base`, its inputs and outputs under
+    `tmp_path` (test prompts written there once), and `overrides` last."""
     formatted = tmp_path / "formatted"
     if not (formatted / "test.jsonl").exists():
         from lorapipe.formatting import format_rows
@@ -190,20 +195,21 @@ def stage_params(tiny_base: Path, adapter: Path, tmp_path: Path, *overrides: str
 
         rows = [{"id": str(i), **r} for i, r in enumerate(generate(4, seed=3))]
         write_jsonl(formatted / "test.jsonl", format_rows(rows, load_tokenizer(tiny_base), None))
+    return [
+        *tiny_model_overrides(),
+        f"paths.base={tiny_base}",
+        f"paths.adapter={adapter}",
+        f"paths.formatted={formatted}",
+        f"paths.merged={tmp_path / 'merged'}",
+        f"paths.reports={tmp_path / 'reports'}",
+        "merge.probe_examples=2",
+        *overrides,
+    ]
+
+
+def stage_params(tiny_base: Path, adapter: Path, tmp_path: Path, *overrides: str) -> Params:
     return validate(
-        compose(
-            ROOT / "conf",
-            [
-                *tiny_model_overrides(),
-                f"paths.base={tiny_base}",
-                f"paths.adapter={adapter}",
-                f"paths.formatted={formatted}",
-                f"paths.merged={tmp_path / 'merged'}",
-                f"paths.reports={tmp_path / 'reports'}",
-                "merge.probe_examples=2",
-                *overrides,
-            ],
-        )
+        compose(ROOT / "conf", stage_overrides(tiny_base, adapter, tmp_path, *overrides))
     )
 
 
@@ -266,6 +272,53 @@ def test_merge_stage_keeps_runtime_out_of_its_report_and_dry_runs_a_push(
     for path in [*merged.rglob("*"), *reports.rglob("*")]:
         assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in printed
+
+
+def test_a_stage_process_without_a_quantised_model_never_imports_bitsandbytes(
+    tiny_base: Path, adapter_with_lineage: Path, tmp_path: Path
+) -> None:
+    """The merge stage as its own process (`python -m stages.merge`, as DVC runs it) imports
+    peft but never bitsandbytes (`runtime.needs_bitsandbytes`: no quant, a base saved
+    unquantised), and merges the same bytes as the stage run here, where bitsandbytes is
+    imported."""
+    import bitsandbytes  # noqa: F401  (imported in this process whatever ran before)
+
+    from stages.merge import run
+
+    overrides = stage_overrides(tiny_base, adapter_with_lineage, tmp_path)
+    run(stage_params(tiny_base, adapter_with_lineage, tmp_path))
+    merged = tmp_path / "merged" / "model.safetensors"
+    here = merged.read_bytes()
+    merged.unlink()
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "conf", project / "conf")
+    write_params(project, [])
+    done = stage_process(project, "stages.merge", *overrides, python=("-X", "importtime"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "peft" in imported and "torch" in imported
+    # An import refused (`sys.modules` holds None) is listed too, under the package's name
+    # alone: importing bitsandbytes would list its modules.
+    assert not {m for m in imported if m.startswith("bitsandbytes.")}
+    assert merged.read_bytes() == here
+
+
+def test_bitsandbytes_is_kept_for_a_quantised_model_or_an_unreadable_base(
+    tiny_base: Path, adapter: Path, tmp_path: Path
+) -> None:
+    """A stage keeps bitsandbytes when it may load a quantised model: QLoRA (quant.mode), a
+    base saved quantised, or a base whose config it cannot read."""
+    assert not needs_bitsandbytes(stage_params(tiny_base, adapter, tmp_path), ROOT)
+    assert needs_bitsandbytes(stage_params(tiny_base, adapter, tmp_path, "quant=nf4"), ROOT)
+    quantised = tmp_path / "quantised"
+    shutil.copytree(tiny_base, quantised)
+    config = json.loads((quantised / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantised / "config.json").write_text(json.dumps(config))
+    assert needs_bitsandbytes(stage_params(quantised, adapter, tmp_path), ROOT)
+    (quantised / "config.json").write_text("{not json")
+    assert needs_bitsandbytes(stage_params(quantised, adapter, tmp_path), ROOT)
+    assert needs_bitsandbytes(stage_params(tmp_path / "missing", adapter, tmp_path), ROOT)
 
 
 def test_an_adapter_is_checked_against_the_training_params_its_lineage_records(

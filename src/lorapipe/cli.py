@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import ConfigError, validate
+from lorapipe.config import ConfigError, Params, validate
 from lorapipe.errors import PipelineError, exit_with
 from lorapipe.params import (
     CONF_DIR,
@@ -34,6 +34,7 @@ from lorapipe.params import (
     load_params,
     override_key,
 )
+from lorapipe.runtime import leave_out_bitsandbytes, needs_bitsandbytes
 
 # Hydra settings that keep a sweep from writing logs or `outputs/` into the project; given
 # first, so a user's own `hydra.*` overrides still win.
@@ -55,6 +56,7 @@ def stage(
     *,
     raw: bool = False,
     check: Callable[[list[str], list[str]], None] | None = None,
+    bitsandbytes: bool = False,
 ) -> Callable[[], None]:
     """Wrap `run` into the entry point of a stage, reporting errors without traces.
 
@@ -63,12 +65,20 @@ def stage(
     `raw`, `run` gets the composed dict unvalidated and validates it itself (a sweep records one
     member's bad values and goes on). `check(base, overrides)` (a multirun's) raises
     PipelineError for overrides no member could run with, before the first member starts.
+
+    A stage that is its process's program (`python -m stages.<name>`) and loads no quantised model
+    leaves bitsandbytes out (`runtime.needs_bitsandbytes`), unless `bitsandbytes`: the base
+    stage's, which loads a source model before there is a pinned base to read.
     """
     module = run.__module__
     if module == "__main__":  # `python -m stages.train`: the real name is on the module spec
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module = spec.name if spec else Path(sys.argv[0]).stem
     name = module.rsplit(".", 1)[-1]
+    # Run in another program's process (tests, with runpy too), the libraries' view of
+    # bitsandbytes stays that program's.
+    argv = sys.orig_argv
+    own_process = ["-m", module] in (argv[i : i + 2] for i in range(len(argv))) and not bitsandbytes
 
     def main() -> None:
         exit_with(body)
@@ -86,7 +96,7 @@ def stage(
             if hydra_defaults:
                 _multirun(run, name, hydra_defaults, check)
             else:
-                _single(run, name, raw)
+                _single(run, name, raw, own_process)
         except KeyboardInterrupt:
             interrupted = interrupt.caught = True
         if interrupted:
@@ -154,7 +164,7 @@ def _fail(name: str, message: str) -> None:
     sys.exit(2)
 
 
-def _single(run: Callable[[Any], Any], name: str, raw: bool) -> None:
+def _single(run: Callable[[Any], Any], name: str, raw: bool, own_process: bool) -> None:
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
         print(sys.modules["__main__"].__doc__ or f"python -m stages.{name} [key=value ...]")
@@ -171,6 +181,8 @@ def _single(run: Callable[[Any], Any], name: str, raw: bool) -> None:
             check_reads(root, name, composed)
     except ConfigError as exc:
         _fail(name, str(exc))
+    if own_process and isinstance(params, Params) and not needs_bitsandbytes(params, root):
+        leave_out_bitsandbytes()
     try:
         run(params)
     except Exception as exc:

@@ -9,6 +9,7 @@ does not: the facts stay versioned beside the metrics without making the lock fi
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import resource
 import subprocess
@@ -16,9 +17,12 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorapipe.io import write_json
+
+if TYPE_CHECKING:
+    from lorapipe.config import Params
 
 RUNTIME_DIR = "runtime"
 
@@ -45,6 +49,30 @@ def quiet_library_notices() -> None:
     if _not_hub_kernel_notice not in logger.filters:
         logger.addFilter(_not_hub_kernel_notice)
     warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
+
+
+# peft imports bitsandbytes whenever it is installed (`peft.helpers`), and bitsandbytes wraps its
+# CPU kernels in `torch.compile` as it is imported: ~2.5 s of a stage's ~10 s of imports on 2
+# cores, for a library only a quantised model uses. Written by hand: neither library has a
+# switch to skip it.
+def needs_bitsandbytes(params: Params, root: Path) -> bool:
+    """Whether this run may load a quantised model: QLoRA (`quant.mode`), or a base saved
+    quantised (`quantization_config` in its config.json). True when the base's config cannot be
+    read: the stage's own checks report that, with bitsandbytes there as it would be."""
+    if params.quant.mode != "none":
+        return True
+    try:
+        config = json.loads((root / params.paths.base / "config.json").read_text("utf-8"))
+        return not isinstance(config, dict) or bool(config.get("quantization_config"))
+    except (OSError, ValueError):
+        return True
+
+
+def leave_out_bitsandbytes() -> None:
+    """bitsandbytes reads as not installed to this process from now on (transformers, peft and
+    accelerate then never import it), unless it is imported already. For a stage's own process
+    only: the libraries remember what they found."""
+    sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
 
 
 def peak_rss_mib() -> float:
