@@ -34,8 +34,10 @@ from lorapipe.inference import (
 )
 from lorapipe.io import write_jsonl
 from lorapipe.params import PARAMS_FILE, load_params
+from lorapipe.runtime import leave_out_bitsandbytes, saved_quantised
 
 NAME = "generate"
+MODULE = f"stages.{NAME}"
 
 
 def project_defaults() -> dict[str, Any]:
@@ -289,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         conversations = prompts(args)
         for name, path in adapters.items():
             check_adapter(name, path)
+        base = Path(args.base or defaults["base"])
+        if not saved_quantised(base):  # loaded unquantised: bitsandbytes has no part in it
+            leave_out_bitsandbytes(MODULE)
         assistant = Assistant(
-            args.base or Path(defaults["base"]),
+            base,
             adapters,
             dtype=args.dtype,
             system_prompt=system_prompt(args, defaults, adapters),

@@ -20,6 +20,7 @@ from lorapipe.formatting import format_rows
 from lorapipe.inference import BASE, Assistant
 from lorapipe.models import load_tokenizer
 from tests.test_merge import random_adapter
+from tests.test_params import stage_process
 
 QUESTIONS = ["What does `sorted([3, 1, 2])` return?", "What is `len('abc')`?", "hi"]
 GREEDY = {"max_new_tokens": 6}
@@ -98,6 +99,22 @@ def common_args(tiny_base: Path, adapters: dict[str, Path]) -> list[str]:
 
 def out_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generate_as_its_own_process_answers_without_bitsandbytes(
+    tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    """`python -m stages.generate` on a base saved unquantised never imports bitsandbytes
+    (peft would), and answers as the adapter does in this process, where it is imported."""
+    out = tmp_path / "answers.jsonl"
+    args = [*common_args(tiny_base, adapters), "--use", "b", "--out", str(out), QUESTIONS[0]]
+    done = stage_process(tmp_path, "stages.generate", *args, python=("-X", "importtime"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "peft" in imported and not {m for m in imported if m.startswith("bitsandbytes.")}
+    alone = Assistant(tiny_base, {"b": adapters["b"]}, dtype="float32")
+    expected = alone.answer([{"role": "user", "content": QUESTIONS[0]}], "b", **GREEDY)
+    assert [r["answer"] for r in out_rows(out)] == [expected]
 
 
 def test_generate_command_answers_files_and_stdin(

@@ -75,10 +75,6 @@ def stage(
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module = spec.name if spec else Path(sys.argv[0]).stem
     name = module.rsplit(".", 1)[-1]
-    # Run in another program's process (tests, with runpy too), the libraries' view of
-    # bitsandbytes stays that program's.
-    argv = sys.orig_argv
-    own_process = ["-m", module] in (argv[i : i + 2] for i in range(len(argv))) and not bitsandbytes
 
     def main() -> None:
         exit_with(body)
@@ -96,7 +92,7 @@ def stage(
             if hydra_defaults:
                 _multirun(run, name, hydra_defaults, check)
             else:
-                _single(run, name, raw, own_process)
+                _single(run, module, raw, bitsandbytes)
         except KeyboardInterrupt:
             interrupted = interrupt.caught = True
         if interrupted:
@@ -164,7 +160,8 @@ def _fail(name: str, message: str) -> None:
     sys.exit(2)
 
 
-def _single(run: Callable[[Any], Any], name: str, raw: bool, own_process: bool) -> None:
+def _single(run: Callable[[Any], Any], module: str, raw: bool, bitsandbytes: bool) -> None:
+    name = module.rsplit(".", 1)[-1]
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
         print(sys.modules["__main__"].__doc__ or f"python -m stages.{name} [key=value ...]")
@@ -181,8 +178,8 @@ def _single(run: Callable[[Any], Any], name: str, raw: bool, own_process: bool) 
             check_reads(root, name, composed)
     except ConfigError as exc:
         _fail(name, str(exc))
-    if own_process and isinstance(params, Params) and not needs_bitsandbytes(params, root):
-        leave_out_bitsandbytes()
+    if not bitsandbytes and isinstance(params, Params) and not needs_bitsandbytes(params, root):
+        leave_out_bitsandbytes(module)
     try:
         run(params)
     except Exception as exc:

@@ -57,22 +57,31 @@ def quiet_library_notices() -> None:
 # switch to skip it.
 def needs_bitsandbytes(params: Params, root: Path) -> bool:
     """Whether this run may load a quantised model: QLoRA (`quant.mode`), or a base saved
-    quantised (`quantization_config` in its config.json). True when the base's config cannot be
-    read: the stage's own checks report that, with bitsandbytes there as it would be."""
-    if params.quant.mode != "none":
-        return True
+    quantised."""
+    return params.quant.mode != "none" or saved_quantised(root / params.paths.base)
+
+
+def saved_quantised(base_dir: Path) -> bool:
+    """Whether the checkpoint in `base_dir` is saved quantised (`quantization_config` in its
+    config.json). True when that config cannot be read: the stage's own checks report it, with
+    bitsandbytes there as it would be."""
     try:
-        config = json.loads((root / params.paths.base / "config.json").read_text("utf-8"))
+        config = json.loads((base_dir / "config.json").read_text("utf-8"))
         return not isinstance(config, dict) or bool(config.get("quantization_config"))
     except (OSError, ValueError):
         return True
 
 
-def leave_out_bitsandbytes() -> None:
-    """bitsandbytes reads as not installed to this process from now on (transformers, peft and
-    accelerate then never import it), unless it is imported already. For a stage's own process
-    only: the libraries remember what they found."""
+def leave_out_bitsandbytes(module: str) -> bool:
+    """When this process's program is `python -m <module>`: bitsandbytes reads as not installed
+    from now on (transformers, peft and accelerate never import it), unless it is imported
+    already; returns whether it did. In another program's process (tests, runpy too) nothing
+    changes: the libraries remember what they found, for that program's later work."""
+    argv = sys.orig_argv
+    if ["-m", module] not in (argv[i : i + 2] for i in range(len(argv))):
+        return False
     sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
+    return True
 
 
 def peak_rss_mib() -> float:
