@@ -23,7 +23,7 @@ def run(params: Params) -> None:
 
 
 # A source model saved quantised loads with bitsandbytes, and there is no pinned base yet to say so.
-main = stage(run, bitsandbytes=True)
+main = stage(run, keep_bitsandbytes=True)
 
 if __name__ == "__main__":
     main()

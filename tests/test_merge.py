@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from lorapipe.merging import (
 from lorapipe.models import load_base_model, load_tokenizer
 from lorapipe.params import compose, write_params
 from lorapipe.provenance import ProvenanceError
-from lorapipe.runtime import needs_bitsandbytes
+from lorapipe.runtime import leave_out_bitsandbytes, needs_bitsandbytes
 from tests.conftest import broken_adapter, run_stage, tiny_model_overrides
 from tests.test_params import stage_process
 
@@ -280,10 +281,13 @@ def test_a_stage_process_without_a_quantised_model_never_imports_bitsandbytes(
     """The merge stage as its own process (`python -m stages.merge`, as DVC runs it) imports
     peft but never bitsandbytes (`runtime.needs_bitsandbytes`: no quant, a base saved
     unquantised), and merges the same bytes as the stage run here, where bitsandbytes is
-    imported."""
-    import bitsandbytes  # noqa: F401  (imported in this process whatever ran before)
+    imported and stays so: this process's program is pytest, not the stage."""
+    import bitsandbytes
 
     from stages.merge import run
+
+    assert not leave_out_bitsandbytes("stages.merge")
+    assert sys.modules["bitsandbytes"] is bitsandbytes
 
     overrides = stage_overrides(tiny_base, adapter_with_lineage, tmp_path)
     run(stage_params(tiny_base, adapter_with_lineage, tmp_path))

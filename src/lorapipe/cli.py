@@ -56,7 +56,7 @@ def stage(
     *,
     raw: bool = False,
     check: Callable[[list[str], list[str]], None] | None = None,
-    bitsandbytes: bool = False,
+    keep_bitsandbytes: bool = False,
 ) -> Callable[[], None]:
     """Wrap `run` into the entry point of a stage, reporting errors without traces.
 
@@ -67,7 +67,7 @@ def stage(
     PipelineError for overrides no member could run with, before the first member starts.
 
     A stage that is its process's program (`python -m stages.<name>`) and loads no quantised model
-    leaves bitsandbytes out (`runtime.needs_bitsandbytes`), unless `bitsandbytes`: the base
+    leaves bitsandbytes out (`runtime.needs_bitsandbytes`), unless `keep_bitsandbytes`: the base
     stage's, which loads a source model before there is a pinned base to read.
     """
     module = run.__module__
@@ -92,7 +92,7 @@ def stage(
             if hydra_defaults:
                 _multirun(run, name, hydra_defaults, check)
             else:
-                _single(run, module, raw, bitsandbytes)
+                _single(run, module, raw, keep_bitsandbytes)
         except KeyboardInterrupt:
             interrupted = interrupt.caught = True
         if interrupted:
@@ -160,7 +160,7 @@ def _fail(name: str, message: str) -> None:
     sys.exit(2)
 
 
-def _single(run: Callable[[Any], Any], module: str, raw: bool, bitsandbytes: bool) -> None:
+def _single(run: Callable[[Any], Any], module: str, raw: bool, keep_bitsandbytes: bool) -> None:
     name = module.rsplit(".", 1)[-1]
     args = sys.argv[1:]
     if any(a in ("-h", "--help") for a in args):
@@ -178,7 +178,7 @@ def _single(run: Callable[[Any], Any], module: str, raw: bool, bitsandbytes: boo
             check_reads(root, name, composed)
     except ConfigError as exc:
         _fail(name, str(exc))
-    if not bitsandbytes and isinstance(params, Params) and not needs_bitsandbytes(params, root):
+    if isinstance(params, Params) and not (keep_bitsandbytes or needs_bitsandbytes(params, root)):
         leave_out_bitsandbytes(module)
     try:
         run(params)
