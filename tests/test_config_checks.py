@@ -18,7 +18,7 @@ from lorapipe.config import ConfigError, validate
 from lorapipe.models import ModelSourceError, check_merge_dtype
 from lorapipe.params import write_params
 from tests.conftest import conf_group
-from tests.test_params import stage_process
+from tests.test_params import imported_modules, stage_process
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_TOKEN = "hf_" + "FakeTokenForTests0123456789abcdefgh"
@@ -258,7 +258,7 @@ def test_train_stage_reports_every_problem_before_loading_anything(
     # Nothing was created: no adapter, no temporary folder, no checkpoints, no reports.
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["base"]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "reports").exists()
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    imported = imported_modules(done.stderr)
     assert "lorapipe.config" in imported and "hydra" in imported
     assert not {"torch", "transformers", "peft", "safetensors"} & imported  # nothing to load with
     assert elapsed < 60, elapsed

@@ -20,7 +20,7 @@ from lorapipe.formatting import format_rows
 from lorapipe.inference import BASE, Assistant
 from lorapipe.models import load_tokenizer
 from tests.test_merge import random_adapter
-from tests.test_params import stage_process
+from tests.test_params import imported_modules, stage_process
 
 QUESTIONS = ["What does `sorted([3, 1, 2])` return?", "What is `len('abc')`?", "hi"]
 GREEDY = {"max_new_tokens": 6}
@@ -110,7 +110,7 @@ def test_generate_as_its_own_process_answers_without_bitsandbytes(
     args = [*common_args(tiny_base, adapters), "--use", "b", "--out", str(out), QUESTIONS[0]]
     done = stage_process(tmp_path, "stages.generate", *args, python=("-X", "importtime"))
     assert done.returncode == 0, done.stderr[-3000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    imported = imported_modules(done.stderr)
     assert "peft" in imported and not {m for m in imported if m.startswith("bitsandbytes.")}
     alone = Assistant(tiny_base, {"b": adapters["b"]}, dtype="float32")
     expected = alone.answer([{"role": "user", "content": QUESTIONS[0]}], "b", **GREEDY)

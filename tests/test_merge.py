@@ -32,7 +32,7 @@ from lorapipe.params import compose, write_params
 from lorapipe.provenance import ProvenanceError
 from lorapipe.runtime import leave_out_bitsandbytes, needs_bitsandbytes
 from tests.conftest import broken_adapter, run_stage, tiny_model_overrides
-from tests.test_params import stage_process
+from tests.test_params import imported_modules, stage_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_test_secret_do_not_leak_0123456789"
@@ -299,10 +299,9 @@ def test_a_stage_process_without_a_quantised_model_never_imports_bitsandbytes(
     write_params(project, [])
     done = stage_process(project, "stages.merge", *overrides, python=("-X", "importtime"))
     assert done.returncode == 0, done.stderr[-3000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    imported = imported_modules(done.stderr)
     assert "peft" in imported and "torch" in imported
-    # An import refused (`sys.modules` holds None) is listed too, under the package's name
-    # alone: importing bitsandbytes would list its modules.
+    # The refused import is listed under the package's name alone; importing it lists its modules.
     assert not {m for m in imported if m.startswith("bitsandbytes.")}
     assert merged.read_bytes() == here
 

@@ -98,6 +98,12 @@ def stage_process(
     )
 
 
+def imported_modules(stderr: str) -> set[str]:
+    """The modules a process run with `-X importtime` lists on stderr (an import refused, its
+    `sys.modules` entry None, is listed too, under its own name)."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines()}
+
+
 MISSPELT = {
     "lora.rank=8": "lora.rank: unknown key (use lora.r)",
     "train.lr=1e-3": "train.lr: unknown key (use train.learning_rate)",
@@ -134,7 +140,7 @@ def test_every_stage_reports_a_typo_before_importing_torch(project: Path, name: 
     assert done.returncode == 2, done.stderr
     said = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
     assert said == [f"{name}: error: {MISSPELT['train.epoch=3']}"]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    imported = imported_modules(done.stderr)
     assert {"stages", "lorapipe.config", "lorapipe.cli"} <= imported
     assert not {"torch", "transformers", "peft"} & imported
 
