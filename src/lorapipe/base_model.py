@@ -21,6 +21,8 @@ from lorapipe.models import (
     hub_token,
     loading_problems,
     quiet_load_report,
+    saved_quantisation,
+    unconverted,
     with_loading_info,
 )
 from lorapipe.provenance import sections
@@ -79,11 +81,13 @@ def check_model_folder(folder: Path, trust_remote_code: bool) -> None:
             f"{_one_line(exc)}); save it again beside the weights"
         ) from None
     try:
-        with quiet_load_report():
+        with quiet_load_report() as reports:
             _, info = with_loading_info(
                 AutoModelForCausalLM.from_pretrained(
                     folder,
-                    device_map="meta",
+                    # A checkpoint saved quantised unpacks its quantisation state from the
+                    # file as it loads, which needs the data: it is read (on the CPU).
+                    device_map={"": "cpu"} if saved_quantisation(folder) else "meta",
                     use_safetensors=True,
                     ignore_mismatched_sizes=True,
                     output_loading_info=True,
@@ -91,6 +95,11 @@ def check_model_folder(folder: Path, trust_remote_code: bool) -> None:
                 )
             )
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        if failed := unconverted(reports):
+            raise ModelSourceError(
+                f"model.name: the weights in {folder} cannot be read as saved: {failed}; is a "
+                "quantised checkpoint missing part of a weight's quantisation state? Copy it again"
+            ) from None
         raise ModelSourceError(
             f"model.name: transformers cannot load the model in {folder}: {_one_line(exc)}"
         ) from None
@@ -135,6 +144,8 @@ def build_base(cfg: ModelCfg, out_dir: Path) -> dict[str, Any]:
         pin = {"kind": "local", "name": str(src), "files_md5": _files_md5(out_dir)}
     else:
         pin = _pin_hub(cfg, out_dir)
+    if quantised := saved_quantisation(out_dir):  # the pin says what the card and merge see
+        pin["saved_quantised"] = quantised
     pin["trust_remote_code"] = cfg.trust_remote_code
     pin[MADE_WITH] = sections(model=cfg)  # what later stages check (models.require_base)
     if cfg.trust_remote_code:

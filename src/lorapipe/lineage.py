@@ -230,11 +230,13 @@ def model_card(lineage: dict[str, Any]) -> str:
     Deterministic: built only from the lineage record, so identical runs write identical cards.
     """
     params, base, merge = lineage["params"], lineage["base_model"], lineage.get("merge")
-    quant = params["quant"]
-    tags = ["lora", "sft", "trl", "lorapipe", *(["qlora"] if quant["mode"] != "none" else [])]
+    quant, saved = params["quant"], base.get("saved_quantised")
+    qlora = quant["mode"] != "none" or saved
+    tags = ["lora", "sft", "trl", "lorapipe", *(["qlora"] if qlora else [])]
     tags += ["merged"] if merge else []
     tags += ["gguf"] if merge and merge.get("gguf") else []
     method = "QLoRA (4-bit NF4 base)" if quant["mode"] == "nf4" else "LoRA"
+    method = f"QLoRA (base saved quantised: {saved})" if saved else method
     lines = [
         "---",
         f"base_model: {json.dumps(base['name'])}",
@@ -328,6 +330,11 @@ def _training_lines(lineage: dict[str, Any]) -> list[str]:
         lines.append(
             f"- {facts['trainable_params']:,} trainable of {facts['total_params']:,} parameters, "
             f"{facts['precision']} on {facts['device']}"
+        )
+    if base.get("saved_quantised"):
+        lines.append(
+            f"- the base's weights are stored quantised ({base['saved_quantised']}): LoRA trained "
+            "on them as in QLoRA"
         )
     if base.get("trust_remote_code"):
         lines.append(

@@ -26,7 +26,7 @@ import torch
 
 from lorapipe.errors import PipelineError
 from lorapipe.lineage import LINEAGE_FILE, file_md5
-from lorapipe.models import load_base_model, load_tokenizer
+from lorapipe.models import load_base_model, load_tokenizer, resolve_dtype, saved_quantisation
 
 # The tolerance when `merge.max_logit_diff` is null: float32 an absolute 1e-4 (the measured
 # difference is ~4e-6); bfloat16 / float16 a fraction of the largest |logit| base+adapter gives
@@ -191,7 +191,10 @@ def merge_adapter(
     """Merge `adapter_dir` into the base loaded in `dtype` on CPU and save to `out_dir`.
 
     The base is always loaded unquantised, so a QLoRA adapter merges into full-precision
-    weights, never into the 4-bit ones. `max_logit_diff` None means the dtype's default.
+    weights, never into the 4-bit ones. A base saved quantised by bitsandbytes has no others:
+    its weights are dequantised into `dtype` first (transformers' `dequantize`), the very values
+    the adapter was trained against, and the report names the quantisation
+    (`base_dequantised_from`). `max_logit_diff` None means the dtype's default.
     Writes safetensors shards of at most `max_shard_size`, the tokenizer and the generation
     config. Returns the merge report (deterministic: no times, no memory); raises
     MergeCheckError, after writing nothing, when the merged logits drift beyond the tolerance.
@@ -201,7 +204,11 @@ def merge_adapter(
     if not probe_prompts:
         raise ValueError("merge needs at least one probe prompt")
     tokenizer = load_tokenizer(base_dir)
-    model = PeftModel.from_pretrained(load_base_model(base_dir, dtype=dtype), str(adapter_dir))
+    base = load_base_model(base_dir, dtype=dtype)
+    dequantised_from = saved_quantisation(base_dir)
+    if dequantised_from is not None:
+        base = base.dequantize(dtype=resolve_dtype(dtype))
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
     with_adapter = probe_logits(model, tokenizer, probe_prompts)
     with model.disable_adapter():
         effect = max_diff_to(with_adapter, iter_probe_logits(model, tokenizer, probe_prompts))
@@ -209,8 +216,9 @@ def merge_adapter(
     diff = max_diff_to(with_adapter, iter_probe_logits(merged, tokenizer, probe_prompts))
     scale = _nan_max([x.abs().max() for x in with_adapter])
     allowed = allowed_logit_diff(dtype, max_logit_diff, scale)
-    report = {
+    report: dict[str, Any] = {
         "dtype": dtype,
+        "base_dequantised_from": dequantised_from,
         "probe_prompts": len(probe_prompts),
         "merged_max_abs_logit_diff": diff,
         "max_logit_diff_allowed": allowed,
@@ -242,7 +250,13 @@ def merged_lineage(adapter_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
         "adapter_weights_md5": file_md5(weights),
         **{
             key: report[key]
-            for key in ("dtype", "merged_max_abs_logit_diff", "max_logit_diff_allowed", "passed")
+            for key in (
+                "dtype",
+                "base_dequantised_from",
+                "merged_max_abs_logit_diff",
+                "max_logit_diff_allowed",
+                "passed",
+            )
         },
     }
     return lineage

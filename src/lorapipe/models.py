@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,20 +67,40 @@ def missing_safetensors(adapter_dir: Path) -> str | None:
     )
 
 
+def saved_quantisation(base_dir: Path) -> str | None:
+    """How the checkpoint in `base_dir` is saved quantised, in words from its config.json's
+    `quantization_config` ("bitsandbytes nf4", "bitsandbytes int8", "gptq"); None when it is
+    not, or that config cannot be read."""
+    try:
+        config = json.loads((base_dir / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    quantised = config.get("quantization_config") if isinstance(config, dict) else None
+    if not quantised:
+        return None
+    if not isinstance(quantised, dict):
+        return "quantised"
+    method = str(quantised.get("quant_method", "quantised"))
+    if quantised.get("load_in_4bit"):
+        return f"{method} {quantised.get('bnb_4bit_quant_type', 'fp4')}"
+    return f"{method} int8" if quantised.get("load_in_8bit") else method
+
+
 def check_merge_dtype(base_dir: Path, dtype: str) -> None:
     """Raise ModelSourceError when the base cannot be loaded in `dtype` for merging.
 
-    Reads only `config.json`: a base saved already quantised (GPTQ, AWQ, bitsandbytes) has no
-    full-precision weights to fold the adapter into, and bfloat16 weights overflow float16
-    (largest value 65504 against bfloat16's 3e38). Unknown without a local config: no check.
+    Reads only `config.json`: a base saved already quantised has no full-precision weights to
+    fold the adapter into; bitsandbytes' can be dequantised (`merging.merge_adapter` does), the
+    others' (GPTQ, AWQ, ...) not here. bfloat16 weights overflow float16 (largest value 65504
+    against bfloat16's 3e38). Unknown without a local config: no check.
     """
     config_path = base_dir / "config.json"
     if not config_path.is_file():
         return
     config = json.loads(config_path.read_text(encoding="utf-8"))
     quantized = config.get("quantization_config")
-    if quantized:
-        method = quantized.get("quant_method", "quantized") if isinstance(quantized, dict) else ""
+    method = quantized.get("quant_method", "quantized") if isinstance(quantized, dict) else ""
+    if quantized and method != "bitsandbytes":
         raise ModelSourceError(
             f"merge.dtype: the base in {base_dir} is saved {method}-quantised, so it cannot be "
             f"loaded in {dtype} to merge into; use the unquantised original as the base (and "
@@ -130,22 +151,42 @@ def with_loading_info(loaded: Any) -> tuple[Any, dict[str, Any]]:
     return model, dict(info)
 
 
-def _not_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in str(record.msg)
+class _LoadReports(list[str]):
+    """A logging filter that keeps transformers' load reports out of the log, and here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.append(record.getMessage())
+            return False
+        return True
 
 
 @contextmanager
-def quiet_load_report() -> Iterator[None]:
+def quiet_load_report() -> Iterator[list[str]]:
     """Within it, transformers does not log its load report (a table of missing, unexpected and
     mismatched weights) to stderr: the caller reads the same from the loading info and says it
     in one line (`loading_problems`). A filter, not a level: transformers reads that logger's
-    level to decide whether to log more (its tensor-parallel plan at WARNING and above)."""
+    level to decide whether to log more (its tensor-parallel plan at WARNING and above).
+    Yields the reports it kept back, for a load that raises before it returns the info
+    (`unconverted`)."""
     logger = logging.getLogger("transformers.modeling_utils")
-    logger.addFilter(_not_load_report)
+    reports = _LoadReports()
+    logger.addFilter(reports)
     try:
-        yield
+        yield reports
     finally:
-        logger.removeFilter(_not_load_report)
+        logger.removeFilter(reports)
+
+
+def unconverted(reports: list[str]) -> str | None:
+    """What load reports say could not be converted from the checkpoint as saved (a quantised
+    checkpoint missing or damaging a tensor of its quantisation state), in one phrase; None when
+    nothing. transformers then raises, pointing at the report, before it returns the loading
+    info that would name them, so they are read from the report's text."""
+    found = re.findall(r"on tensors destined for (\S+?)\. Ckpt contains", "\n".join(reports))
+    if not found:
+        return None
+    return f"{len(set(found))} tensor(s) fail to convert ({_named(sorted(set(found)))})"
 
 
 def read_pin(base_dir: Path) -> dict[str, Any]:
@@ -272,7 +313,8 @@ def load_base_model(
             f"{name}: the base's weights do not fit its config.json: {problem}; rerun the base "
             "stage (`python -m stages.base`)"
         )
-    if "quantization_config" in kwargs and not torch.cuda.is_available():
+    # Quantised here (quant.mode) or saved so (a bitsandbytes 4-bit checkpoint).
+    if getattr(model, "hf_quantizer", None) is not None and not torch.cuda.is_available():
         keep_4bit_layout_on_cpu(model)
     return model
 

@@ -1,0 +1,211 @@
+"""A base saved quantised by bitsandbytes (a `-bnb-4bit` checkpoint, as many hub repos ship
+models for QLoRA) through the stages: the base stage takes it, LoRA trains on its 4-bit
+weights, evaluation runs the adapter unfolded, and the merge dequantises the base and folds the
+adapter into that."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorapipe.base_model import build_base
+from lorapipe.config import Params
+from lorapipe.evaluation import adapter_folded, foldable
+from lorapipe.lineage import build_lineage, model_card
+from lorapipe.merging import merge_adapter, merged_lineage
+from lorapipe.models import ModelSourceError, load_base_model, load_tokenizer
+from lorapipe.training import train_adapter
+from tests.conftest import local_model_cfg
+
+NF4 = "bitsandbytes nf4"
+
+
+@pytest.fixture(scope="module")
+def saved_nf4(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base loaded in NF4 (double quantisation) and saved so, with its tokenizer: the
+    shape of a `-bnb-4bit` checkpoint."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out = tmp_path_factory.mktemp("nf4") / "tiny-bnb-4bit"
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_base,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
+    model.save_pretrained(out)
+    load_tokenizer(tiny_base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nf4_base(saved_nf4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/base as the base stage makes it from `saved_nf4` (model kind local)."""
+    out = tmp_path_factory.mktemp("base") / "base"
+    build_base(local_model_cfg(saved_nf4), out)
+    return out
+
+
+def logits(model: object, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits  # type: ignore[operator]
+
+
+IDS = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_the_base_stage_takes_a_checkpoint_saved_in_4_bit(saved_nf4: Path, nf4_base: Path) -> None:
+    """Its quantisation state unpacks only from the file's data, so the check that the weights
+    fit the config reads them (on the meta device it failed: 'issues during automatic conversion
+    of the weights'); the pin says how it is stored."""
+    pin = json.loads((nf4_base / "pin.json").read_text())
+    assert pin["saved_quantised"] == NF4 and pin["kind"] == "local"
+    model = load_base_model(nf4_base, dtype="float32").train()
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    from transformers import AutoModelForCausalLM
+
+    source = AutoModelForCausalLM.from_pretrained(saved_nf4, device_map={"": "cpu"}).train()
+    assert torch.equal(logits(model, IDS), logits(source, IDS))
+
+
+def test_its_4_bit_layers_keep_their_training_layout_on_a_cpu(
+    nf4_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes switches a 4-bit layer that runs in eval mode to
+    an inference layout with no backward (`models.keep_4bit_layout_on_cpu`, which QLoRA's load
+    has always applied); a base saved in 4-bit gets the same. This CPU lacks the instructions,
+    so the layers are made here as on one that has them."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    model = load_base_model(nf4_base, dtype="float32")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(layers) == 7 * 2
+    assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
+
+
+def test_a_4_bit_checkpoint_missing_a_quantisation_tensor_is_refused_in_one_line(
+    saved_nf4: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in saved_nf4.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    weights = load_file(broken / "model.safetensors")
+    key = next(k for k in sorted(weights) if k.endswith(".weight.absmax"))
+    del weights[key]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError) as err:
+        build_base(local_model_cfg(broken), tmp_path / "base")
+    assert str(err.value) == (
+        f"model.name: the weights in {broken} cannot be read as saved: 1 tensor(s) fail to "
+        f"convert ({key.removesuffix('.absmax')}); is a quantised checkpoint missing part of a "
+        "weight's quantisation state? Copy it again"
+    )
+
+
+def test_an_adapter_on_a_4_bit_base_is_evaluated_unfolded(nf4_base: Path, tmp_path: Path) -> None:
+    """Folding into packed 4-bit weights dequantises, adds and quantises again: the folded
+    model's logits were off the unfolded ones by 12% of their norm, and the base stayed changed
+    once the adapter was taken out. Evaluation leaves such an adapter unfolded; a float base
+    still folds (tests/test_eval_adapters.py)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    made = get_peft_model(load_base_model(nf4_base, dtype="float32"), config)
+    made.save_pretrained(tmp_path / "adapter")
+    model = PeftModel.from_pretrained(
+        load_base_model(nf4_base, dtype="float32"), str(tmp_path / "adapter")
+    ).eval()
+    assert not foldable(model)
+    with model.disable_adapter():
+        base = logits(model, IDS)
+    apart = logits(model, IDS)
+    assert not torch.allclose(apart, base, atol=1e-3)  # the adapter changes the logits
+    with adapter_folded(model) as folded:
+        assert torch.equal(logits(folded, IDS), apart)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, IDS), base)
+
+
+@pytest.fixture(scope="module")
+def trained(
+    nf4_base: Path, saved_nf4: Path, formatted: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Params]:
+    """An adapter trained 4 steps on the 4-bit base (quant.mode none: the weights come 4-bit),
+    with the lineage the train stage writes."""
+    from lorapipe.config import validate
+    from lorapipe.io import write_json
+    from lorapipe.params import compose
+    from tests.conftest import ROOT
+
+    out = tmp_path_factory.mktemp("trained")
+    params = validate(
+        compose(
+            ROOT / "conf",
+            [
+                "model=tiny",
+                "model.kind=local",
+                f"model.name={saved_nf4}",
+                "model.architecture=null",
+                "train.max_steps=4",
+                "train.batch_size=4",
+                f"paths.checkpoints={out / 'ckpt'}",
+            ],
+        )
+    )
+    summary = train_adapter(params, nf4_base, formatted, out / "adapter", out / "curves")
+    assert summary["steps"] == 4
+    write_json(out / "adapter" / "lineage.json", build_lineage(params, {}, nf4_base, summary))
+    return out / "adapter", params
+
+
+def test_lora_trains_on_the_4_bit_weights_and_its_card_says_so(
+    trained: tuple[Path, Params],
+) -> None:
+    adapter, _ = trained
+    lineage = json.loads((adapter / "lineage.json").read_text())
+    assert lineage["base_model"]["saved_quantised"] == NF4
+    card = model_card(lineage)
+    assert "- qlora" in card.splitlines()
+    assert f"the base's weights are stored quantised ({NF4})" in card
+
+
+def test_the_merge_dequantises_the_base_and_keeps_what_was_trained(
+    nf4_base: Path, trained: tuple[Path, Params], tmp_path: Path
+) -> None:
+    """The merged model (float32, no quantization_config) gives the logits of the 4-bit base
+    with the adapter, the function training optimised."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorapipe.models import check_merge_dtype
+
+    check_merge_dtype(nf4_base, "float32")  # the stage's check before loading lets it through
+    adapter, _ = trained
+    tok = load_tokenizer(nf4_base)
+    probes = [tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)]
+    report = merge_adapter(
+        nf4_base, adapter, tmp_path / "merged", dtype="float32", probe_prompts=probes
+    )
+    assert report["passed"] and report["base_dequantised_from"] == NF4
+    assert merged_lineage(adapter, report)["merge"]["base_dequantised_from"] == NF4
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    four_bit = PeftModel.from_pretrained(
+        load_base_model(nf4_base, dtype="float32"), str(adapter)
+    ).eval()
+    torch.testing.assert_close(logits(merged, IDS), logits(four_bit, IDS), rtol=0, atol=1e-5)
