@@ -92,6 +92,22 @@ def test_its_4_bit_layers_keep_their_training_layout_on_a_cpu(
     assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
 
 
+@pytest.mark.parametrize("mode", ["nf4", "int8"])
+def test_quant_mode_on_a_base_saved_quantised_is_refused_in_one_line(
+    nf4_base: Path, mode: str
+) -> None:
+    """transformers would load the checkpoint's own quantisation whatever `quant` asks."""
+    from lorapipe.config import QuantCfg
+
+    quant = QuantCfg(mode=mode, compute_dtype="auto", double_quant=mode == "nf4")
+    with pytest.raises(ModelSourceError) as err:
+        load_base_model(nf4_base, quant=quant)
+    assert str(err.value) == (
+        f"quant.mode: the base in {nf4_base} is saved quantised ({NF4}) and loads as saved; set "
+        f"quant.mode: none (it is {mode}): LoRA on it is QLoRA already"
+    )
+
+
 def test_a_4_bit_checkpoint_missing_a_quantisation_tensor_is_refused_in_one_line(
     saved_nf4: Path, tmp_path: Path
 ) -> None:
@@ -209,3 +225,32 @@ def test_the_merge_dequantises_the_base_and_keeps_what_was_trained(
         load_base_model(nf4_base, dtype="float32"), str(adapter)
     ).eval()
     torch.testing.assert_close(logits(merged, IDS), logits(four_bit, IDS), rtol=0, atol=1e-5)
+
+
+def test_a_base_saved_in_int8_is_taken_and_merges_dequantised(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """bitsandbytes' 8-bit checkpoints the same way: pinned, evaluated unfolded, dequantised to
+    merge."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    saved = tmp_path / "tiny-8bit"
+    AutoModelForCausalLM.from_pretrained(
+        tiny_base, device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    ).save_pretrained(saved)
+    load_tokenizer(tiny_base).save_pretrained(saved)
+    base = tmp_path / "base"
+    assert build_base(local_model_cfg(saved), base)["saved_quantised"] == "bitsandbytes int8"
+    torch.manual_seed(2)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(load_base_model(base, dtype="float32"), config).save_pretrained(tmp_path / "a")
+    model = PeftModel.from_pretrained(load_base_model(base, dtype="float32"), str(tmp_path / "a"))
+    assert not foldable(model)
+    tok = load_tokenizer(base)
+    probes = [tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)]
+    report = merge_adapter(
+        base, tmp_path / "a", tmp_path / "m", dtype="float32", probe_prompts=probes
+    )
+    assert report["passed"] and report["base_dequantised_from"] == "bitsandbytes int8"
+    assert report["adapter_max_abs_logit_effect"] > 100 * report["merged_max_abs_logit_diff"]

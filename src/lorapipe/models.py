@@ -254,8 +254,17 @@ def load_base_model(
     """Load the base causal LM in `dtype`, or 4-/8-bit per `quant` (bitsandbytes, CPU or GPU).
 
     A local checkpoint that the load converts (quantises, or casts to another dtype) is read one
-    tensor at a time (`read_by_tensor`); one loaded as it is stored stays memory-mapped.
+    tensor at a time (`read_by_tensor`); one loaded as it is stored stays memory-mapped. A base
+    saved quantised loads as saved, so `quant` must leave it be: transformers would take the
+    checkpoint's quantisation over any other without a word, and the lineage would name the
+    wrong one.
     """
+    saved = saved_quantisation(base_dir)
+    if saved and quant is not None and quant.mode != "none":
+        raise ModelSourceError(
+            f"quant.mode: the base in {base_dir} is saved quantised ({saved}) and loads as saved; "
+            f"set quant.mode: none (it is {quant.mode}): LoRA on it is QLoRA already"
+        )
     import torch
     from transformers import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
