@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +98,25 @@ def local_model_cfg(folder: Path, **over: object) -> object:
 
     return ModelCfg(
         **conf_group("model", "tiny", kind="local", name=str(folder), architecture=None, **over)
+    )
+
+
+def transformers_nf4(folder: Path) -> Any:
+    """The model in `folder` loaded by transformers alone in NF4 with double quantisation and
+    float32 compute, on the CPU: what `quant=nf4` asks bitsandbytes for."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch.float32,
+        device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
     )
 
 

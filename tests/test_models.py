@@ -12,7 +12,7 @@ import pytest
 from lorapipe.base_model import build_base
 from lorapipe.config import ModelCfg
 from lorapipe.models import ModelSourceError, load_base_model, require_base, source_of
-from tests.conftest import ROOT, conf_group, local_model_cfg, tiny_model_cfg
+from tests.conftest import ROOT, conf_group, local_model_cfg, tiny_model_cfg, transformers_nf4
 
 
 def test_tiny_build_is_seeded_and_pinned(tmp_path: Path, tiny_base: Path) -> None:
@@ -192,7 +192,7 @@ def test_a_converting_load_reads_tensor_by_tensor_and_equals_from_pretrained(
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     import lorapipe.models as models
     from lorapipe.config import QuantCfg
@@ -225,17 +225,7 @@ def test_a_converting_load_reads_tensor_by_tensor_and_equals_from_pretrained(
     nf4 = QuantCfg(mode="nf4", compute_dtype="float32", double_quant=True)
     quantized = load_base_model(sharded, quant=nf4)
     assert len(reads) == 2
-    reference = AutoModelForCausalLM.from_pretrained(
-        sharded,
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-    )
+    reference = transformers_nf4(sharded)
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     quantized.train(), reference.train()  # bitsandbytes' CPU inference kernel needs other shapes
     assert type(quantized.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"

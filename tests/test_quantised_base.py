@@ -18,7 +18,7 @@ from lorapipe.lineage import build_lineage, model_card
 from lorapipe.merging import merge_adapter, merged_lineage
 from lorapipe.models import ModelSourceError, load_base_model, load_tokenizer
 from lorapipe.training import train_adapter
-from tests.conftest import local_model_cfg
+from tests.conftest import local_model_cfg, transformers_nf4
 
 NF4 = "bitsandbytes nf4"
 
@@ -27,21 +27,8 @@ NF4 = "bitsandbytes nf4"
 def saved_nf4(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny base loaded in NF4 (double quantisation) and saved so, with its tokenizer: the
     shape of a `-bnb-4bit` checkpoint."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     out = tmp_path_factory.mktemp("nf4") / "tiny-bnb-4bit"
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_base,
-        dtype=torch.float32,
-        device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-    )
-    model.save_pretrained(out)
+    transformers_nf4(tiny_base).save_pretrained(out)
     load_tokenizer(tiny_base).save_pretrained(out)
     return out
 
