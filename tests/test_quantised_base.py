@@ -142,6 +142,18 @@ def test_an_adapter_on_a_4_bit_base_is_evaluated_unfolded(nf4_base: Path, tmp_pa
         assert torch.equal(logits(model, IDS), base)
 
 
+def trained_on(saved: Path) -> list[str]:
+    """The overrides `trained` trains with: the base stage's local model at `saved`, 4 steps."""
+    return [
+        "model=tiny",
+        "model.kind=local",
+        f"model.name={saved}",
+        "model.architecture=null",
+        "train.max_steps=4",
+        "train.batch_size=4",
+    ]
+
+
 @pytest.fixture(scope="module")
 def trained(
     nf4_base: Path, saved_nf4: Path, formatted: Path, tmp_path_factory: pytest.TempPathFactory
@@ -157,15 +169,7 @@ def trained(
     params = validate(
         compose(
             ROOT / "conf",
-            [
-                "model=tiny",
-                "model.kind=local",
-                f"model.name={saved_nf4}",
-                "model.architecture=null",
-                "train.max_steps=4",
-                "train.batch_size=4",
-                f"paths.checkpoints={out / 'ckpt'}",
-            ],
+            [*trained_on(saved_nf4), f"paths.checkpoints={out / 'ckpt'}"],
         )
     )
     summary = train_adapter(params, nf4_base, formatted, out / "adapter", out / "curves")
@@ -212,6 +216,33 @@ def test_the_merge_dequantises_the_base_and_keeps_what_was_trained(
         load_base_model(nf4_base, dtype="float32"), str(adapter)
     ).eval()
     torch.testing.assert_close(logits(merged, IDS), logits(four_bit, IDS), rtol=0, atol=1e-5)
+
+
+def test_the_merge_stage_as_its_own_process_keeps_bitsandbytes_for_it(
+    nf4_base: Path, saved_nf4: Path, trained: tuple[Path, Params], tmp_path: Path
+) -> None:
+    """`python -m stages.merge`, as DVC runs it, leaves bitsandbytes out only for a base saved
+    unquantised (`runtime.needs_bitsandbytes`; tests/test_merge.py): here it keeps it, loads
+    the 4-bit base, dequantises it and merges; report and card say so."""
+    import shutil
+
+    from lorapipe.params import write_params
+    from tests.conftest import ROOT
+    from tests.test_merge import stage_overrides
+    from tests.test_params import imported_modules, stage_process
+
+    adapter, _ = trained
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "conf", project / "conf")
+    write_params(project, [])
+    overrides = [*stage_overrides(nf4_base, adapter, tmp_path), *trained_on(saved_nf4)]
+    done = stage_process(project, "stages.merge", *overrides, python=("-X", "importtime"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {m for m in imported_modules(done.stderr) if m.startswith("bitsandbytes.")}
+    report = json.loads((tmp_path / "reports" / "merge.json").read_text())
+    assert report["passed"] and report["base_dequantised_from"] == NF4
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"fine-tuned with QLoRA (base saved quantised: {NF4}), merged" in card
 
 
 def test_a_base_saved_in_int8_is_taken_and_merges_dequantised(
