@@ -26,7 +26,7 @@ import torch
 
 from lorapipe.errors import PipelineError
 from lorapipe.lineage import LINEAGE_FILE, file_md5
-from lorapipe.models import load_base_model, load_tokenizer, resolve_dtype, saved_quantisation
+from lorapipe.models import load_base_model, load_tokenizer, quantisation_name, resolve_dtype
 
 # The tolerance when `merge.max_logit_diff` is null: float32 an absolute 1e-4 (the measured
 # difference is ~4e-6); bfloat16 / float16 a fraction of the largest |logit| base+adapter gives
@@ -205,8 +205,9 @@ def merge_adapter(
         raise ValueError("merge needs at least one probe prompt")
     tokenizer = load_tokenizer(base_dir)
     base = load_base_model(base_dir, dtype=dtype)
-    dequantised_from = saved_quantisation(base_dir)
-    if dequantised_from is not None:
+    dequantised_from = None
+    if getattr(base, "hf_quantizer", None) is not None:  # asked for none: saved so (a hub pin too)
+        dequantised_from = quantisation_name(base.config.to_dict()) or "quantised"
         base = base.dequantize(dtype=resolve_dtype(dtype))
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     with_adapter = probe_logits(model, tokenizer, probe_prompts)

@@ -75,12 +75,18 @@ def saved_quantisation(base_dir: Path) -> str | None:
         config = json.loads((base_dir / "config.json").read_text("utf-8"))
     except (OSError, ValueError):
         return None
-    quantised = config.get("quantization_config") if isinstance(config, dict) else None
+    return quantisation_name(config) if isinstance(config, dict) else None
+
+
+def quantisation_name(config: dict[str, Any]) -> str | None:
+    """The quantisation a model config (config.json's content) records, in words, or None."""
+    quantised = config.get("quantization_config")
     if not quantised:
         return None
     if not isinstance(quantised, dict):
         return "quantised"
-    method = str(quantised.get("quant_method", "quantised"))
+    method = quantised.get("quant_method", "quantised")
+    method = str(getattr(method, "value", method))  # a loaded model's config holds an enum
     if quantised.get("load_in_4bit"):
         return f"{method} {quantised.get('bnb_4bit_quant_type', 'fp4')}"
     return f"{method} int8" if quantised.get("load_in_8bit") else method
