@@ -95,6 +95,26 @@ def test_quant_mode_on_a_base_saved_quantised_is_refused_in_one_line(
     )
 
 
+def test_the_check_stage_refuses_it_before_dvc_removes_any_output(
+    nf4_base: Path, saved_nf4: Path, tmp_path: Path
+) -> None:
+    """`dvc repro` runs `check` first whenever params change, before DVC removes the train
+    stage's outputs: it refuses `quant.mode` there when the base it names is that base (built
+    from these `model` params: the base stage will not rebuild it)."""
+    from tests.conftest import run_stage
+
+    reports = tmp_path / "reports"
+    common = [*trained_on(saved_nf4), f"paths.base={nf4_base}", f"paths.reports={reports}"]
+    status, err = run_stage("stages.check", *common, "quant=nf4")
+    assert (status, err) == (2, [f"check: error: quant.mode: the base in {nf4_base} is saved "
+        f"quantised ({NF4}) and loads as saved; set quant.mode: none (it is nf4): LoRA on it "
+        "is QLoRA already"])  # fmt: skip
+    assert not reports.exists()
+    assert run_stage("stages.check", *common)[0] == 0
+    # Other `model` params: the base stage makes another base, so this one has no say.
+    assert run_stage("stages.check", *common, "quant=nf4", "model.seed=1")[0] == 0
+
+
 def test_a_4_bit_checkpoint_missing_a_quantisation_tensor_is_refused_in_one_line(
     saved_nf4: Path, tmp_path: Path
 ) -> None:

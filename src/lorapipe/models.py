@@ -92,6 +92,18 @@ def quantisation_name(config: dict[str, Any]) -> str | None:
     return f"{method} int8" if quantised.get("load_in_8bit") else method
 
 
+def refuse_quant_on_saved_quantised(base_dir: Path, quant: QuantCfg | None) -> None:
+    """Raise ModelSourceError when `quant` asks to quantise a base saved quantised: it loads as
+    saved (transformers takes the checkpoint's quantisation over any other without a word), so
+    the lineage would name the wrong one. Reads config.json only."""
+    saved = saved_quantisation(base_dir)
+    if saved and quant is not None and quant.mode != "none":
+        raise ModelSourceError(
+            f"quant.mode: the base in {base_dir} is saved quantised ({saved}) and loads as saved; "
+            f"set quant.mode: none (it is {quant.mode}): LoRA on it is QLoRA already"
+        )
+
+
 def check_merge_dtype(base_dir: Path, dtype: str) -> None:
     """Raise ModelSourceError when the base cannot be loaded in `dtype` for merging.
 
@@ -265,12 +277,7 @@ def load_base_model(
     checkpoint's quantisation over any other without a word, and the lineage would name the
     wrong one.
     """
-    saved = saved_quantisation(base_dir)
-    if saved and quant is not None and quant.mode != "none":
-        raise ModelSourceError(
-            f"quant.mode: the base in {base_dir} is saved quantised ({saved}) and loads as saved; "
-            f"set quant.mode: none (it is {quant.mode}): LoRA on it is QLoRA already"
-        )
+    refuse_quant_on_saved_quantised(base_dir, quant)
     import torch
     from transformers import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
