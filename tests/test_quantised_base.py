@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from lorapipe.base_model import build_base
-from lorapipe.config import Params
 from lorapipe.evaluation import adapter_folded, foldable
 from lorapipe.lineage import build_lineage, model_card
 from lorapipe.merging import merge_adapter, merged_lineage
@@ -177,7 +176,7 @@ def trained_on(saved: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def trained(
     nf4_base: Path, saved_nf4: Path, formatted: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, Params]:
+) -> Path:
     """An adapter trained 4 steps on the 4-bit base (quant.mode none: the weights come 4-bit),
     with the lineage the train stage writes."""
     from lorapipe.config import validate
@@ -195,13 +194,13 @@ def trained(
     summary = train_adapter(params, nf4_base, formatted, out / "adapter", out / "curves")
     assert summary["steps"] == 4
     write_json(out / "adapter" / "lineage.json", build_lineage(params, {}, nf4_base, summary))
-    return out / "adapter", params
+    return out / "adapter"
 
 
 def test_lora_trains_on_the_4_bit_weights_and_its_card_says_so(
-    trained: tuple[Path, Params],
+    trained: Path,
 ) -> None:
-    adapter, _ = trained
+    adapter = trained
     lineage = json.loads((adapter / "lineage.json").read_text())
     assert lineage["base_model"]["saved_quantised"] == NF4
     card = model_card(lineage)
@@ -210,7 +209,7 @@ def test_lora_trains_on_the_4_bit_weights_and_its_card_says_so(
 
 
 def test_the_merge_dequantises_the_base_and_keeps_what_was_trained(
-    nf4_base: Path, trained: tuple[Path, Params], tmp_path: Path
+    nf4_base: Path, trained: Path, tmp_path: Path
 ) -> None:
     """The merged model (float32, no quantization_config) gives the logits of the 4-bit base
     with the adapter, the function training optimised."""
@@ -220,7 +219,7 @@ def test_the_merge_dequantises_the_base_and_keeps_what_was_trained(
     from lorapipe.models import check_merge_dtype
 
     check_merge_dtype(nf4_base, "float32")  # the stage's check before loading lets it through
-    adapter, _ = trained
+    adapter = trained
     tok = load_tokenizer(nf4_base)
     probes = [tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)]
     report = merge_adapter(
@@ -239,7 +238,7 @@ def test_the_merge_dequantises_the_base_and_keeps_what_was_trained(
 
 
 def test_the_merge_stage_as_its_own_process_keeps_bitsandbytes_for_it(
-    nf4_base: Path, saved_nf4: Path, trained: tuple[Path, Params], tmp_path: Path
+    nf4_base: Path, saved_nf4: Path, trained: Path, tmp_path: Path
 ) -> None:
     """`python -m stages.merge`, as DVC runs it, leaves bitsandbytes out only for a base saved
     unquantised (`runtime.needs_bitsandbytes`; tests/test_merge.py): here it keeps it, loads
@@ -251,7 +250,7 @@ def test_the_merge_stage_as_its_own_process_keeps_bitsandbytes_for_it(
     from tests.test_merge import stage_overrides
     from tests.test_params import imported_modules, stage_process
 
-    adapter, _ = trained
+    adapter = trained
     project = tmp_path / "project"
     shutil.copytree(ROOT / "conf", project / "conf")
     write_params(project, [])
