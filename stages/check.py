@@ -10,7 +10,8 @@ checked, not their values: it stays the same under a new valid value, and only t
 read that value run again.
 
 It also refuses what no params value alone shows but the base it names does (`quant.mode` on a
-base saved quantised), when the base stage will not rebuild that base.
+base saved quantised), when the base stage will not rebuild that base (a `kind: local` folder's
+is refused by the validation itself, from the folder).
 
 python -m stages.check
 """

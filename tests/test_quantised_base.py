@@ -6,6 +6,7 @@ adapter into that."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,14 @@ def logits(model: object, ids: torch.Tensor) -> torch.Tensor:
 IDS = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
+def refused(folder: Path, mode: str) -> str:
+    """The one line that refuses `quant.mode` on the base saved quantised in `folder`."""
+    return (
+        f"quant.mode: the base in {folder} is saved quantised ({NF4}) and loads as saved; set "
+        f"quant.mode: none (it is {mode}): LoRA on it is QLoRA already"
+    )
+
+
 def test_the_base_stage_takes_a_checkpoint_saved_in_4_bit(saved_nf4: Path, nf4_base: Path) -> None:
     """Its quantisation state unpacks only from the file's data, so the check that the weights
     fit the config reads them (on the meta device it failed: 'issues during automatic conversion
@@ -88,30 +97,55 @@ def test_quant_mode_on_a_base_saved_quantised_is_refused_in_one_line(
     quant = QuantCfg(mode=mode, compute_dtype="auto", double_quant=mode == "nf4")
     with pytest.raises(ModelSourceError) as err:
         load_base_model(nf4_base, quant=quant)
-    assert str(err.value) == (
-        f"quant.mode: the base in {nf4_base} is saved quantised ({NF4}) and loads as saved; set "
-        f"quant.mode: none (it is {mode}): LoRA on it is QLoRA already"
-    )
+    assert str(err.value) == refused(nf4_base, mode)
 
 
-def test_the_check_stage_refuses_it_before_dvc_removes_any_output(
-    nf4_base: Path, saved_nf4: Path, tmp_path: Path
+def test_a_local_folder_saved_quantised_refuses_quant_mode_at_validation(
+    saved_nf4: Path, tmp_path: Path
 ) -> None:
-    """`dvc repro` runs `check` first whenever params change, before DVC removes the train
-    stage's outputs: it refuses `quant.mode` there when the base it names is that base (built
-    from these `model` params: the base stage will not rebuild it)."""
-    from tests.conftest import run_stage
+    """`dvc exp run -S model.name=<folder> -S quant=nf4` changes the base and asks for QLoRA at
+    once: no base is built yet, so the `check` stage, which `dvc repro` runs first, reads the
+    folder itself (as validation reads it for its weights and tokenizer) and refuses before DVC
+    removes the train stage's outputs. So does every stage, and `lorapipe.params --check`."""
+    from lorapipe.config import ConfigError, validate
+    from lorapipe.params import compose
+    from tests.conftest import ROOT, run_stage
 
     reports = tmp_path / "reports"
-    common = [*trained_on(saved_nf4), f"paths.base={nf4_base}", f"paths.reports={reports}"]
-    status, err = run_stage("stages.check", *common, "quant=nf4")
-    assert (status, err) == (2, [f"check: error: quant.mode: the base in {nf4_base} is saved "
-        f"quantised ({NF4}) and loads as saved; set quant.mode: none (it is nf4): LoRA on it "
-        "is QLoRA already"])  # fmt: skip
+    local = [*trained_on(saved_nf4), f"paths.base={tmp_path / 'not built'}"]
+    status, err = run_stage("stages.check", *local, f"paths.reports={reports}", "quant=nf4")
+    assert (status, err) == (2, [f"check: error: {refused(saved_nf4, 'nf4')}"])
     assert not reports.exists()
-    assert run_stage("stages.check", *common)[0] == 0
+    with pytest.raises(ConfigError) as caught:
+        validate(compose(ROOT / "conf", [*local, "experiment=qlora"]))
+    assert str(caught.value) == refused(saved_nf4, "nf4")
+    assert run_stage("stages.check", *local, f"paths.reports={reports}")[0] == 0
+
+
+def test_the_check_stage_refuses_it_for_a_built_base_saved_quantised(
+    nf4_base: Path, tmp_path: Path
+) -> None:
+    """A hub model saved quantised (`snapshot: true` keeps its config.json in models/base) is
+    known only once the base stage has pinned it: `check` refuses `quant.mode` when the base in
+    paths.base was made from these `model` params (the base stage will not rebuild it). Here
+    models/base as the base stage would pin TinyLlama's commit, its files the 4-bit tiny ones."""
+    from lorapipe.config import ModelCfg
+    from lorapipe.provenance import sections
+    from tests.conftest import conf_group, run_stage
+
+    base = tmp_path / "base"
+    shutil.copytree(nf4_base, base)
+    pin = json.loads((base / "pin.json").read_text())
+    pin["made_with"] = sections(model=ModelCfg(**conf_group("model", "tinyllama")))
+    (base / "pin.json").write_text(json.dumps(pin))
+    reports = tmp_path / "reports"
+    hub = ["model=tinyllama", f"paths.base={base}", f"paths.reports={reports}"]
+    status, err = run_stage("stages.check", *hub, "quant=nf4")
+    assert (status, err) == (2, [f"check: error: {refused(base, 'nf4')}"])
+    assert not reports.exists()
+    assert run_stage("stages.check", *hub)[0] == 0
     # Other `model` params: the base stage makes another base, so this one has no say.
-    assert run_stage("stages.check", *common, "quant=nf4", "model.seed=1")[0] == 0
+    assert run_stage("stages.check", *hub, "quant=nf4", "model.seed=1")[0] == 0
 
 
 def test_a_4_bit_checkpoint_missing_a_quantisation_tensor_is_refused_in_one_line(

@@ -13,7 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorapipe.config import PICKLE_WEIGHTS, ModelCfg, is_commit_sha, model_folder_problems
+from lorapipe.config import (
+    PICKLE_WEIGHTS,
+    ModelCfg,
+    is_commit_sha,
+    model_folder_problems,
+    saved_quantisation,
+)
 from lorapipe.models import (
     MADE_WITH,
     PIN_FILE,
@@ -21,7 +27,6 @@ from lorapipe.models import (
     hub_token,
     loading_problems,
     quiet_load_report,
-    saved_quantisation,
     unconverted,
     with_loading_info,
 )

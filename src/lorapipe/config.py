@@ -133,6 +133,31 @@ def has_chat_template(folder: Path) -> bool:
         return False
 
 
+def saved_quantisation(base_dir: Path) -> str | None:
+    """How the checkpoint in `base_dir` is saved quantised, in words from its config.json's
+    `quantization_config` ("bitsandbytes nf4", "bitsandbytes int8", "gptq"); None when it is
+    not, or that config cannot be read."""
+    try:
+        config = json.loads((base_dir / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return quantisation_name(config) if isinstance(config, dict) else None
+
+
+def quantisation_name(config: dict[str, Any]) -> str | None:
+    """The quantisation a model config (config.json's content) records, in words, or None."""
+    quantised = config.get("quantization_config")
+    if not quantised:
+        return None
+    if not isinstance(quantised, dict):
+        return "quantised"
+    method = quantised.get("quant_method", "quantised")
+    method = str(getattr(method, "value", method))  # a loaded model's config holds an enum
+    if quantised.get("load_in_4bit"):
+        return f"{method} {quantised.get('bnb_4bit_quant_type', 'fp4')}"
+    return f"{method} int8" if quantised.get("load_in_8bit") else method
+
+
 def model_folder_problems(folder: Path) -> list[str]:
     """What stops `folder` from serving as a base model, each as `model.name: ...`; [] if usable.
 
@@ -628,8 +653,27 @@ def _files(raw: dict[str, Any]) -> list[str]:
         and model.get("kind") == "local"
         and isinstance(model.get("name"), str)
     ):
-        return model_folder_problems(Path(model["name"]))
+        folder = Path(model["name"])
+        quant = raw.get("quant")
+        mode = quant.get("mode") if isinstance(quant, dict) else None
+        problem = quant_on_saved_quantised(folder, mode)
+        return model_folder_problems(folder) or ([problem] if problem else [])
     return []
+
+
+def quant_on_saved_quantised(folder: Path, mode: Any) -> str | None:
+    """The problem, in one line, when `quant.mode` (`mode`) asks to quantise a base saved
+    quantised in `folder`; None otherwise. transformers loads the checkpoint's own quantisation
+    whatever `quant` asks, without a word, so the lineage would name the wrong one. Reads
+    config.json only: at validation for a local folder, at load for every base
+    (`models.refuse_quant_on_saved_quantised`)."""
+    saved = saved_quantisation(folder) if mode not in (None, "none") else None
+    if not saved:
+        return None
+    return (
+        f"quant.mode: the base in {folder} is saved quantised ({saved}) and loads as saved; "
+        f"set quant.mode: none (it is {mode}): LoRA on it is QLoRA already"
+    )
 
 
 def validate(raw: dict[str, Any]) -> Params:

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from lorapipe.config import quantisation_name
 from lorapipe.errors import PipelineError
 from lorapipe.lineage import LINEAGE_FILE, file_md5
-from lorapipe.models import load_base_model, load_tokenizer, quantisation_name, resolve_dtype
+from lorapipe.models import load_base_model, load_tokenizer, resolve_dtype
 
 # The tolerance when `merge.max_logit_diff` is null: float32 an absolute 1e-4 (the measured
 # difference is ~4e-6); bfloat16 / float16 a fraction of the largest |logit| base+adapter gives

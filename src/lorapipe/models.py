@@ -22,6 +22,7 @@ from lorapipe.config import (
     TOKEN_VARIABLES,
     ModelCfg,
     QuantCfg,
+    quant_on_saved_quantised,
 )
 from lorapipe.errors import PipelineError
 from lorapipe.provenance import differences, mismatch, sections
@@ -67,41 +68,11 @@ def missing_safetensors(adapter_dir: Path) -> str | None:
     )
 
 
-def saved_quantisation(base_dir: Path) -> str | None:
-    """How the checkpoint in `base_dir` is saved quantised, in words from its config.json's
-    `quantization_config` ("bitsandbytes nf4", "bitsandbytes int8", "gptq"); None when it is
-    not, or that config cannot be read."""
-    try:
-        config = json.loads((base_dir / "config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return quantisation_name(config) if isinstance(config, dict) else None
-
-
-def quantisation_name(config: dict[str, Any]) -> str | None:
-    """The quantisation a model config (config.json's content) records, in words, or None."""
-    quantised = config.get("quantization_config")
-    if not quantised:
-        return None
-    if not isinstance(quantised, dict):
-        return "quantised"
-    method = quantised.get("quant_method", "quantised")
-    method = str(getattr(method, "value", method))  # a loaded model's config holds an enum
-    if quantised.get("load_in_4bit"):
-        return f"{method} {quantised.get('bnb_4bit_quant_type', 'fp4')}"
-    return f"{method} int8" if quantised.get("load_in_8bit") else method
-
-
 def refuse_quant_on_saved_quantised(base_dir: Path, quant: QuantCfg | None) -> None:
     """Raise ModelSourceError when `quant` asks to quantise a base saved quantised: it loads as
-    saved (transformers takes the checkpoint's quantisation over any other without a word), so
-    the lineage would name the wrong one. Reads config.json only."""
-    saved = saved_quantisation(base_dir)
-    if saved and quant is not None and quant.mode != "none":
-        raise ModelSourceError(
-            f"quant.mode: the base in {base_dir} is saved quantised ({saved}) and loads as saved; "
-            f"set quant.mode: none (it is {quant.mode}): LoRA on it is QLoRA already"
-        )
+    saved (`config.quant_on_saved_quantised`). Reads config.json only."""
+    if problem := quant_on_saved_quantised(base_dir, quant.mode if quant else None):
+        raise ModelSourceError(problem)
 
 
 def check_merge_dtype(base_dir: Path, dtype: str) -> None:
