@@ -654,10 +654,12 @@ def _files(raw: dict[str, Any]) -> list[str]:
         and isinstance(model.get("name"), str)
     ):
         folder = Path(model["name"])
+        problems = model_folder_problems(folder)
         quant = raw.get("quant")
-        mode = quant.get("mode") if isinstance(quant, dict) else None
-        problem = quant_on_saved_quantised(folder, mode)
-        return model_folder_problems(folder) or ([problem] if problem else [])
+        if not problems and isinstance(quant, dict):  # config.json read only for a usable folder
+            problem = quant_on_saved_quantised(folder, quant.get("mode"))
+            problems = [problem] if problem else []
+        return problems
     return []
 
 
