@@ -135,9 +135,9 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def fix_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+def fix_mmap_threshold(threshold: int = 2 << 20) -> bool:
     """Keep glibc's malloc threshold for serving a block with its own mmap at `threshold` bytes
-    (its default); True when set (Linux with glibc), False elsewhere.
+    (2 MiB; glibc starts at 128 KiB); True when set (Linux with glibc), False elsewhere.
 
     Written here because no library sets it. By default glibc raises that threshold to the size
     of every mmap-served block freed (up to 32 MiB), so later blocks of that size come from the
@@ -145,9 +145,12 @@ def fix_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     stream of temporaries (bitsandbytes dequantises each 4-bit weight for every matmul, forward,
     backward and recomputation): at TinyLlama's shape the heap kept ~700 MiB more, over a third
     of the whole step's peak (docs/training-performance.md). Setting the threshold turns that
-    adaptation off. The cost is a page-fault round trip for each large block, which slowed
-    training of the tiny test model 2x: so only quantised training calls this. It also undoes
-    `keep_freed_memory` (mmap allowed again, the heap trimmed at glibc's default).
+    adaptation off. Each block above the threshold costs a page-fault round trip each time it is
+    made: at glibc's 128 KiB that was every activation of the default model, whose QLoRA step ran
+    ~1.7x slower than at 2 MiB, which keeps TinyLlama's step about as lean
+    (docs/training-performance.md). Only quantised training calls this: it also undoes
+    `keep_freed_memory` (mmap allowed again, the heap trimmed at glibc's default), which LoRA
+    training keeps.
     """
     libc = _glibc()
     if libc is None:
