@@ -195,7 +195,7 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
         real_examples,
     )
 
-    from lorapipe.fused_lora import FusedLoraLinear
+    from lorapipe.fused_lora import fused_layers
     from lorapipe.models import load_tokenizer
 
     dtype = args.real_dtype
@@ -244,9 +244,7 @@ def measure_real(args: argparse.Namespace, params: Any, work: Path) -> dict[str,
             "recomputes_activations": recompute,
             "padding_free": packed,
             # under bf16 autocast the fused layers run peft's own forward (fused_lora)
-            "fused_lora_layers": 0
-            if cast
-            else sum(isinstance(m, FusedLoraLinear) for m in model.modules()),
+            "fused_lora_layers": 0 if cast else fused_layers(model),
         }
         del model
         if cuda:

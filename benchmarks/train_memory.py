@@ -21,7 +21,7 @@ reads the checkpoint one tensor at a time (`lorapipe.models.read_by_tensor`); a 
 gets glibc's fixed mmap threshold (`lorapipe.runtime.fix_mmap_threshold`), peft's
 `prepare_model_for_kbit_training` and, with `train.gradient_checkpointing: auto`, recomputed
 activations (fp32: none); then the pipeline's LoRA config (params.yaml `lora`), LoRA's update
-fused into the base product (`lorapipe.fused_lora`: the plain `Linear` layers, so fp32 only).
+fused into the base product (`lorapipe.fused_lora`: the plain and the 4-bit layers alike).
 Then one training step: forward and backward on one sequence of `--seq-len` random tokens
 (batch 1, labels = inputs) and one AdamW step on the LoRA weights. Peak RSS is the child's VmHWM:
 the whole process (Python, torch, the libraries and the model), nothing subtracted. Acceptance:

@@ -110,11 +110,10 @@ def test_gpu_script_runs_the_real_model_on_cpu(
     for r in variants.values():
         assert r["tokens_per_s"] > 0 and r["mfu"] > 0 and math.isfinite(r["loss"])
         assert 0 < r["loss"] < 20  # a trained model on its own kind of data, not a random one
-    # The train stage's step: its padding-free row, and LoRA's fused update on plain layers
-    # (every adapted layer of LoRA; none of QLoRA's 4-bit ones).
+    # The train stage's step: its padding-free row, and LoRA's fused update in every adapted
+    # layer (q k v o gate up down, 30 layers), plain or 4-bit (float32 compute on CPU).
     assert all(r["padding_free"] for r in variants.values())
-    assert variants["lora-fp32"]["fused_lora_layers"] == 7 * 30  # q k v o gate up down, 30 layers
-    assert variants["qlora-nf4"]["fused_lora_layers"] == 0
+    assert all(r["fused_lora_layers"] == 7 * 30 for r in variants.values())
     assert not variants["lora-fp32"]["recomputes_activations"]
     assert variants["qlora-nf4"]["recomputes_activations"]  # quant=nf4, gradient_checkpointing auto
     # Same model, adapters and batch, so the same FLOPs per token: QLoRA's 4-bit layers are

@@ -12,15 +12,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import layer as lora_layer
 
-from lorapipe.fused_lora import FusedLoraLinear, fuse_lora_updates
+from lorapipe.config import QuantCfg
+from lorapipe.fused_lora import FusedLoraLinear, fuse_lora_updates, fused_layers
 from lorapipe.models import load_base_model
 
 
-def peft_model(base: Path, **lora: Any) -> Any:
+def peft_model(base: Path, quant: QuantCfg | None = None, **lora: Any) -> Any:
     """The tiny base with LoRA on every linear layer, B non-zero so that the update counts."""
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **lora)
-    model = get_peft_model(load_base_model(base, dtype="float32"), config)
+    model = get_peft_model(load_base_model(base, dtype="float32", quant=quant), config)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -45,17 +46,17 @@ def loss_and_grads(model: Any, seed: int = 2) -> tuple[torch.Tensor, list[torch.
 
 
 class PeftCalls:
-    """Counts calls of peft's own LoRA Linear forward."""
+    """Counts calls of peft's own LoRA Linear forward (or of `kind`'s)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, kind: type = lora_layer.Linear) -> None:
         self.calls = 0
-        original: Callable[..., Any] = lora_layer.Linear.forward
+        original: Callable[..., Any] = kind.forward
 
         def counted(module: Any, *args: Any, **kwargs: Any) -> Any:
             self.calls += 1
             return original(module, *args, **kwargs)
 
-        monkeypatch.setattr(lora_layer.Linear, "forward", counted)
+        monkeypatch.setattr(kind, "forward", counted)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -78,6 +79,34 @@ def test_fused_layers_give_peft_outputs_and_gradients(
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
     assert not torch.equal(got[0], torch.zeros(()))
+
+
+def test_fused_4bit_layers_give_peft_outputs_and_gradients(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QLoRA (NF4, double quantisation, float32 compute, on the CPU): the update added in place
+    on bitsandbytes' output gives the logits, loss and LoRA gradients of peft's 4-bit layer
+    (which copies that output and adds three more full-size tensors)."""
+    from peft.tuners.lora import bnb as lora_bnb
+
+    nf4 = QuantCfg(mode="nf4", compute_dtype="float32", double_quant=True)
+    model = peft_model(tiny_base, quant=nf4, lora_dropout=0.3)
+    model.train()
+    layers = sum(type(m) is lora_bnb.Linear4bit for m in model.modules())
+    want_logits, want = loss_and_grads(model)
+
+    assert fuse_lora_updates(model) == layers == fused_layers(model) > 0
+    spy = PeftCalls(monkeypatch, lora_bnb.Linear4bit)
+    got_logits, got = loss_and_grads(model)
+    assert spy.calls == 0  # every 4-bit layer took the fused path
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+    assert not torch.equal(got[0], torch.zeros(()))
+
+    with model.disable_adapter(), torch.no_grad():  # peft's own path again
+        model(input_ids=batch()[0])
+    assert spy.calls == layers
 
 
 def test_peft_runs_its_own_forward_where_fusing_does_not_apply(

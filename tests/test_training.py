@@ -72,7 +72,7 @@ def test_qlora_nf4_trains_on_cpu_and_merges_into_full_precision(
     params = train_params("quant=nf4")
     kinds = LayerKinds()
     summary = train(params, tiny_base, formatted, tmp_path / "qlora", callbacks=[kinds])
-    assert kinds.kinds == {"Linear4bit"}  # peft's own 4-bit LoRA layers, not fused
+    assert kinds.kinds == {"FusedLoraLinear4bit"}  # lorapipe.fused_lora over every 4-bit layer
     assert torch.isfinite(torch.tensor(summary["train_loss"]))
     tok = load_tokenizer(tiny_base)
     prompts = [tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)]

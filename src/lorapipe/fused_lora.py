@@ -8,60 +8,125 @@ temporaries. On SmolLM2 (210 adapted layers, batch 8) that made a trainer step 1
 (a hand loop's 1.12x; docs/training-performance.md); losses and gradients equal peft's to
 float rounding (tests/test_fused_lora.py). Written here because peft has no fused path on CPU.
 
+QLoRA's 4-bit layers (peft's `lora.bnb.Linear4bit`) get the same: peft copies the base product
+(a "defensive clone"), then makes the B product, the scaled copy and the sum, four `[tokens,
+out_features]` tensors a layer; `FusedLoraLinear4bit` adds the update in place on bitsandbytes'
+output, which its backward does not keep (it saves only the 4-bit weight).
+
 Only the plain case takes the fused path: one active LoRA adapter (no DoRA or other variant, no
-bias on B), not merged, a plain `torch.nn.Linear` base with no hooks, everything in one dtype
-and no autocast, no extra forward arguments. Anything else runs peft's own forward, unchanged.
+bias on B), not merged, a plain `torch.nn.Linear` or bitsandbytes `Linear4bit` base with no
+hooks, everything in one dtype (a 4-bit base's compute dtype) and no autocast, no extra forward
+arguments. Anything else runs peft's own forward, unchanged.
 The adapter's weights, names and saved files are peft's: only the class of each layer object
 changes.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, cast
 
 import torch
 from peft.tuners.lora.layer import Linear
 
 
-class FusedLoraLinear(Linear):
-    """peft's LoRA Linear with the update added by one `addmm_` (module docstring)."""
+class _FusedForward:
+    """The fused forward over a base product that `_base_product` makes (module docstring)."""
+
+    def _fusable_base(self, base: torch.nn.Module, x: torch.Tensor, lora: torch.dtype) -> bool:
+        raise NotImplementedError
+
+    def _base_product(self, base: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        if self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        layer = cast(Any, self)
+        if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
             return False
-        name = self.active_adapters[0]
-        base = self.base_layer
-        if name not in self.lora_A or name in self.lora_variant:
+        name = layer.active_adapters[0]
+        base = layer.base_layer
+        if name not in layer.lora_A or name in layer.lora_variant:
             return False
-        if self.lora_B[name].bias is not None or type(base) is not torch.nn.Linear:
+        if layer.lora_B[name].bias is not None:
             return False
         if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
             return False
         if torch.is_autocast_enabled(x.device.type):  # autocast picks each product's dtype
             return False
-        return x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype
+        return self._fusable_base(base, x, layer.lora_A[name].weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not self._fusable(x):
-            return super().forward(x, *args, **kwargs)
-        name = self.active_adapters[0]
-        base = cast(torch.nn.Linear, self.base_layer)
-        lora_a, lora_b = (cast(torch.nn.Linear, m[name]) for m in (self.lora_A, self.lora_B))
-        dropout = cast(torch.nn.Module, self.lora_dropout[name])
+            return cast(torch.Tensor, super().forward(x, *args, **kwargs))  # type: ignore[misc]
+        layer = cast(Any, self)
+        name = layer.active_adapters[0]
+        lora_a, lora_b = (cast(torch.nn.Linear, m[name]) for m in (layer.lora_A, layer.lora_B))
+        dropout = cast(torch.nn.Module, layer.lora_dropout[name])
         rows = x.reshape(-1, x.shape[-1])
-        out = torch.nn.functional.linear(rows, base.weight, base.bias)
+        out = self._base_product(layer.base_layer, rows)
         # The base product's output is not saved for its backward, so adding in place is safe.
-        out.addmm_(lora_a(dropout(rows)), lora_b.weight.t(), alpha=self.scaling[name])
+        out.addmm_(lora_a(dropout(rows)), lora_b.weight.t(), alpha=layer.scaling[name])
         return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class FusedLoraLinear(_FusedForward, Linear):
+    """peft's LoRA Linear with the update added by one `addmm_` (module docstring)."""
+
+    def _fusable_base(self, base: torch.nn.Module, x: torch.Tensor, lora: torch.dtype) -> bool:
+        if type(base) is not torch.nn.Linear:
+            return False
+        return x.dtype == base.weight.dtype == lora
+
+    def _base_product(self, base: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        base = cast(torch.nn.Linear, base)
+        return torch.nn.functional.linear(rows, base.weight, base.bias)
+
+
+class _Fused4bit(_FusedForward):
+    """The fused forward over a bitsandbytes `Linear4bit` base (module docstring)."""
+
+    def _fusable_base(self, base: torch.nn.Module, x: torch.Tensor, lora: torch.dtype) -> bool:
+        if not _is_bnb_4bit(base):
+            return False
+        compute = cast(Any, base).compute_dtype
+        return x.dtype == lora and compute in (None, x.dtype)
+
+    def _base_product(self, base: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, base(rows))
+
+
+def _is_bnb_4bit(module: torch.nn.Module) -> bool:
+    kind = type(module)
+    return kind.__name__ == "Linear4bit" and kind.__module__.startswith("bitsandbytes.")
+
+
+@cache
+def _fused_4bit_class(peft_class: type) -> type:
+    """`FusedLoraLinear4bit` over peft's bitsandbytes LoRA class, made on first use so that
+    LoRA without quantisation never imports bitsandbytes."""
+    return type("FusedLoraLinear4bit", (_Fused4bit, peft_class), {})
+
+
+def _is_peft_4bit(module: torch.nn.Module) -> bool:
+    kind = type(module)
+    return kind.__name__ == "Linear4bit" and kind.__module__ == "peft.tuners.lora.bnb"
 
 
 def fuse_lora_updates(model: torch.nn.Module) -> int:
     """Make every peft LoRA Linear of `model` whose base is a plain `torch.nn.Linear` a
-    `FusedLoraLinear`; returns how many. Quantised bases (bitsandbytes) have their own LoRA
-    classes and stay as they are."""
+    `FusedLoraLinear`, and every peft 4-bit LoRA layer over a bitsandbytes `Linear4bit` a
+    `FusedLoraLinear4bit`; returns how many."""
     count = 0
     for module in model.modules():
         if type(module) is Linear and type(module.get_base_layer()) is torch.nn.Linear:
             module.__class__ = FusedLoraLinear
             count += 1
+        elif _is_peft_4bit(module) and _is_bnb_4bit(cast(Any, module).get_base_layer()):
+            module.__class__ = _fused_4bit_class(cast(type, type(module)))
+            count += 1
     return count
+
+
+def fused_layers(model: torch.nn.Module) -> int:
+    """How many of `model`'s layers are fused ones (either kind)."""
+    return sum(isinstance(m, _FusedForward) for m in model.modules())

@@ -414,7 +414,7 @@ def setup_model(params: Params, base_dir: Path, precision: str) -> tuple[Any, bo
     check_target_modules(model, params.lora.target_modules)
     check_modules_to_save(model, params.lora.modules_to_save)
     model = get_peft_model(model, lora_config(params))
-    fuse_lora_updates(model)  # the plain-Linear layers only: quantised ones keep peft's classes
+    fuse_lora_updates(model)  # LoRA inside the base product, also over 4-bit layers
     # peft's count: a 4-bit weight holds two values a byte, and counts both (numel() would count
     # bytes, so QLoRA's total was LoRA's less half of every quantised weight).
     trainable, total = model.get_nb_trainable_parameters()
