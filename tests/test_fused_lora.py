@@ -3,6 +3,7 @@ layer, and peft's own path wherever the fused one does not apply."""
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import layer as lora_layer
 
+from lorapipe import fused_lora
 from lorapipe.config import QuantCfg
-from lorapipe.fused_lora import FusedLoraLinear, fuse_lora_updates, fused_layers
+from lorapipe.fused_lora import FusedLoraLinear, _Fused4bit, fuse_lora_updates, fused_layers
 from lorapipe.models import load_base_model
 
 
@@ -103,6 +105,19 @@ def test_fused_4bit_layers_give_peft_outputs_and_gradients(
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
     assert not torch.equal(got[0], torch.zeros(()))
+
+    # The class made on first use is the module's own attribute: a fused model pickles by name
+    # and comes back fused, with the same logits.
+    model.eval()
+    again = pickle.loads(pickle.dumps(model))
+    assert fused_layers(again) == layers
+    assert type(next(m for m in again.modules() if isinstance(m, _Fused4bit))) is (
+        fused_lora.FusedLoraLinear4bit
+    )
+    with torch.no_grad():
+        again_logits = again(input_ids=batch()[0]).logits
+        torch.testing.assert_close(again_logits, model(input_ids=batch()[0]).logits)
+    assert spy.calls == 0
 
     with model.disable_adapter(), torch.no_grad():  # peft's own path again
         model(input_ids=batch()[0])

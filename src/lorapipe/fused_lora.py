@@ -86,7 +86,7 @@ class _Fused4bit(_FusedForward):
     """The fused forward over a bitsandbytes `Linear4bit` base (module docstring)."""
 
     def _fusable_base(self, base: torch.nn.Module, x: torch.Tensor, lora: torch.dtype) -> bool:
-        if not _is_bnb_4bit(base):
+        if not _is_linear4bit(base, "bitsandbytes."):
             return False
         compute = cast(Any, base).compute_dtype
         return x.dtype == lora and compute in (None, x.dtype)
@@ -95,21 +95,30 @@ class _Fused4bit(_FusedForward):
         return cast(torch.Tensor, base(rows))
 
 
-def _is_bnb_4bit(module: torch.nn.Module) -> bool:
+def _is_linear4bit(module: torch.nn.Module, package: str) -> bool:
+    """Whether `module` is exactly a class named `Linear4bit` from `package` (a module path or
+    its prefix), told by name so that neither bitsandbytes nor peft's bnb module is imported."""
     kind = type(module)
-    return kind.__name__ == "Linear4bit" and kind.__module__.startswith("bitsandbytes.")
+    return kind.__name__ == "Linear4bit" and kind.__module__.startswith(package)
 
 
 @cache
-def _fused_4bit_class(peft_class: type) -> type:
+def _fused_4bit_class() -> type:
     """`FusedLoraLinear4bit` over peft's bitsandbytes LoRA class, made on first use so that
-    LoRA without quantisation never imports bitsandbytes."""
-    return type("FusedLoraLinear4bit", (_Fused4bit, peft_class), {})
+    LoRA without quantisation never imports bitsandbytes. It is this module's
+    `FusedLoraLinear4bit` attribute (below), so a fused model pickles by name."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    fused = type("FusedLoraLinear4bit", (_Fused4bit, Linear4bit), {"__module__": __name__})
+    fused.__doc__ = "peft's 4-bit LoRA layer with the update added by one `addmm_`."
+    return fused
 
 
-def _is_peft_4bit(module: torch.nn.Module) -> bool:
-    kind = type(module)
-    return kind.__name__ == "Linear4bit" and kind.__module__ == "peft.tuners.lora.bnb"
+def __getattr__(name: str) -> Any:
+    """`FusedLoraLinear4bit`, made (and bitsandbytes imported) only when asked for."""
+    if name == "FusedLoraLinear4bit":
+        return _fused_4bit_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fuse_lora_updates(model: torch.nn.Module) -> int:
@@ -121,8 +130,10 @@ def fuse_lora_updates(model: torch.nn.Module) -> int:
         if type(module) is Linear and type(module.get_base_layer()) is torch.nn.Linear:
             module.__class__ = FusedLoraLinear
             count += 1
-        elif _is_peft_4bit(module) and _is_bnb_4bit(cast(Any, module).get_base_layer()):
-            module.__class__ = _fused_4bit_class(cast(type, type(module)))
+        elif _is_linear4bit(module, "peft.tuners.lora.bnb") and _is_linear4bit(
+            cast(Any, module).get_base_layer(), "bitsandbytes."
+        ):
+            module.__class__ = _fused_4bit_class()
             count += 1
     return count
 
