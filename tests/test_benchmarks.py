@@ -325,6 +325,12 @@ def test_speed_benchmarks_run_on_a_pipeline_and_report_their_targets(
     assert tr["reached_target"] and max(pipeline["val_loss"]) <= tr["target_val_loss"]
     assert plain["optimizer_steps"] == steps["optimizer_steps"] == 2
     assert [len(each) for each in steps["runs_step_seconds"]] == [3]  # an untimed first
+    # the peak: the best of the part's two readings and each fresh process's two (1 round: one
+    # process for the plain loop, one for the pipeline's steps)
+    readings = tr["matmul_peak_readings"]
+    assert len(readings) == 6 and min(readings) > 0
+    assert tr["matmul_peak_flops_per_s"] == max(readings)
+    assert "the best of 6 readings" in train_speed.markdown(tr)
     for side in (recipe, pipeline, plain, steps):
         assert side["seconds"] > 0 and side["tokens_per_s"] > 0
         assert side["matmul_peak_fraction"] == pytest.approx(
