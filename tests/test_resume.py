@@ -70,14 +70,18 @@ def same_adapter(one: Path, other: Path) -> dict[str, torch.Tensor]:
     return b
 
 
+# Logging every step, and every third: the checkpoint of step 4 falls inside a logging window
+# (3 to 6), which the run logs at and resumes from as a straight run does (LogAtCheckpoints).
+@pytest.mark.parametrize("logging_steps", [1, 3])
 def test_interrupted_run_resumes_and_matches_a_straight_run(
     tiny_base: Path,
     formatted: Path,
     tmp_path: Path,
     train_params: Callable[..., Params],
     capsys: pytest.CaptureFixture[str],
+    logging_steps: int,
 ) -> None:
-    params = train_params(*RESUMABLE)
+    params = train_params(*RESUMABLE, f"train.logging_steps={logging_steps}")
     straight = run(params, tiny_base, formatted, tmp_path / "straight")
     assert not Path(params.paths.checkpoints).exists()  # removed once the adapter is written
 
@@ -99,9 +103,9 @@ def test_interrupted_run_resumes_and_matches_a_straight_run(
         curve(tmp_path / "straight"),
         curve(tmp_path / "resumed"),
     )
-    assert [s for s, _ in resumed_curve] == list(
-        range(1, STEPS + 1)
-    )  # replayed history + new steps
+    saved = range(2, STEPS + 1, 2)
+    logged = sorted({*range(logging_steps, STEPS + 1, logging_steps), *saved})
+    assert [s for s, _ in resumed_curve] == logged  # replayed history + new steps
     assert [s for s, _ in straight_curve] == [s for s, _ in resumed_curve]
     for (_, a), (_, b) in zip(straight_curve, resumed_curve, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
@@ -110,7 +114,9 @@ def test_interrupted_run_resumes_and_matches_a_straight_run(
     tokens = curve(tmp_path / "straight", "num_tokens")
     assert tokens == curve(tmp_path / "resumed", "num_tokens")
     counts = [n for _, n in tokens]
-    assert len(counts) == STEPS and counts[0] > 0 and all(map(float.__lt__, counts, counts[1:]))
+    assert (
+        len(counts) == len(logged) and counts[0] > 0 and all(map(float.__lt__, counts, counts[1:]))
+    )
     b = same_adapter(tmp_path / "straight", tmp_path / "resumed")
     # ...and the resumed run trained on from where the interrupted one stopped.
     assert halfway.keys() == b.keys()

@@ -260,6 +260,21 @@ class NonFiniteLossGuard(TrainerCallback):
                 )
 
 
+class LogAtCheckpoints(TrainerCallback):
+    """Logs the training loss at every step that saves a checkpoint, so a run resumed from one
+    starts a fresh logging window there: its curves, `train_loss` and metrics are then a
+    straight run's (`_mean_train_loss`). Without it a checkpoint between two logging steps
+    (save_steps 5, logging_steps 10) splits a window, and the resumed run logs a different
+    mean. Written here: the trainer has no such option."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after the trainer's own flow callback has decided to save; before it logs and saves
+        if control.should_save:
+            control.should_log = True
+
+    on_epoch_end = on_step_end
+
+
 class TrainingCurves(TrainerCallback):
     """Train and eval curves to dvclive, x = the optimizer step, so both share one axis.
 
@@ -507,10 +522,11 @@ def resume_point(args: Any, params: Params, inputs: dict[str, Any]) -> Path | No
 
 
 def trainer_callbacks(cfg: TrainCfg, live: Any) -> list[TrainerCallback]:
-    """The loss guard, the curves (rank 0 only: `live` is None elsewhere), early stopping."""
+    """The loss guard, a log at every checkpoint, the curves (rank 0 only: `live` is None
+    elsewhere), early stopping."""
     from transformers import EarlyStoppingCallback
 
-    callbacks: list[TrainerCallback] = [NonFiniteLossGuard()]
+    callbacks: list[TrainerCallback] = [NonFiniteLossGuard(), LogAtCheckpoints()]
     if live is not None:
         callbacks.append(TrainingCurves(live))
     if cfg.early_stopping_patience is not None:
