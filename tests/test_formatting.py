@@ -279,6 +279,32 @@ def test_a_shortened_prompt_never_begins_inside_a_character(tiny_base: Path) -> 
         assert not audit["truncated"] and audit["eos_supervised"] == 1
 
 
+def test_a_prompt_is_never_cut_down_to_the_template_alone(tiny_base: Path) -> None:
+    """Truncation keeps some of the question or rejects the example: a cut that would leave only
+    the template's turn end and generation prompt before the answer is refused, by its own
+    reason (it fails without the check: the prompt written was "</s>\n<|assistant|>\n")."""
+    from lorapipe.chat import build_prompt
+    from lorapipe.formatting import question_tail
+
+    tok = load_tokenizer(tiny_base)
+    tail = question_tail(tok)
+    assert tail == "</s>\n<|assistant|>"
+    example = {"id": "q", "prompt": build_prompt(tok, "Which " * 20 + "?"), "completion": "yes</s>"}
+    full = mask_audit(example, tok, 10_000)["total_tokens"]
+    completion = mask_audit(example, tok, 10_000)["completion_tokens"]
+    outcomes = {n: truncate_prompt(example, tok, n) for n in range(completion, full)}
+    assert outcomes[completion] is None  # no room at all
+    kept = {n: fitted[0]["prompt"] for n, fitted in outcomes.items() if fitted is not None}
+    assert kept and min(kept) > completion + 1
+    for prompt in kept.values():  # each holds question text before the template's tail
+        assert prompt.strip() != tail and prompt.strip().endswith("?" + tail)
+    cfg = FormatCfg(system_prompt=None, train_on="all_assistant", truncation="truncate_prompt")
+    rows = [{"id": "q", "instruction": "Which " * 20 + "?", "response": "yes"}]
+    _, report, _ = format_split(rows, tok, cfg, min(kept) - 1)
+    assert report["rejects_by_reason"] == {"no room for the question": 1}
+    assert report["rejected_examples"][0]["detail"].endswith(f"within max_length {min(kept) - 1}")
+
+
 def test_failed_format_leaves_outputs_and_reports_as_they_were(
     tmp_path: Path, tiny_base: Path
 ) -> None:

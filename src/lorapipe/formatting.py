@@ -20,7 +20,14 @@ from typing import Any
 import jinja2
 import numpy as np
 
-from lorapipe.chat import ROLES, FormatError, build_examples, conversation, with_system
+from lorapipe.chat import (
+    ROLES,
+    FormatError,
+    build_examples,
+    conversation,
+    render_prompt,
+    with_system,
+)
 from lorapipe.config import FormatCfg, TrainOn
 from lorapipe.io import numbered_jsonl
 
@@ -166,11 +173,14 @@ def truncate_prompt(
     example: dict[str, str], tokenizer: Any, max_length: int
 ) -> tuple[dict[str, str], dict[str, int]] | None:
     """The example with tokens dropped from the left of its prompt so that all fits in
-    `max_length`, and its audit; None if the completion alone does not fit.
+    `max_length`, and its audit; None if the completion alone does not fit, or leaves room for
+    nothing of the prompt but what the chat template puts after the last user turn's text
+    (`question_tail`): an answer to no question would train the model to answer anything so.
 
     The kept prompt tokens are decoded back to a string (the formatted files hold text), and
     the tokens the tokenizer adds itself (such as BOS) stay in front.
     """
+    tail = question_tail(tokenizer)
     added = len(tokenizer("")["input_ids"])  # BOS and the like, added to every text
     body = tokenizer(example["prompt"])["input_ids"][added:]
     audit = mask_audit(example, tokenizer, max_length)
@@ -183,10 +193,18 @@ def truncate_prompt(
         candidate = {**example, "prompt": text}
         audit = mask_audit(candidate, tokenizer, max_length)
         if not audit["truncated"]:
-            return candidate, audit
+            return None if tail.endswith(text.strip()) else (candidate, audit)
         # Re-tokenizing decoded text can merge differently at the cut: drop what is still over.
         drop += audit["total_tokens"] - max_length
     return None
+
+
+def question_tail(tokenizer: Any) -> str:
+    """What the chat template writes after a user turn's text (the turn's end and the
+    generation prompt), without surrounding whitespace: "<|im_end|>\n<|im_start|>assistant"
+    for ChatML. Written here: tokenizers expose no such part of their template."""
+    mark = "\u2063lorapipe-question\u2063"  # a text no template adds or changes
+    return render_prompt(tokenizer, [{"role": "user", "content": mark}]).split(mark)[-1].strip()
 
 
 def format_split(
@@ -228,9 +246,15 @@ def format_split(
             elif cfg.truncation == "reject":
                 reason = "completion truncated"
                 detail = f"{audit['total_tokens']} tokens, max_length is {max_length}"
-            else:
+            elif audit["completion_tokens"] >= max_length:
                 reason = "completion longer than max_length"
                 detail = f"{audit['completion_tokens']} completion tokens, max_length {max_length}"
+            else:
+                reason = "no room for the question"
+                detail = (
+                    f"{audit['completion_tokens']} completion tokens leave none of the prompt's "
+                    f"text within max_length {max_length}"
+                )
         if not reason and audit["supervised_tokens"] == 0:
             reason = "no supervised tokens"
         elif not reason and not audit["eos_supervised"]:
