@@ -250,7 +250,8 @@ def chosen(args: argparse.Namespace, defaults: dict[str, Any]) -> tuple[dict[str
     use = args.use.split(",") if args.use else list(adapters)
     for name in use:
         if name != BASE and name not in adapters:
-            raise PipelineError(f"--use {name!r}: not a loaded adapter ({', '.join(adapters)})")
+            names = ", ".join([*adapters, BASE])
+            raise PipelineError(f"--use {name!r}: not a loaded adapter or {BASE} (use {names})")
     if not args.adapter:
         adapters = {name: path for name, path in adapters.items() if name in use}
         for path in adapters.values():

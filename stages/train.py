@@ -31,7 +31,9 @@ def run(params: Params) -> None:
     require_made_with(
         formatted,
         formatted_record(params),
-        "`python -m stages.prepare` and `python -m stages.format`",
+        # format takes no data.* override (it reads data/prepared): each stage its own
+        "`python -m stages.prepare` and `python -m stages.format`, each with the overrides it "
+        "reads",
     )
     reports = Path(paths.reports)
     if process_rank()[0] != 0:

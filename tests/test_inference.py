@@ -151,7 +151,7 @@ def test_generate_command_answers_files_and_stdin(
     )
 
     assert main([*common, "--use", "c", "hi"]) == 2
-    assert "--use 'c': not a loaded adapter" in capsys.readouterr().err
+    assert "--use 'c': not a loaded adapter or base (use a, b, base)" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     for text, problem in [
         ('{"question": "hi"}\n', ":1: needs a non-empty 'instruction' string or 'messages'"),

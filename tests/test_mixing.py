@@ -280,3 +280,38 @@ def test_the_prepare_stage_says_how_many_rows_it_skipped(
     assert "prepare: 2 rows skipped" in out
     assert f"each named in {tmp_path / 'prepared' / 'rejects.jsonl'}" in out
     assert len((tmp_path / "prepared" / "rejects.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("train", [None, 60])
+def test_the_prepare_stage_warns_when_a_small_source_shrinks_the_mix(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], train: int | None
+) -> None:
+    """Weights 3:1 with no training size: the small source's rows fix the split's size and most
+    of the big one's are left out, which the stage says (the report alone did before); with
+    `split_counts.train` the size is the user's, and it says nothing."""
+    raw = tmp_path / "raw"
+    write_rows(raw / "big.jsonl", generate(100, seed=7))
+    write_rows(raw / "small.jsonl", generate(10, seed=8))
+    entry = "{{path: {}, format: auto, fields: null, weight: {}, rows: null}}"
+    sources = (
+        f"big: {entry.format(raw / 'big.jsonl', 3)}, small: {entry.format(raw / 'small.jsonl', 1)}"
+    )
+    counts = f"{{train: {train}, val: 2, test: 2}}" if train else "{val: 2, test: 2}"
+    out = run_prepare_stage(
+        tmp_path, raw, capsys, f"data.sources={{{sources}}}", "data.split_counts=null",
+        f"data.split_counts={counts}",
+    )  # fmt: skip
+    report = json.loads((tmp_path / "reports" / "data.json").read_text())
+    small, big = report["sources"]["small"], report["sources"]["big"]
+    if train:
+        assert "left out" not in out
+        return
+    assert small["train_rows_unused"] == 0 and big["train_rows_unused"] > 50
+    assert big["splits"]["train"] == 3 * small["splits"]["train"]
+    rows = big["train_rows_unused"] + big["splits"]["train"] + small["splits"]["train"]
+    assert (
+        f"prepare: warning: {big['train_rows_unused']} of {rows} training rows left out "
+        f"(big {big['train_rows_unused']}): mixed by weight, the training split is as large as "
+        "small allows with no row twice; raise its weight, lower the others, or set "
+        "data.split_counts.train (reports/data.json: train_rows_unused)"
+    ) in out

@@ -309,7 +309,7 @@ def test_check_reports_a_renamed_key_and_takes_no_overrides(
     assert main(["--check"]) == 2
     assert capsys.readouterr().err.splitlines()[1:] == [
         "  lora.r: missing (every key has its value in conf/; see conf/lora/)",
-        "  lora.rank: unknown key; use lora.r",
+        "  lora.rank: unknown key (use lora.r)",
     ]
     # It said `--check: not an override (LexerNoViableAltException ...)`.
     assert main(["lora.r=4", "--check"]) == 2

@@ -297,7 +297,28 @@ def test_skip_raises_when_rejects_exceed_the_allowed_fraction(tmp_path: Path) ->
             raw, tmp_path / "out", fractions=FRACTIONS, on_error="skip", max_reject_fraction=0.1
         )
     assert f"{raw}:10: field 'response' is empty" in str(err.value)
+    assert "or set data.max_reject_fraction=0.2 or more to drop them:" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("limit", "advice"), [(0.0, " with data.max_reject_fraction=0.2 or more"), (0.5, "")]
+)
+def test_a_failing_reject_names_every_setting_that_drops_it(
+    tmp_path: Path, limit: float, advice: str
+) -> None:
+    """on_error=fail names on_error=skip, and the reject limit too when the default's (0) would
+    stop skipping as well; the settings it names then prepare the data."""
+    lines = [row(f"q{i}", f"a{i}") for i in range(8)] + [b"{", row("q", "")]
+    raw = write_lines(tmp_path / "raw.jsonl", lines)
+    with pytest.raises(DataError) as err:
+        run_prepare(raw, tmp_path / "out", fractions=FRACTIONS, max_reject_fraction=limit)
+    assert f"fix them, or set data.on_error=skip{advice} to drop them:" in str(err.value)
+    named = 0.2 if advice else limit
+    report = run_prepare(
+        raw, tmp_path / "out", fractions=FRACTIONS, on_error="skip", max_reject_fraction=named
+    )
+    assert report["rows_rejected"] == 2
 
 
 @pytest.mark.parametrize(

@@ -133,8 +133,8 @@ def test_training_refuses_data_made_from_other_data_format_or_length_params(
         f"{data} was made from other params ({data / MADE_WITH_FILE}): data.replay is 0.0 here, "
         "0.1 there; format.system_prompt is 'Answer with the value only.' here, 'Be brief.' "
         "there. Make it from these first (`dvc repro`, or `python -m stages.prepare` and "
-        "`python -m stages.format` with the same overrides), or give this stage the params it "
-        "was made from"
+        "`python -m stages.format`, each with the overrides it reads), or give this stage the "
+        "params it was made from"
     )
     assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
     # `python -m stages.format train.max_length=78` by hand: format reads it, so it is recorded.

@@ -603,7 +603,7 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         name = str(err["loc"][-1])
         if name in RENAMED:
-            return f"{key}: unknown key; use {RENAMED[name]}"
+            return f"{key}: unknown key (use {RENAMED[name]})"
         close = difflib.get_close_matches(name, _group_fields(tuple(err["loc"])), n=1)
         hint = (
             f"did you mean {'.'.join([*map(str, err['loc'][:-1]), close[0]])}?"
@@ -612,11 +612,16 @@ def _describe(err: dict[str, Any]) -> str:
         )
         return f"{key}: unknown key ({hint})"
     if err["type"] == "missing":
+        if tuple(err["loc"][:2]) == ("data", "sources"):  # no conf/ file lists sources
+            return (
+                f"{key}: missing (every source gives path, format, fields, weight and rows, "
+                "null where unused; see docs/data.md)"
+            )
         group = f"conf/{err['loc'][0]}/" if len(err["loc"]) > 1 else "conf/config.yaml"
         return f"{key}: missing (every key has its value in conf/; see {group})"
     message = err["msg"].removeprefix("Value error, ")
-    if not err["loc"]:  # a check across groups (Params' validators): it names its keys
-        return message
+    if not err["loc"] or message.startswith(f"{key}."):
+        return message  # a check across keys (a group's or Params' validators) names its keys
     given = err.get("input")
     shown = "" if isinstance(given, dict) or "[key]" in err["loc"] else f", got {given!r}"
     return f"{key}: {message}{shown}"

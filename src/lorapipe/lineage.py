@@ -150,7 +150,8 @@ def require_trained_with(adapter_dir: Path, params: Params) -> None:
     asked = params.model_dump(mode="json", exclude=NOT_TRAINING | {"composed_with"})
     differ = differences(asked, made)
     if differ:
-        raise ProvenanceError(mismatch(adapter_dir, path, differ, "`python -m stages.train`"))
+        remake = "`python -m stages.train` with the same overrides"
+        raise ProvenanceError(mismatch(adapter_dir, path, differ, remake))
 
 
 def _shown(value: Any) -> str:

@@ -232,6 +232,7 @@ def _entry(source: Source, splits: Mapping[str, int], pool: Sequence[Record]) ->
         "rows_rejected": len(source.rejects),
         "splits": dict(splits),
         "train_rows_repeated": max(0, splits["train"] - len(pool)),
+        "train_rows_unused": max(0, len(pool) - splits["train"]),
     }
 
 
@@ -242,7 +243,8 @@ def prepare_data(cfg: DataCfg, out_dir: Path, replay_file: Path | None) -> dict[
     `made_with.json`: the `data` params (`lorapipe.provenance`).
 
     Returns the data report: `records.prepare`'s, with `sources` ({name: {path, md5, weight,
-    rows, rows_read, rows_rejected, splits: {train, val, test}, train_rows_repeated}}).
+    rows, rows_read, rows_rejected, splits: {train, val, test}, train_rows_repeated,
+    train_rows_unused}}).
     `replay_file` (the references stage's train part) is read only when `data.replay` > 0.
     """
     if not cfg.sources and cfg.replay == 0:
@@ -292,6 +294,7 @@ def _prepare_one(cfg: DataCfg, out_dir: Path) -> dict[str, Any]:
                 "rows_rejected": report["rows_rejected"],
                 "splits": {k: report["splits"][k] for k in SPLITS},
                 "train_rows_repeated": 0,
+                "train_rows_unused": report["rows_unused"],
             }
         }
         write_json(folder / SOURCES_FILE, _lineage(report["sources"]))

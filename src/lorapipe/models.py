@@ -198,9 +198,8 @@ def require_base(cfg: ModelCfg, base_dir: Path) -> dict[str, Any]:
     pin = read_pin(base_dir)
     differ = differences(sections(model=cfg), pin.get(MADE_WITH, {}))
     if differ:
-        raise ModelSourceError(
-            mismatch(base_dir, base_dir / PIN_FILE, differ, "`python -m stages.base`")
-        )
+        remake = "`python -m stages.base` with the same overrides"
+        raise ModelSourceError(mismatch(base_dir, base_dir / PIN_FILE, differ, remake))
     return pin
 
 

@@ -77,7 +77,7 @@ def differences(asked: Mapping[str, Any], made: Mapping[str, Any]) -> list[str]:
 def mismatch(what: Path, record: Path, differ: list[str], remake: str) -> str:
     return (
         f"{what} was made from other params ({record}): " + "; ".join(differ) + f". Make it from "
-        f"these first (`dvc repro`, or {remake} with the same overrides), or give this stage the "
+        f"these first (`dvc repro`, or {remake}), or give this stage the "
         "params it was made from"
     )
 
@@ -94,7 +94,7 @@ def write_made_with(folder: Path, record: Mapping[str, Any]) -> None:
 
 def require_made_with(folder: Path, asked: Mapping[str, Any], remake: str) -> None:
     """Raise ProvenanceError when `folder`'s record names other values than `asked` (`remake`:
-    the commands that make it again, for the message)."""
+    the commands that make it again and with which overrides, for the message)."""
     differ = differences(asked, read_made_with(folder))
     if differ:
         raise ProvenanceError(mismatch(folder, folder / MADE_WITH_FILE, differ, remake))

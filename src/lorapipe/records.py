@@ -503,20 +503,26 @@ def check_rejects(
 ) -> None:
     """Raise DataError listing the bad rows when any is rejected and `on_error` is "fail", or
     when more than `max_fraction` of the rows are with "skip"."""
-    if rejects and on_error == "fail":
+    if not rejects:
+        return
+    share = len(rejects) / rows_read
+    # the smallest limit (4 decimals, rounded up) under which these rejects pass
+    needed = f"data.max_reject_fraction={math.ceil(round(share * 10_000, 6)) / 10_000:g}"
+    if on_error == "fail":
+        also = "" if share <= max_fraction else f" with {needed} or more"
         raise DataError(
             _listing(
                 f"{len(rejects)} of {rows_read} rows in {raw} are invalid; fix them, or set "
-                "on_error to 'skip' to drop them:",
+                f"data.on_error=skip{also} to drop them:",
                 rejects,
             )
         )
-    if rejects and len(rejects) / rows_read > max_fraction:
+    if share > max_fraction:
         raise DataError(
             _listing(
-                f"{len(rejects)} of {rows_read} rows in {raw} are invalid "
-                f"({len(rejects) / rows_read:.2%}), more than max_reject_fraction="
-                f"{max_fraction}; fix them or raise the limit:",
+                f"{len(rejects)} of {rows_read} rows in {raw} are invalid ({share:.2%}), more "
+                f"than data.max_reject_fraction={max_fraction}; fix them, or set {needed} or "
+                "more to drop them:",
                 rejects,
             )
         )

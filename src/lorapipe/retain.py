@@ -59,7 +59,7 @@ def require_references(folder: Path, part: str, pin: Mapping[str, Any], params: 
     made = json.loads(record.read_text(encoding="utf-8"))
     differ = differences(made_with(pin, params), made)
     if differ:
-        remake = f"`python -m stages.references {part}`"
+        remake = f"`python -m stages.references {part}` with the same overrides"
         raise RetainError(mismatch(folder / f"{part}.jsonl", record, differ, remake))
 
 
