@@ -620,8 +620,8 @@ def _describe(err: dict[str, Any]) -> str:
         group = f"conf/{err['loc'][0]}/" if len(err["loc"]) > 1 else "conf/config.yaml"
         return f"{key}: missing (every key has its value in conf/; see {group})"
     message = err["msg"].removeprefix("Value error, ")
-    if not err["loc"] or message.startswith(f"{key}."):
-        return message  # a check across keys (a group's or Params' validators) names its keys
+    if not err["loc"]:  # a check across groups (Params' validators): it names its keys
+        return message
     given = err.get("input")
     shown = "" if isinstance(given, dict) or "[key]" in err["loc"] else f", got {given!r}"
     return f"{key}: {message}{shown}"
