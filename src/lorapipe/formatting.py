@@ -180,7 +180,6 @@ def truncate_prompt(
     The kept prompt tokens are decoded back to a string (the formatted files hold text), and
     the tokens the tokenizer adds itself (such as BOS) stay in front.
     """
-    tail = question_tail(tokenizer)
     added = len(tokenizer("")["input_ids"])  # BOS and the like, added to every text
     body = tokenizer(example["prompt"])["input_ids"][added:]
     audit = mask_audit(example, tokenizer, max_length)
@@ -193,7 +192,7 @@ def truncate_prompt(
         candidate = {**example, "prompt": text}
         audit = mask_audit(candidate, tokenizer, max_length)
         if not audit["truncated"]:
-            return None if tail.endswith(text.strip()) else (candidate, audit)
+            return None if question_tail(tokenizer).endswith(text.strip()) else (candidate, audit)
         # Re-tokenizing decoded text can merge differently at the cut: drop what is still over.
         drop += audit["total_tokens"] - max_length
     return None
